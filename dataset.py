@@ -52,8 +52,8 @@ GPT2_OUTPUT_ALIASES = {"small": "small-117M", "medium": "medium-345M", "large": 
 GPT2_OUTPUT_NAMES = download_dataset.DATASETS
 DEFAULT_DATASET_NAME = "small"
 BUILTIN_NAME = "builtin"
-TXT_CHUNK_BYTES = 4 << 20  # a .txt file is read and tokenized this many bytes at a time
-BATCH_CHARS = 8 << 20  # text handed to the tokenizer at once
+TXT_CHUNK_BYTES = 1 << 20  # a .txt file is read and tokenized this many bytes at a time
+BATCH_CHARS = 4 << 20  # text handed to the tokenizer at once
 
 
 class DataError(ValueError):
@@ -511,7 +511,7 @@ class BlockWriter:
         return len(self.carry)
 
 
-CHUNK_TOKENS = 1 << 24  # tokens moved at a time while splitting and packing: bounds memory
+CHUNK_TOKENS = 1 << 22  # tokens moved at a time while splitting and packing: bounds memory
 
 
 def split_and_pack(tok_dir: str, tok_meta: dict, out_dir: str, args: DataArguments) -> dict:
