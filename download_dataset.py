@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-BASE_URL = "https://openaipublic.azureedge.net/gpt-2/output-dataset/v1/"
+BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/output-dataset/v1/"
+# (the azureedge.net CDN that older copies of OpenAI's script use was retired in 2025)
 DATASETS = (
     "webtext",
     "small-117M",
