@@ -1,0 +1,1043 @@
+"""Evaluate GPT-2 models (or any Hugging Face causal LM) on any data dataset.py reads.
+
+    python evaluation.py --model_path logs/final_model --dataset_path my_texts/
+    python evaluation.py --model_path run_a/final_model run_b/final_model --dataset_name webtext --split test \\
+        --num_samples 50 --train_data data/webtext.train.jsonl --output_json eval.json --output_md eval.md
+    python evaluation.py --help
+
+What it measures, per model (one row each in the Markdown table, so several models or checkpoints
+compare side by side):
+
+  - perplexity with the sliding-window method of https://huggingface.co/docs/transformers/perplexity:
+    windows of the model's context, moved by `stride` tokens; each window scores only its new tokens
+    (with stride == context the windows do not overlap). Documents are joined with <|endoftext|>, as in
+    training, and a start token is put in front so that every token of the text is scored;
+  - bits per byte: the total negative log-likelihood in bits over the UTF-8 bytes of the text, which
+    compares models with different tokenizers fairly;
+  - with --num_samples N: the first --prompt_tokens tokens of N documents are the prompt, the next
+    --reference_tokens the reference; a continuation of as many tokens is sampled (--temperature,
+    --top_k, --top_p, --seed, or --greedy) and scored with BLEU (sacrebleu, corpus level, 0-100) and
+    ROUGE-1/2/L (rouge-score, mean F1, 0-1), plus distinct-1/2, the 4-gram repetition rate and the
+    mean length; with --train_data, the share of generated 8-grams of token ids that occur verbatim
+    in the training data (the copy rate).
+
+As a library (train.py calls `evaluate_perplexity` on its validation blocks):
+
+    from evaluation import evaluate_perplexity, evaluate_texts
+    evaluate_perplexity(model, tokenizer, val_dataset)   # fixed blocks, as Trainer.evaluate() scores them
+    evaluate_texts(model, tokenizer, ["some text", ...], stride=512)   # sliding window over documents
+
+Memory stays flat however large the data: documents are read, tokenized and scored as a stream,
+and only running sums are kept.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import tempfile
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+LN2 = math.log(2)
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
+TOKENIZE_BATCH_CHARS = 1 << 20  # text tokenized at once while streaming
+
+
+class EvaluationError(ValueError):
+    """Bad input to an evaluation (model, data or settings); the message says what to change."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading models
+
+
+def pick_device(device: Optional[str] = None) -> torch.device:
+    """The given device; "auto" or None: CUDA, then Apple MPS, then CPU."""
+    if device not in (None, "", "auto"):
+        try:
+            dev = torch.device(device)
+        except RuntimeError:
+            raise EvaluationError(f"--device {device!r}: not a device name (auto, cpu, cuda, cuda:1, mps).") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise EvaluationError(f"--device {device}: no CUDA GPU is available here (use --device auto or cpu).")
+        return dev
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+
+
+def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """fp32 / bf16 / fp16; "auto" is bf16 (else fp16) on a GPU and fp32 on a CPU."""
+    if precision not in PRECISIONS:
+        raise EvaluationError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}.")
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float16 if device.type == "mps" else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def load_model(model_path: str, device: Optional[str] = None, precision: str = "fp32", tokenizer_name: Optional[str] = None):
+    """(model, tokenizer) from a model folder (train.py's logs/final_model, a checkpoint-N folder, any
+    Hugging Face causal LM folder) or a Hub name; the model is in eval mode on `device`.
+
+    The tokenizer is the folder's own, else `tokenizer_name`, else the official GPT-2 tokenizer.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from gpt2_tokenizer import load_tokenizer
+
+    device = pick_device(device)
+    dtype = pick_dtype(precision, device)
+    name = str(model_path)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise EvaluationError(f"{path} has no config.json, so it is not a model folder: pass the folder train.py "
+                                  "wrote (logs/final_model) or one of its checkpoint-N folders.")
+        if not any((path / f).is_file() for f in WEIGHT_FILES):
+            raise EvaluationError(f"{path} has a config.json but no weights ({', '.join(WEIGHT_FILES)}): "
+                                  "the save was interrupted or the folder was copied partially.")
+        source = str(path)
+    elif path.exists():
+        raise EvaluationError(f"{path} is a file, not a model folder: pass the folder holding config.json and the weights.")
+    elif name.startswith((".", "/", "~")) or os.sep in name.rstrip(os.sep) and path.parent.exists() or name.count("/") > 1:
+        raise EvaluationError(f"model folder {path} does not exist: train one with `python train.py` "
+                              "(it writes logs/final_model) or pass --model_path to a folder holding config.json and the weights.")
+    else:
+        source = name  # a Hub name such as "gpt2"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except (OSError, ValueError, KeyError) as e:
+        where = "model folder" if path.is_dir() else "local folder nor a Hub model that could be loaded (offline or no such repo)"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EvaluationError(f"{name!r} is not a loadable {where}: {first}") from None
+    has_tokenizer = path.is_dir() and any((path / f).is_file() for f in TOKENIZER_FILES)
+    tok_source = tokenizer_name or (str(path) if has_tokenizer else (None if path.is_dir() else source))
+    try:
+        tokenizer = load_tokenizer(tok_source)
+    except (OSError, ValueError) as e:
+        raise EvaluationError(f"could not load the tokenizer {tok_source or 'gpt2_tokenizer'!r} for {name}: "
+                              f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        raise EvaluationError(f"the tokenizer of {name} has {len(tokenizer)} tokens but the model only "
+                              f"{model.get_input_embeddings().num_embeddings}: pass the matching --tokenizer_name.")
+    model.to(device).eval()
+    return model, tokenizer
+
+
+def model_context(model) -> int:
+    """The model's context length in tokens (n_positions, max_position_embeddings, ...)."""
+    config = model.config
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise EvaluationError(f"cannot tell the context length of {type(model).__name__}: pass --context.")
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring: batched windows, running sums only
+
+
+def token_byte_lengths(tokenizer) -> np.ndarray:
+    """UTF-8 bytes each token id stands for (0 for special tokens).
+
+    Exact for byte-level BPE (GPT-2 and most GPT-style tokenizers: each character of a vocabulary
+    entry is one byte); otherwise the length of each token decoded on its own (approximate).
+    """
+    size = len(tokenizer)
+    lengths = np.zeros(size, dtype=np.int64)
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    tokens = tokenizer.convert_ids_to_tokens(list(range(size)))
+    byte_level = _is_byte_level(tokenizer)
+    for i, tok in enumerate(tokens):
+        if i in special or tok is None:
+            continue
+        if byte_level:
+            lengths[i] = len(tok)
+        elif len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">"):  # SentencePiece byte fallback
+            lengths[i] = 1
+        else:
+            lengths[i] = len(tokenizer.decode([i]).encode("utf-8"))
+    return lengths
+
+
+def _is_byte_level(tokenizer) -> bool:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    decoder = getattr(backend, "decoder", None) if backend is not None else None
+    return decoder is not None and type(decoder).__name__ == "ByteLevel"
+
+
+class WindowScorer:
+    """Sums the negative log-likelihood of the last `n_score` tokens of each window, in batches.
+
+    Windows of the same length and target count share a batch; only the logits of scored positions
+    are computed (`logits_to_keep`), and nothing but the running sums outlives a batch.
+    """
+
+    def __init__(self, model, batch_size: int = 8, byte_lengths: Optional[np.ndarray] = None, progress=None):
+        if batch_size < 1:
+            raise EvaluationError(f"batch_size={batch_size} must be at least 1.")
+        self.model, self.batch_size, self.byte_lengths, self.progress = model, batch_size, byte_lengths, progress
+        self.device = _device_of(model)
+        self.nll = 0.0  # nats, summed in float64
+        self.tokens = 0
+        self.bytes = 0
+        self.windows = 0
+        self._pending: list[np.ndarray] = []
+        self._key: Optional[tuple[int, int]] = None
+        self._supports_keep = True
+
+    def add(self, ids: np.ndarray, n_score: int) -> None:
+        if n_score <= 0:
+            return
+        key = (len(ids), n_score)
+        if self._pending and key != self._key:
+            self.flush()
+        self._key = key
+        self._pending.append(np.asarray(ids, dtype=np.int64))
+        if len(self._pending) >= self.batch_size:
+            self.flush()
+
+    @torch.inference_mode()
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        length, n = self._key
+        x = torch.from_numpy(np.stack(self._pending)).to(self.device)
+        self._pending = []
+        logits = None
+        mask = torch.ones_like(x)  # no padding; explicit, since <|endoftext|> doubles as GPT-2's pad token
+        if self._supports_keep:
+            try:
+                logits = self.model(input_ids=x, attention_mask=mask, logits_to_keep=n + 1).logits
+            except TypeError:  # a model without logits_to_keep: compute them all, keep what is scored
+                self._supports_keep = False
+        if logits is None:
+            logits = self.model(input_ids=x, attention_mask=mask).logits
+        logits = logits[:, -(n + 1):-1]  # position t predicts token t + 1
+        targets = x[:, length - n:]
+        total = torch.zeros((), dtype=torch.float64, device=x.device)
+        for row in range(x.shape[0]):  # one row at a time bounds the float32 copy of half-precision logits
+            total += F.cross_entropy(logits[row].float(), targets[row], reduction="sum").double()
+        self.nll += total.item()  # one device sync per batch
+        self.tokens += targets.numel()
+        self.windows += x.shape[0]
+        if self.byte_lengths is not None:
+            self.bytes += int(self.byte_lengths[targets.cpu().numpy()].sum())
+        if self.progress is not None:
+            self.progress.update(targets.numel())
+            self.progress.set_postfix(ppl=f"{_exp(self.nll / self.tokens):.4g}", refresh=False)
+
+    def result(self, n_bytes: Optional[int] = None) -> dict:
+        self.flush()
+        if self.tokens == 0:
+            raise EvaluationError("nothing to score: the data has fewer than two tokens.")
+        loss = self.nll / self.tokens
+        n_bytes = self.bytes if n_bytes is None else n_bytes
+        return {
+            "loss": loss,
+            "perplexity": _exp(loss),
+            "bits_per_byte": self.nll / LN2 / n_bytes if n_bytes else None,
+            "bits_per_token": loss / LN2,
+            "tokens": self.tokens,
+            "bytes": n_bytes or None,
+            "windows": self.windows,
+        }
+
+
+def _exp(x: float) -> float:
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return float("inf")
+
+
+def iter_windows(token_chunks: Iterable[Sequence[int]], context: int, stride: int) -> Iterator[tuple[np.ndarray, int]]:
+    """Hugging Face's sliding windows over the concatenation of `token_chunks`, streamed.
+
+    Yields (window token ids, number of its last tokens to score). Window k spans
+    [k*stride, min(k*stride + context, N)); it scores the tokens after the previous window's end,
+    except a window's first token, which has no context inside the window. Stops at the window that
+    reaches the end, as the documented loop does. Holds at most one chunk plus one window of tokens.
+    """
+    if context < 2:
+        raise EvaluationError(f"context={context} must be at least 2 tokens.")
+    if not 1 <= stride <= context:
+        raise EvaluationError(f"stride={stride} must be between 1 and the context ({context} tokens): "
+                              "a larger stride would skip tokens.")
+    buf = np.empty(0, dtype=np.int64)
+    base = begin = prev_end = 0  # base: position of buf[0] in the stream
+
+    def window(end: int) -> tuple[np.ndarray, int]:
+        ids = buf[begin - base:end - base]
+        return ids, min(end - prev_end, end - begin - 1)
+
+    for chunk in token_chunks:
+        chunk = np.asarray(chunk, dtype=np.int64)
+        if not len(chunk):
+            continue
+        buf = np.concatenate([buf, chunk])
+        while begin + context <= base + len(buf):
+            end = begin + context
+            yield window(end)
+            prev_end, begin = end, begin + stride
+            buf, base = buf[begin - base:], begin
+    n = base + len(buf)
+    while prev_end < n:
+        end = min(begin + context, n)
+        yield window(end)
+        prev_end, begin = end, begin + stride
+
+
+def sliding_window_nll(model, token_chunks: Iterable[Sequence[int]], *, context: Optional[int] = None,
+                       stride: Optional[int] = None, batch_size: int = 8, n_bytes=None, progress: bool = True,
+                       desc: str = "Perplexity") -> dict:
+    """Perplexity of one token stream (an iterable of id chunks, consumed lazily) by sliding windows.
+
+    `context` defaults to the model's, `stride` to half of it. `n_bytes`: the UTF-8 bytes the stream
+    stands for (an int, or a callable returning it once the stream is consumed) for bits per byte.
+    Returns loss (mean nats per scored token), perplexity, bits_per_byte, bits_per_token, tokens,
+    bytes, windows, context, stride.
+    """
+    context = context or model_context(model)
+    if context > model_context(model):
+        raise EvaluationError(f"context={context} is longer than the model's context of {model_context(model)} tokens.")
+    stride = stride or max(1, context // 2)
+    was_training = model.training
+    model.eval()
+    try:
+        with tqdm(desc=desc, unit="tok", unit_scale=True, disable=None if progress else True) as bar:
+            scorer = WindowScorer(model, batch_size, progress=bar)
+            for ids, n_score in iter_windows(token_chunks, context, stride):
+                scorer.add(ids, n_score)
+            result = scorer.result(n_bytes() if callable(n_bytes) else n_bytes)
+    finally:
+        model.train(was_training)
+    result.update(context=context, stride=stride)
+    return result
+
+
+def evaluate_perplexity(model, tokenizer, data, *, batch_size: int = 8, n_bytes: Optional[int] = None,
+                        progress: bool = True, desc: str = "Perplexity") -> dict:
+    """Perplexity of fixed blocks, each scored on its own, as `Trainer.evaluate()` scores them.
+
+    `data`: a datasets.Dataset with an `input_ids` column (what dataset.get_dataset_and_tokenizer
+    returns), or any iterable of blocks (lists/arrays of token ids, or dicts with "input_ids"); it is
+    consumed lazily. Every token but a block's first is scored, so `exp(result["loss"])` matches
+    `exp(Trainer.evaluate()["eval_loss"])` -- but note that transformers 5.24's Trainer divides a
+    GPT2LMHeadModel's summed loss by all L labels of a block, not the L - 1 predicted ones, unless
+    `model.loss_type = "ForCausalLM"` is set before the Trainer is built (tests/test_evaluation.py).
+    With a `tokenizer` (None: no byte count) the bytes of the scored tokens are counted and
+    bits_per_byte is given (exact for byte-level BPE such as GPT-2's); `n_bytes` overrides that.
+
+    Returns {"loss", "perplexity", "bits_per_byte" (None when bytes are unknown), "bits_per_token",
+    "tokens", "bytes", "windows" (blocks)}. The model's train/eval mode is restored afterwards.
+    """
+    context = model_context(model)
+    byte_lengths = token_byte_lengths(tokenizer) if tokenizer is not None and n_bytes is None else None
+    was_training = model.training
+    model.eval()
+    try:
+        with tqdm(desc=desc, unit="tok", unit_scale=True, disable=None if progress else True) as bar:
+            scorer = WindowScorer(model, batch_size, byte_lengths=byte_lengths, progress=bar)
+            for block in _iter_blocks(data):
+                if len(block) > context:
+                    raise EvaluationError(f"a block of {len(block)} tokens is longer than the model's context of {context}.")
+                scorer.add(block, len(block) - 1)
+            return scorer.result(n_bytes)
+    finally:
+        model.train(was_training)
+
+
+def _iter_blocks(data) -> Iterator[np.ndarray]:
+    if hasattr(data, "column_names") and hasattr(data, "iter"):  # a datasets.Dataset: Arrow batches, lazily
+        if "input_ids" not in data.column_names:
+            raise EvaluationError(f"the dataset has no input_ids column (columns: {', '.join(data.column_names)}).")
+        for batch in data.iter(batch_size=256):
+            yield from (np.asarray(ids, dtype=np.int64) for ids in batch["input_ids"])
+        return
+    for block in data:
+        if isinstance(block, dict):
+            block = block["input_ids"]
+        if torch.is_tensor(block):
+            block = block.cpu().numpy()
+        yield np.asarray(block, dtype=np.int64).reshape(-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Text -> token stream
+
+
+class TextCounter:
+    """What a token stream was made of: documents, UTF-8 bytes, tokens."""
+
+    def __init__(self):
+        self.documents = 0
+        self.bytes = 0
+        self.tokens = 0
+
+
+def encoder_for(tokenizer):
+    """list[str] -> list[list[int]], no special tokens added (tiktoken for the official GPT-2 BPE)."""
+    from dataset import make_encoder
+
+    return make_encoder(tokenizer)
+
+
+def iter_token_chunks(pieces: Iterable[tuple[str, bool]], tokenizer, counter: Optional[TextCounter] = None,
+                      add_start_token: bool = True, max_documents: Optional[int] = None) -> Iterator[np.ndarray]:
+    """Token ids of (text, ends_document) pieces as dataset.py reads them, with <|endoftext|> after each
+    non-empty document (and in front, when add_start_token, so that the first token is scored too).
+    Counts documents, bytes and tokens into `counter`."""
+    counter = counter if counter is not None else TextCounter()
+    encode = encoder_for(tokenizer)
+    eos = tokenizer.eos_token_id
+    start = eos if tokenizer.bos_token_id is None else tokenizer.bos_token_id
+    if add_start_token and start is not None:
+        counter.tokens += 1
+        yield np.asarray([start], dtype=np.int64)
+    batch: list[tuple[str, bool]] = []
+    chars = 0
+    doc_has_text = False
+
+    def flush() -> np.ndarray:
+        nonlocal doc_has_text
+        out: list[int] = []
+        for ids, (_, ends) in zip(encode([t for t, _ in batch]), batch):
+            out.extend(ids)
+            doc_has_text = doc_has_text or bool(ids)
+            if ends:
+                if doc_has_text:
+                    counter.documents += 1
+                    if eos is not None:
+                        out.append(eos)
+                doc_has_text = False
+        batch.clear()
+        counter.tokens += len(out)
+        return np.asarray(out, dtype=np.int64)
+
+    ended = 0  # documents read, empty ones included
+    for text, ends in pieces:
+        if max_documents is not None and ended >= max_documents:
+            break
+        ended += ends
+        batch.append((text, ends))
+        counter.bytes += len(text.encode("utf-8"))
+        chars += len(text)
+        if chars >= TOKENIZE_BATCH_CHARS or len(batch) >= 1024:
+            yield flush()
+            chars = 0
+    if batch:
+        yield flush()
+
+
+def documents_as_pieces(documents: Iterable[str]) -> Iterator[tuple[str, bool]]:
+    for doc in documents:
+        yield doc.replace("\r\n", "\n"), True
+
+
+def evaluate_texts(model, tokenizer, documents: Iterable[str], *, stride: Optional[int] = None,
+                   context: Optional[int] = None, batch_size: int = 8, add_start_token: bool = True,
+                   progress: bool = True) -> dict:
+    """Sliding-window perplexity and bits per byte of documents (an iterable of strings, read lazily),
+    joined with <|endoftext|> as in training. Adds `documents` to sliding_window_nll's result."""
+    counter = TextCounter()
+    chunks = iter_token_chunks(documents_as_pieces(documents), tokenizer, counter, add_start_token)
+    result = sliding_window_nll(model, chunks, context=context, stride=stride, batch_size=batch_size,
+                                n_bytes=lambda: counter.bytes, progress=progress)
+    result["documents"] = counter.documents
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Data sources (dataset.py's readers), with a choice of split
+
+
+@dataclass
+class EvalData:
+    """Which documents to evaluate on."""
+
+    dataset_path: Optional[str] = None
+    dataset_name: Optional[str] = None
+    split: str = "test"
+    text_field: str = "text"
+    dataset_config: Optional[str] = None
+    data_dir: str = "data"
+    skip_bad_lines: bool = False
+    max_documents: Optional[int] = None
+
+
+def resolve_source(data: EvalData, what: str = "--dataset_path or --dataset_name"):
+    """A dataset.Source for files, a gpt-2-output-dataset name + split, 'builtin', or a Hub name + split."""
+    import dataset
+
+    if data.dataset_path:
+        return dataset.Source("files", dataset.expand_path(data.dataset_path))
+    if not data.dataset_name:
+        raise EvaluationError(f"no data to evaluate on: pass {what}.")
+    name = dataset.GPT2_OUTPUT_ALIASES.get(data.dataset_name, data.dataset_name)
+    if name == dataset.BUILTIN_NAME:
+        return dataset.Source("builtin")
+    if name in dataset.GPT2_OUTPUT_NAMES:
+        path = os.path.join(data.data_dir, f"{name}.{data.split}.jsonl")
+        if not os.path.isfile(path):
+            raise dataset.DataError(f"{path} not found: run `python download_dataset.py --datasets {name} --splits "
+                                    f"{data.split} --out_dir {data.data_dir}` first, or pass --dataset_path.")
+        return dataset.Source("files", [path])
+    import datasets
+
+    try:
+        hub = datasets.load_dataset(data.dataset_name, data.dataset_config, split=data.split)
+    except Exception as e:  # the library's errors are long; say what was tried instead
+        raise dataset.DataError(
+            f"'{data.dataset_name}' is not a file, a gpt-2-output-dataset name, '{dataset.BUILTIN_NAME}', nor a "
+            f"loadable Hugging Face dataset with a '{data.split}' split: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from None
+    if data.text_field not in hub.column_names:
+        raise dataset.DataError(f"Hub dataset {data.dataset_name} has no column '{data.text_field}'; columns: "
+                                f"{', '.join(hub.column_names)}. Choose one with --text_field.")
+    return dataset.Source("hub", hub_dataset=hub)
+
+
+def iter_source_pieces(source, data: EvalData, desc: str, progress: bool = True) -> Iterator[tuple[str, bool]]:
+    """(text, ends_document) pieces of a source, read with dataset.py's readers, with a progress bar."""
+    import dataset
+
+    args = dataset.DataArguments(text_field=data.text_field, skip_bad_lines=data.skip_bad_lines)
+    total, unit = source.total()
+    with tempfile.TemporaryDirectory(prefix="gpt2-eval-") as tmp, \
+            tqdm(total=total, unit=unit, unit_scale=True, desc=desc, disable=None if progress else True) as bar:
+        yield from dataset.iter_pieces(source, args, bar, tmp)
+
+
+def iter_documents(source, data: EvalData, max_chars: Optional[int] = None, desc: str = "Reading",
+                   progress: bool = True) -> Iterator[str]:
+    """Whole documents (only their first `max_chars` characters, when given) of a source."""
+    parts: list[str] = []
+    size = 0
+    for text, ends in iter_source_pieces(source, data, desc, progress):
+        if max_chars is None or size < max_chars:
+            parts.append(text)
+            size += len(text)
+        if ends:
+            doc = "".join(parts)
+            parts, size = [], 0
+            if doc.strip():
+                yield doc[:max_chars] if max_chars else doc
+
+
+def perplexity_on_source(model, tokenizer, source, data: EvalData, *, stride=None, context=None, batch_size=8,
+                         add_start_token=True, progress=True, desc="Perplexity") -> dict:
+    counter = TextCounter()
+    pieces = iter_source_pieces(source, data, f"{desc}: reading", progress)
+    chunks = iter_token_chunks(pieces, tokenizer, counter, add_start_token, data.max_documents)
+    try:
+        result = sliding_window_nll(model, chunks, context=context, stride=stride, batch_size=batch_size,
+                                    n_bytes=lambda: counter.bytes, progress=progress, desc=desc)
+    except EvaluationError:
+        if counter.documents == 0:
+            raise EvaluationError(f"{source.describe()} contains no text: nothing to evaluate.") from None
+        raise
+    result["documents"] = counter.documents
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation metrics
+
+
+def ngrams(seq: Sequence, n: int) -> list[tuple]:
+    return [tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)]
+
+
+def distinct_n(texts: Iterable[Sequence], n: int) -> Optional[float]:
+    """Distinct n-grams / all n-grams, pooled over samples (Li et al. 2016). Items are word lists
+    (or any token sequences); None when there is no n-gram at all."""
+    total, unique = 0, set()
+    for words in texts:
+        grams = ngrams(list(words), n)
+        total += len(grams)
+        unique.update(grams)
+    return len(unique) / total if total else None
+
+
+def repetition_rate(texts: Iterable[Sequence], n: int = 4) -> Optional[float]:
+    """Share of n-grams that repeat an n-gram seen earlier in the same sample, pooled over samples
+    (0: no repetition; "a b c d a b c d a b c d" with n=4 gives 5/9). None when no sample has an n-gram."""
+    total = repeated = 0
+    for words in texts:
+        grams = ngrams(list(words), n)
+        total += len(grams)
+        repeated += len(grams) - len(set(grams))
+    return repeated / total if total else None
+
+
+def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+    """Corpus BLEU (sacrebleu defaults: 13a tokenization, 4-grams), 0-100."""
+    import sacrebleu
+
+    return float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score)
+
+
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+
+
+def rouge(hypotheses: Sequence[str], references: Sequence[str], use_stemmer: bool = True) -> dict:
+    """Mean ROUGE-1/2/L F1 over sample pairs (rouge-score, Porter stemmer), 0-1."""
+    from rouge_score import rouge_scorer
+
+    if not hypotheses:
+        return {t: None for t in ROUGE_TYPES}
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=use_stemmer)
+    sums = Counter()
+    for hyp, ref in zip(hypotheses, references, strict=True):
+        for t, s in scorer.score(ref, hyp).items():
+            sums[t] += s.fmeasure
+    return {t: sums[t] / len(hypotheses) for t in ROUGE_TYPES}
+
+
+_MULT = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+def ngram_hashes(ids: Sequence[int], n: int = 8) -> np.ndarray:
+    """64-bit hashes of every n-gram of token ids (a polynomial hash, then splitmix64's finaliser)."""
+    a = np.asarray(ids, dtype=np.uint64)
+    m = len(a) - n + 1
+    if m <= 0:
+        return np.empty(0, dtype=np.uint64)
+    h = np.zeros(m, dtype=np.uint64)
+    for k in range(n):
+        h = h * _MULT + a[k:k + m] + np.uint64(1)
+    h ^= h >> np.uint64(30)
+    h *= _MIX1
+    h ^= h >> np.uint64(27)
+    h *= _MIX2
+    h ^= h >> np.uint64(31)
+    return h
+
+
+def find_ngrams(queries: np.ndarray, token_chunks: Iterable[Sequence[int]], n: int = 8) -> np.ndarray:
+    """Which of the `queries` (n-gram hashes) occur in the token stream; streamed chunk by chunk.
+
+    Memory is that of the queries plus one chunk, however large the stream: the small set of
+    generated n-grams is what is kept, and the training data only flows past it."""
+    queries = np.unique(np.asarray(queries, dtype=np.uint64))
+    found = np.zeros(len(queries), dtype=bool)
+    carry = np.empty(0, dtype=np.int64)
+    for chunk in token_chunks:
+        ids = np.concatenate([carry, np.asarray(chunk, dtype=np.int64)])
+        if len(queries) and not found.all():
+            found |= np.isin(queries, ngram_hashes(ids, n))
+        carry = ids[-(n - 1):] if n > 1 else ids[:0]
+    return queries[found]
+
+
+def copy_rate(samples: Sequence[Sequence[int]], found: np.ndarray, n: int = 8) -> Optional[float]:
+    """Share of the samples' n-grams (token ids, counted with repeats) whose hash is in `found`."""
+    hashes = [ngram_hashes(s, n) for s in samples]
+    total = sum(len(h) for h in hashes)
+    if not total:
+        return None
+    found = np.asarray(found, dtype=np.uint64)
+    return float(sum(np.isin(h, found).sum() for h in hashes) / total)
+
+
+@dataclass
+class SamplingSettings:
+    prompt_tokens: int = 32
+    reference_tokens: int = 32
+    greedy: bool = False
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    seed: int = 42
+    batch_size: int = 8
+
+    def check(self, context: Optional[int] = None) -> None:
+        if self.prompt_tokens < 1 or self.reference_tokens < 1:
+            raise EvaluationError("--prompt_tokens and --reference_tokens must be at least 1.")
+        if context is not None and self.prompt_tokens + self.reference_tokens > context:
+            raise EvaluationError(
+                f"the prompt ({self.prompt_tokens} tokens) plus the continuation ({self.reference_tokens} tokens) is "
+                f"longer than the model's context of {context} tokens: lower --prompt_tokens or --reference_tokens.")
+        if not self.greedy:
+            if not self.temperature > 0:
+                raise EvaluationError(f"--temperature {self.temperature} must be > 0 (use --greedy for argmax decoding).")
+            if not 0 < self.top_p <= 1:
+                raise EvaluationError(f"--top_p {self.top_p} must be in (0, 1].")
+            if self.top_k < 0:
+                raise EvaluationError(f"--top_k {self.top_k} must be >= 0 (0 turns top-k off).")
+        if self.batch_size < 1:
+            raise EvaluationError(f"batch size {self.batch_size} must be at least 1.")
+
+
+def make_prompts(documents: Iterable[str], tokenizer, num_samples: int, prompt_tokens: int, reference_tokens: int):
+    """[(prompt ids, reference ids)] from the first documents with at least prompt + reference tokens,
+    and the number of documents skipped as too short."""
+    encode = encoder_for(tokenizer)
+    need = prompt_tokens + reference_tokens
+    pairs, skipped = [], 0
+    for doc in documents:
+        ids = encode([doc])[0]
+        if len(ids) < need:
+            skipped += 1
+            continue
+        pairs.append((list(ids[:prompt_tokens]), list(ids[prompt_tokens:need])))
+        if len(pairs) >= num_samples:
+            break
+    return pairs, skipped
+
+
+@torch.inference_mode()
+def generate_continuations(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                           settings: SamplingSettings, progress: bool = True, desc: str = "Generating") -> list[list[int]]:
+    """The generated token ids of each prompt (all prompts have the same length), cut at <|endoftext|>."""
+    device = _device_of(model)
+    eos = tokenizer.eos_token_id
+    kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=not settings.greedy,
+                                  pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
+                                  eos_token_id=eos)
+    if settings.greedy:
+        kwargs.update(temperature=None, top_k=None, top_p=None)
+    else:
+        kwargs.update(temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p)
+    was_training = model.training
+    model.eval()
+    out: list[list[int]] = []
+    devices = [device.index or 0] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices, device_type=device.type if device.type == "cuda" else "cuda"):
+            torch.manual_seed(settings.seed)
+            with tqdm(total=len(prompts), desc=desc, unit="sample", disable=None if progress else True) as bar:
+                for i in range(0, len(prompts), settings.batch_size):
+                    batch = torch.tensor([list(p) for p in prompts[i:i + settings.batch_size]], device=device)
+                    gen = model.generate(input_ids=batch, attention_mask=torch.ones_like(batch), **kwargs)
+                    for row in gen[:, batch.shape[1]:].tolist():
+                        out.append(row[:row.index(eos)] if eos is not None and eos in row else row)
+                    bar.update(len(batch))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def text_metrics(hypotheses: Sequence[str], references: Sequence[str]) -> dict:
+    """BLEU, ROUGE, distinct-1/2, repetition rate and mean length in words of texts vs references."""
+    words = [h.split() for h in hypotheses]
+    return {
+        "bleu": bleu(hypotheses, references),
+        **rouge(hypotheses, references),
+        "distinct_1": distinct_n(words, 1),
+        "distinct_2": distinct_n(words, 2),
+        "repetition_4": repetition_rate(words, 4),
+        "mean_length_words": float(np.mean([len(w) for w in words])) if words else None,
+    }
+
+
+def generation_metrics(model, tokenizer, pairs, settings: SamplingSettings, progress: bool = True,
+                       desc: str = "Generating") -> tuple[dict, list[dict]]:
+    """Generate for (prompt ids, reference ids) pairs and score; returns (metrics, samples)."""
+    settings.check(model_context(model))
+    prompts = [p for p, _ in pairs]
+    generated = generate_continuations(model, tokenizer, prompts, settings.reference_tokens, settings, progress, desc)
+    hyps = [tokenizer.decode(g, skip_special_tokens=True) for g in generated]
+    refs = [tokenizer.decode(r, skip_special_tokens=True) for r in (r for _, r in pairs)]
+    metrics = {"samples": len(pairs), **text_metrics(hyps, refs),
+               "mean_length_tokens": float(np.mean([len(g) for g in generated])) if generated else None}
+    samples = [{"prompt": tokenizer.decode(p, skip_special_tokens=True), "reference": r, "generated": h,
+                "generated_ids": g, "reference_ids": list(ref_ids)}
+               for (p, ref_ids), r, h, g in zip(pairs, refs, hyps, generated)]
+    return metrics, samples
+
+
+# ----------------------------------------------------------------------------------------------
+# Reports
+
+
+COLUMNS = [  # (key path, header, format)
+    ("parameters", "params", lambda v: f"{v / 1e6:.1f}M"),
+    ("perplexity.tokens", "tokens", lambda v: f"{v:,}"),
+    ("perplexity.loss", "loss", "{:.4f}"),
+    ("perplexity.perplexity", "perplexity", "{:.2f}"),
+    ("perplexity.bits_per_byte", "bits/byte", "{:.4f}"),
+    ("generation.bleu", "BLEU", "{:.2f}"),
+    ("generation.rouge1", "ROUGE-1", "{:.4f}"),
+    ("generation.rouge2", "ROUGE-2", "{:.4f}"),
+    ("generation.rougeL", "ROUGE-L", "{:.4f}"),
+    ("generation.distinct_1", "distinct-1", "{:.4f}"),
+    ("generation.distinct_2", "distinct-2", "{:.4f}"),
+    ("generation.repetition_4", "rep-4", "{:.4f}"),
+    ("generation.mean_length_tokens", "len (tok)", "{:.1f}"),
+    ("generation.copy_rate", "copy rate", "{:.4f}"),
+]
+
+
+def _get(d: dict, path: str):
+    for part in path.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
+def markdown_table(results: dict) -> str:
+    """One row per model; only the columns some model has a value for."""
+    rows = results["models"]
+    cols = [c for c in COLUMNS if any(_get(r, c[0]) is not None for r in rows)]
+    lines = ["| model | " + " | ".join(h for _, h, _ in cols) + " |", "|---|" + "---:|" * len(cols)]
+    for r in rows:
+        cells = []
+        for key, _, fmt in cols:
+            v = _get(r, key)
+            cells.append("–" if v is None else (fmt(v) if callable(fmt) else fmt.format(v)))
+        lines.append(f"| {r['model']} | " + " | ".join(cells) + " |")
+    reference = _get(results, "reference.copy_rate")
+    if reference is not None:
+        n = _get(results, "reference.copy_ngram")
+        lines.append(f"\nCopy rate: share of generated {n}-grams of tokens found verbatim in "
+                     f"{_get(results, 'reference.train_data')}; the human reference continuations: {reference:.4f}.")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+@dataclass
+class EvalArguments:
+    """python evaluation.py --model_path MODEL [MODEL ...] (--dataset_path PATH | --dataset_name NAME) [options]"""
+
+    model_path: list[str] = field(
+        default_factory=list,
+        metadata={"help": "One or more model folders (train.py's logs/final_model, checkpoint-N folders, any Hugging "
+                  "Face causal LM folder) or Hub names; each gets one row of the report."})
+    dataset_path: Optional[str] = field(
+        default=None, metadata={"help": "File, folder or glob of .txt/.json/.jsonl/.csv/.parquet (optionally .gz) to evaluate on."})
+    dataset_name: Optional[str] = field(
+        default=None, metadata={"help": "Instead of --dataset_path: a gpt-2-output-dataset name in --data_dir (webtext, "
+                                "small-117M, ...), 'builtin', or a Hugging Face Hub dataset name; --split picks the split."})
+    split: str = field(default="test", metadata={"help": "Split of --dataset_name: test, valid or train (Hub: any split name)."})
+    text_field: str = field(default="text", metadata={"help": "JSON field, CSV/Parquet column or Hub column holding the text."})
+    dataset_config: Optional[str] = field(default=None, metadata={"help": "Configuration name of a Hub dataset."})
+    data_dir: str = field(default="data", metadata={"help": "Folder where download_dataset.py puts gpt-2-output-dataset files."})
+    skip_bad_lines: bool = field(default=False, metadata={"help": "Skip malformed JSON lines instead of stopping with an error."})
+    max_documents: Optional[int] = field(default=None, metadata={"help": "Evaluate perplexity on the first N documents only."})
+    tokenizer_name: Optional[str] = field(
+        default=None, metadata={"help": "Tokenizer folder or Hub name for models that have none (default: the model "
+                                "folder's own, else the official GPT-2 tokenizer)."})
+    stride: Optional[int] = field(
+        default=None, metadata={"help": "Sliding-window step in tokens (default: half the context). Each window scores "
+                                "only its last `stride` tokens; stride == context means non-overlapping windows."})
+    context: Optional[int] = field(default=None, metadata={"help": "Window length in tokens (default and maximum: the model's context)."})
+    batch_size: int = field(default=8, metadata={"help": "Windows per forward pass (perplexity)."})
+    add_start_token: bool = field(
+        default=True, metadata={"help": "Put <|endoftext|> in front of the text so that its first token is scored too "
+                                "(False: as the Hugging Face perplexity guide does)."})
+    skip_perplexity: bool = field(default=False, metadata={"help": "Only the generation metrics."})
+    num_samples: int = field(default=0, metadata={"help": "Documents to prompt for the generation metrics (0: none)."})
+    prompt_tokens: int = field(default=32, metadata={"help": "Prompt: the first N tokens of each document."})
+    reference_tokens: int = field(
+        default=32, metadata={"help": "Reference: the next M tokens; as many tokens are generated (fewer if <|endoftext|> comes first)."})
+    greedy: bool = field(default=False, metadata={"help": "Greedy decoding instead of sampling."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
+    top_k: int = field(default=50, metadata={"help": "Sample from the k most likely tokens (0: off)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling: smallest set of tokens with this much probability (1.0: off)."})
+    seed: int = field(default=42, metadata={"help": "Random seed of the sampling (the same for every model)."})
+    gen_batch_size: int = field(default=8, metadata={"help": "Prompts generated at once."})
+    train_data: Optional[str] = field(
+        default=None, metadata={"help": "Training data for the copy rate (share of generated 8-grams of tokens found "
+                                "verbatim in it): a file, folder or glob, or a dataset name as --dataset_name (its train split)."})
+    copy_ngram: int = field(default=8, metadata={"help": "n of the copy rate's n-grams."})
+    device: str = field(default="auto", metadata={"help": "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, ..."})
+    precision: str = field(default="fp32", metadata={"help": "Weights' precision: fp32, bf16, fp16, or auto (bf16/fp16 on a GPU, fp32 on CPU)."})
+    output_json: Optional[str] = field(default=None, metadata={"help": "Write all results (and the samples) to this JSON file."})
+    output_md: Optional[str] = field(default=None, metadata={"help": "Write the Markdown table to this file."})
+    progress: bool = field(default=True, metadata={"help": "Show progress bars (on a terminal)."})
+
+    def eval_data(self) -> EvalData:
+        return EvalData(dataset_path=self.dataset_path, dataset_name=self.dataset_name, split=self.split,
+                        text_field=self.text_field, dataset_config=self.dataset_config, data_dir=self.data_dir,
+                        skip_bad_lines=self.skip_bad_lines, max_documents=self.max_documents)
+
+    def sampling(self) -> SamplingSettings:
+        return SamplingSettings(self.prompt_tokens, self.reference_tokens, self.greedy, self.temperature, self.top_k,
+                                self.top_p, self.seed, self.gen_batch_size)
+
+
+def check_arguments(args: EvalArguments) -> None:
+    if not args.model_path:
+        raise EvaluationError("pass --model_path with one or more model folders (e.g. logs/final_model).")
+    if not args.dataset_path and not args.dataset_name:
+        raise EvaluationError("no data to evaluate on: pass --dataset_path (a file, folder or glob) or --dataset_name.")
+    if args.train_data and args.num_samples <= 0:
+        raise EvaluationError("--train_data is for the copy rate of generated samples: add --num_samples N.")
+    if args.skip_perplexity and args.num_samples <= 0:
+        raise EvaluationError("--skip_perplexity with --num_samples 0 leaves nothing to evaluate.")
+    for name in ("stride", "context", "max_documents"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise EvaluationError(f"--{name} {value} must be at least 1.")
+    if args.batch_size < 1 or args.num_samples < 0 or args.copy_ngram < 1:
+        raise EvaluationError("--batch_size and --copy_ngram must be at least 1, --num_samples at least 0.")
+    if args.num_samples:
+        args.sampling().check()
+
+
+def evaluate(args: EvalArguments) -> dict:
+    """Run everything the arguments ask for; returns the results (what --output_json holds)."""
+    check_arguments(args)
+    data = args.eval_data()
+    source = resolve_source(data)
+    train = _train_data(args) if args.train_data else None
+    train_source = resolve_source(train, "--train_data") if train else None  # bad --train_data fails now, not at the end
+    settings = args.sampling()
+    results: dict[str, Any] = {"data": source.describe(), "settings": _settings(args), "models": []}
+    generated: dict[str, tuple[str, list]] = {}  # model -> (tokenizer fingerprint, generated ids), for the copy rate
+    references: dict[str, list] = {}  # tokenizer fingerprint -> reference ids
+    tokenizers: dict[str, Any] = {}  # tokenizer fingerprint -> tokenizer
+    for path in args.model_path:
+        model, tokenizer = load_model(path, args.device, args.precision, args.tokenizer_name)
+        context = model_context(model)
+        row: dict[str, Any] = {"model": path, "parameters": sum(p.numel() for p in model.parameters()),
+                               "context": context, "tokenizer": tokenizer.name_or_path}
+        if args.context and args.context > context:
+            raise EvaluationError(f"--context {args.context} is longer than {path}'s context of {context} tokens.")
+        win = args.context or context
+        if args.stride and args.stride > win:
+            raise EvaluationError(f"--stride {args.stride} is larger than the window of {win} tokens: tokens would be skipped.")
+        if args.num_samples:
+            settings.check(context)  # before the perplexity run, not after it
+        if not args.skip_perplexity:
+            row["perplexity"] = perplexity_on_source(
+                model, tokenizer, source, data, stride=args.stride, context=args.context, batch_size=args.batch_size,
+                add_start_token=args.add_start_token, progress=args.progress, desc=f"Perplexity {path}")
+        if args.num_samples:
+            docs = iter_documents(source, data, max_chars=64 * (settings.prompt_tokens + settings.reference_tokens),
+                                  desc=f"Prompts from {source.describe()}", progress=args.progress)
+            pairs, skipped = make_prompts(docs, tokenizer, args.num_samples, settings.prompt_tokens, settings.reference_tokens)
+            if not pairs:
+                raise EvaluationError(f"no document of {source.describe()} has the {settings.prompt_tokens} + "
+                                      f"{settings.reference_tokens} tokens a prompt and its reference need: lower "
+                                      "--prompt_tokens / --reference_tokens.")
+            metrics, samples = generation_metrics(model, tokenizer, pairs, settings, args.progress, f"Generating {path}")
+            metrics["skipped_short_documents"] = skipped
+            row["generation"], row["samples"] = metrics, samples
+            fp = _tokenizer_key(tokenizer)
+            generated[path] = (fp, [s["generated_ids"] for s in samples])
+            references.setdefault(fp, [s["reference_ids"] for s in samples])
+            tokenizers.setdefault(fp, tokenizer)
+        results["models"].append(row)
+        del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    if train_source is not None and generated:
+        add_copy_rates(results, args, train, train_source, generated, references, tokenizers)
+    return results
+
+
+def _tokenizer_key(tokenizer) -> str:
+    from dataset import tokenizer_fingerprint
+
+    return tokenizer_fingerprint(tokenizer)
+
+
+def add_copy_rates(results: dict, args: EvalArguments, train: EvalData, source, generated: dict, references: dict,
+                   tokenizers: dict) -> None:
+    """Copy rates of every model's samples (and of the references); the training data is streamed
+    once per distinct tokenizer, past the small set of generated n-gram hashes."""
+    n = args.copy_ngram
+    found = {}
+    for fp, tokenizer in tokenizers.items():
+        samples = [ids for f, rows in generated.values() if f == fp for ids in rows] + references[fp]
+        queries = np.concatenate([ngram_hashes(ids, n) for ids in samples])
+        pieces = iter_source_pieces(source, train, f"Copy rate: scanning {source.describe()}", args.progress)
+        found[fp] = find_ngrams(queries, iter_token_chunks(pieces, tokenizer, add_start_token=False), n)
+    key = "copy_rate"
+    for row in results["models"]:
+        if row["model"] in generated:
+            fp, rows = generated[row["model"]]
+            row["generation"][key] = copy_rate(rows, found[fp], n)
+    fp0 = next(iter(references))
+    results["reference"] = {key: copy_rate(references[fp0], found[fp0], n), "copy_ngram": n, "train_data": source.describe()}
+
+
+def _train_data(args: EvalArguments) -> EvalData:
+    import glob as globmod
+
+    spec = args.train_data
+    is_path = os.path.exists(spec) or bool(globmod.glob(spec))
+    return EvalData(dataset_path=spec if is_path else None, dataset_name=None if is_path else spec, split="train",
+                    text_field=args.text_field, dataset_config=args.dataset_config, data_dir=args.data_dir,
+                    skip_bad_lines=args.skip_bad_lines)
+
+
+def _settings(args: EvalArguments) -> dict:
+    s = asdict(args)
+    for k in ("model_path", "output_json", "output_md", "progress"):
+        s.pop(k)
+    return s
+
+
+def parse_args(argv: Optional[list[str]] = None) -> EvalArguments:
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(EvalArguments, description=__doc__.split("\n\n")[0],
+                              formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    import json
+
+    from transformers.utils import logging as hf_logging
+
+    from dataset import DataError
+
+    args = parse_args(argv)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # "Loading weights" bars: ours say what is going on
+    try:
+        results = evaluate(args)
+    except (EvaluationError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except torch.cuda.OutOfMemoryError:
+        print("error: out of GPU memory: lower --batch_size / --gen_batch_size, or use --precision bf16.", file=sys.stderr)
+        return 1
+    table = markdown_table(results)
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps(results, indent=2) + "\n")
+    if args.output_md:
+        Path(args.output_md).write_text(table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

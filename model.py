@@ -1,0 +1,121 @@
+"""The GPT-2 model: a Hugging Face GPT2LMHeadModel, built from a size preset or loaded to fine-tune.
+
+    from model import get_model
+    model = get_model(preset="small")                  # 4 layers, 256 wide: trains on a laptop CPU
+    model = get_model(n_layer=2, n_embd=64, n_head=2)  # any shape
+    model = get_model(init_from="path/to/hf_model")    # fine-tune pretrained weights (folder or Hub name)
+
+The model is plain Hugging Face, so anything saved from it loads with `from_pretrained`
+or `transformers.pipeline` without this file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# The four OpenAI GPT-2 sizes, and one small enough to train on a CPU in minutes.
+PRESETS: dict[str, dict[str, int]] = {
+    "small": dict(n_layer=4, n_head=4, n_embd=256),  # ~16M parameters, most of them the 50257-token embedding
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 355M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+}
+
+GPT2_VOCAB_SIZE = 50257
+GPT2_CONTEXT = 1024
+
+
+def count_parameters(model, non_embedding: bool = False) -> int:
+    """Number of parameters; non_embedding leaves out the position embedding, as nanoGPT reports it.
+
+    (The token embedding is tied to the output layer, so it does count as compute.)"""
+    n = sum(p.numel() for p in model.parameters())
+    if non_embedding:
+        n -= model.transformer.wpe.weight.numel()
+    return n
+
+
+def get_model(
+    n_embd: int = 768,
+    n_layer: int = 12,
+    n_head: int = 12,
+    vocab_size: int = GPT2_VOCAB_SIZE,
+    *,
+    preset: str | None = None,
+    n_positions: int = GPT2_CONTEXT,
+    dropout: float | None = None,
+    init_from: str | os.PathLike | None = None,
+    attn_implementation: str = "sdpa",
+    bos_token_id: int = 50256,
+    eos_token_id: int = 50256,
+    verbose: bool = True,
+    **config_kwargs,
+):
+    """A GPT2LMHeadModel.
+
+    From scratch: the shape comes from `preset` (one of PRESETS) when given, else from
+    n_embd / n_layer / n_head; n_positions is the context length; `dropout` sets the residual,
+    embedding and attention dropout (GPT-2's 0.1 when None); extra keyword args go to GPT2Config.
+
+    With `init_from` (a local Hugging Face model folder or a Hub name) the pretrained weights and
+    shape are loaded instead, to fine-tune; only `dropout` and `config_kwargs` are applied on top.
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    if init_from is not None:
+        overrides = dict(config_kwargs)
+        if dropout is not None:
+            overrides.update(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
+        try:
+            model = GPT2LMHeadModel.from_pretrained(
+                str(init_from), attn_implementation=attn_implementation, **overrides
+            )
+        except OSError as e:
+            where = "folder" if Path(init_from).exists() else "folder or Hub model name"
+            raise ValueError(
+                f"Could not load a model from init_from={str(init_from)!r} ({where}): {e}\n"
+                "Pass a folder saved with save_pretrained (it holds config.json and model.safetensors), "
+                "or a Hub name such as 'gpt2' (needs the network the first time, or HF_HUB_OFFLINE=0)."
+            ) from None
+        if verbose:
+            print(f"Loaded pretrained weights from {init_from}")
+    else:
+        if preset is not None:
+            if preset not in PRESETS:
+                raise ValueError(f"Unknown model preset {preset!r}; choose one of {', '.join(PRESETS)}.")
+            n_layer, n_head, n_embd = (PRESETS[preset][k] for k in ("n_layer", "n_head", "n_embd"))
+        if n_embd % n_head != 0:
+            raise ValueError(f"n_embd ({n_embd}) must be a multiple of n_head ({n_head}): each head gets n_embd / n_head dims.")
+        p = 0.1 if dropout is None else dropout
+        config = GPT2Config(
+            vocab_size=vocab_size,
+            n_positions=n_positions,
+            n_embd=n_embd,
+            n_layer=n_layer,
+            n_head=n_head,
+            resid_pdrop=p,
+            embd_pdrop=p,
+            attn_pdrop=p,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            **config_kwargs,
+        )
+        model = GPT2LMHeadModel._from_config(config, attn_implementation=attn_implementation)
+
+    # transformers cannot map the class name GPT2LMHeadModel to its loss and warns at the first step; name it.
+    model.loss_type = "ForCausalLM"
+    # GPT-2 has no pad token; batching and generation pad with EOS, as the tokenizer does.
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = model.config.eos_token_id
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = model.config.eos_token_id
+    if verbose:
+        c = model.config
+        print(
+            f"GPT-2 model: {c.n_layer} layers, {c.n_head} heads, {c.n_embd} wide, context {c.n_positions}; "
+            f"{count_parameters(model) / 1e6:.2f}M parameters "
+            f"({count_parameters(model, non_embedding=True) / 1e6:.2f}M without position embeddings)"
+        )
+    return model

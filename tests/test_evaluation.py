@@ -1,0 +1,401 @@
+"""evaluation.py: perplexity (sliding window, blocks), bits per byte, generation metrics, reports, CLI."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import evaluation as ev
+
+ROOT = Path(__file__).resolve().parents[1]
+CONTEXT = 128
+
+
+def _tiny_model(seed=0, vocab_size=50257):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=2, n_embd=64, n_head=2, n_positions=CONTEXT, vocab_size=vocab_size, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0)
+    model = GPT2LMHeadModel(config)
+    model.config.pad_token_id = model.generation_config.pad_token_id = config.eos_token_id
+    return model
+
+
+@pytest.fixture(scope="session")
+def corpus_text():
+    import dataset
+
+    return "\n\n".join(dataset.builtin_documents()[:40])
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer, corpus_text):
+    """A 2-layer GPT-2 trained for 10 steps on some English, saved with its tokenizer."""
+    model = _tiny_model()
+    ids = torch.tensor(tokenizer.encode(corpus_text)[:20000])
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-2)
+    gen = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(10):  # held-out loss 10.8 -> ~6.7; every step costs, the 50257-way output dominates
+        starts = torch.randint(0, len(ids) - 33, (2,), generator=gen)
+        batch = torch.stack([ids[s:s + 32] for s in starts])
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    out = tmp_path_factory.mktemp("tiny_model")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_vocab():
+    """Random ids and a random model over 1000 tokens: the window arithmetic, without a 50257-way softmax."""
+    return _tiny_model(seed=3, vocab_size=1000).eval(), np.random.default_rng(0).integers(0, 1000, 600).tolist()
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_model_dir):
+    model, tokenizer = ev.load_model(str(tiny_model_dir), device="cpu")
+    return model, tokenizer
+
+
+@pytest.fixture
+def text_file(tmp_path, corpus_text):
+    path = tmp_path / "docs.jsonl"
+    docs = [p[:400] for p in corpus_text.split("\n\n") if len(p) > 200][:6]
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Perplexity
+
+
+def test_blocks_agree_with_trainer_evaluate(tiny, tmp_path, corpus_text):
+    from transformers import Trainer, TrainingArguments, default_data_collator
+
+    import dataset
+
+    model, tokenizer = tiny
+    (tmp_path / "a.txt").write_text(corpus_text[:30000])
+    _, _, val = dataset.get_dataset_and_tokenizer(dataset_path=str(tmp_path / "a.txt"), block_size=64, val_split=0.2,
+                                                  cache_dir=str(tmp_path / "cache"))
+    val = val.select(range(10))
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_eval_batch_size=4, report_to="none",
+                             use_cpu=True, disable_tqdm=True)
+
+    def trainer_loss():
+        return Trainer(model=model, args=args, eval_dataset=val, data_collator=default_data_collator).evaluate()["eval_loss"]
+
+    ours = ev.evaluate_perplexity(model, tokenizer, val, batch_size=3, progress=False)
+    assert ours["tokens"] == len(val) * 63 and ours["windows"] == len(val)
+    assert 1 < ours["perplexity"] < 20000  # trained: better than uniform over 50257 tokens
+    assert not model.training
+    # transformers 5.24's Trainer divides a GPT2LMHeadModel's summed loss by all 64 labels of a block,
+    # not the 63 predicted ones (GPT2LMHeadModel's class name maps to no loss_type, so the Trainer does
+    # not know the loss shifts labels): its eval_loss is 63/64 of the true mean.
+    unfixed = trainer_loss()
+    assert unfixed == pytest.approx(ours["loss"], rel=1e-4) or unfixed == pytest.approx(ours["loss"] * 63 / 64, rel=1e-4)
+    saved, model.loss_type = model.loss_type, "ForCausalLM"
+    try:
+        fixed = trainer_loss()
+    finally:
+        model.loss_type = saved
+    assert ours["perplexity"] == pytest.approx(math.exp(fixed), rel=0.01)
+    assert ours["loss"] == pytest.approx(fixed, rel=1e-4)
+
+
+def _documented_sliding_window(model, ids, context, stride):
+    """https://huggingface.co/docs/transformers/perplexity, with the scored tokens counted exactly."""
+    nll, count, prev_end = 0.0, 0, 0
+    for begin in range(0, len(ids), stride):
+        end = min(begin + context, len(ids))
+        trg_len = end - prev_end
+        input_ids = torch.tensor(ids[begin:end])[None]
+        target = input_ids.clone()
+        target[:, :-trg_len] = -100
+        with torch.no_grad():
+            logits = model(input_ids).logits
+        nll += F.cross_entropy(logits[0, :-1], target[0, 1:], ignore_index=-100, reduction="sum").item()
+        count += int((target[0, 1:] != -100).sum())
+        prev_end = end
+        if end == len(ids):
+            break
+    return nll / count, count
+
+
+def _chunks(ids, sizes):
+    out, i = [], 0
+    for s in sizes:
+        out.append(ids[i:i + s])
+        i += s
+    out.append(ids[i:])
+    return out
+
+
+@pytest.mark.parametrize("stride", [32, 100, CONTEXT])
+def test_sliding_window_matches_the_documented_loop(small_vocab, stride):
+    model, ids = small_vocab  # 600 tokens, not a multiple of the stride
+    loss, count = _documented_sliding_window(model, ids, CONTEXT, stride)
+    ours = ev.sliding_window_nll(model, _chunks(ids, [7, 50, 1, 300]), context=CONTEXT, stride=stride, batch_size=3,
+                                 progress=False)
+    assert ours["tokens"] == count
+    assert ours["loss"] == pytest.approx(loss, rel=1e-5)
+
+
+def test_stride_equal_to_context_is_the_non_overlapping_computation(small_vocab):
+    model, ids = small_vocab
+    blocks = [ids[i:i + CONTEXT] for i in range(0, len(ids), CONTEXT)]  # the last one shorter
+    assert len(blocks[-1]) < CONTEXT
+    windows = ev.sliding_window_nll(model, [ids], context=CONTEXT, stride=CONTEXT, progress=False)
+    separate = ev.evaluate_perplexity(model, None, iter(blocks), progress=False)
+    assert windows["tokens"] == separate["tokens"] == len(ids) - len(blocks)
+    assert windows["loss"] == pytest.approx(separate["loss"], rel=1e-6)
+    assert separate["bits_per_byte"] is None  # no tokenizer, no byte count
+
+
+def test_windows_are_streamed_not_collected(small_vocab):
+    """The scorer pulls chunks lazily and holds at most a batch of windows: memory is flat in the data size."""
+    model, _ = small_vocab
+    pulled, at_forward = [0], []
+    rng = np.random.default_rng(0)
+
+    def stream():
+        for _ in range(40):
+            pulled[0] += 1
+            yield rng.integers(0, 1000, 50)
+
+    hook = model.register_forward_pre_hook(lambda *_: at_forward.append(pulled[0]))
+    try:
+        result = ev.sliding_window_nll(model, stream(), context=CONTEXT, stride=64, batch_size=2, progress=False)
+    finally:
+        hook.remove()
+    assert result["tokens"] == 40 * 50 - 1
+    assert at_forward[0] <= 5 and len(at_forward) > 10  # the first batch ran long before the stream ended
+    assert all(len(ids) <= CONTEXT for ids, _ in ev.iter_windows(stream(), CONTEXT, 64))
+
+
+def test_iter_windows_scores_every_token_once():
+    for n in (1, 2, 5, 127, 128, 129, 300):
+        for stride in (1, 16, 100, 128):
+            windows = list(ev.iter_windows([np.arange(n)], CONTEXT, stride))
+            scored = [int(t) for ids, k in windows for t in ids[len(ids) - k:]]
+            assert scored == sorted(set(scored))
+            expected_unscored = {0} | ({i for i in range(0, n, CONTEXT)} if stride == CONTEXT else set())
+            assert set(range(n)) - set(scored) == expected_unscored
+
+
+def test_uniform_model_known_perplexity_and_bits_per_byte(tokenizer):
+    """All-zero output embedding: every token has probability 1/V, so perplexity is V exactly."""
+    model = _tiny_model()
+    with torch.no_grad():
+        model.transformer.wte.weight.zero_()  # tied to lm_head: all logits are 0
+    vocab = model.config.vocab_size
+    docs = ["Grüße aus Köln — ✓ 日本語のテキスト.", "plain ascii text\nwith two lines"]
+    n_bytes = sum(len(d.encode()) for d in docs)
+    result = ev.evaluate_texts(model, tokenizer, docs, stride=64, progress=False)
+    n_tokens = sum(len(tokenizer.encode(d)) + 1 for d in docs)  # each document and its <|endoftext|>
+    assert result["tokens"] == n_tokens  # the start token makes the first text token scored too
+    assert result["perplexity"] == pytest.approx(vocab, rel=1e-5)
+    assert result["bytes"] == n_bytes and result["documents"] == 2
+    assert result["bits_per_byte"] == pytest.approx(n_tokens * math.log2(vocab) / n_bytes, rel=1e-5)
+    # The same bytes counted from token ids (blocks path): exact for byte-level BPE.
+    ids = [tokenizer.eos_token_id] + tokenizer.encode(docs[0])
+    blocks = ev.evaluate_perplexity(model, tokenizer, [ids], progress=False)
+    assert blocks["bytes"] == len(docs[0].encode())
+    assert blocks["bits_per_byte"] == pytest.approx((len(ids) - 1) * math.log2(vocab) / len(docs[0].encode()), rel=1e-5)
+
+
+def test_token_byte_lengths_are_exact_for_gpt2(tokenizer):
+    lengths = ev.token_byte_lengths(tokenizer)
+    for text in ["héllo wörld ✓ 日本 🙂", "  spaces\n\ttabs", "<|endoftext|> is special"]:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        special = text.count("<|endoftext|>") * len("<|endoftext|>")
+        assert lengths[ids].sum() == len(text.encode()) - special
+    assert lengths[tokenizer.eos_token_id] == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation metrics
+
+
+def test_bleu_and_rouge_known_answers_and_library_equality():
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    refs = ["the cat sat on the mat today", "a quick brown fox jumps over the lazy dog", "hello world"]
+    hyps = ["the cat sat on a mat", "the quick brown fox jumped over the dog", "goodbye moon"]
+    assert ev.bleu(refs, refs) == pytest.approx(100.0)
+    assert ev.rouge(refs, refs) == {"rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0}
+    assert ev.bleu(["xyz qqq"], ["abc def"]) == 0.0 and ev.rouge(["xyz"], ["abc"])["rouge1"] == 0.0
+    assert ev.bleu(hyps, refs) == sacrebleu.corpus_bleu(hyps, [refs]).score
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    for key, value in ev.rouge(hyps, refs).items():
+        assert value == pytest.approx(np.mean([scorer.score(r, h)[key].fmeasure for h, r in zip(hyps, refs)]))
+    assert 0 < ev.bleu(hyps, refs) < 100
+
+
+def test_distinct_and_repetition_on_hand_made_inputs():
+    assert ev.distinct_n([["a", "b", "a", "b"]], 1) == 0.5
+    assert ev.distinct_n([["a", "b", "a", "b"]], 2) == pytest.approx(2 / 3)
+    assert ev.distinct_n([["a", "b"], ["a", "c"]], 1) == 0.75  # pooled over samples
+    assert ev.distinct_n([["a"]], 2) is None
+    assert ev.repetition_rate([list("abcd") * 3], 4) == pytest.approx(5 / 9)
+    assert ev.repetition_rate([list("abcdefgh")], 4) == 0.0
+    assert ev.repetition_rate([list("abcd"), list("abcd")], 4) == 0.0  # across samples is not repetition
+    assert ev.repetition_rate([["x"] * 3], 4) is None
+
+
+def test_copy_rate_streams_training_data_across_chunk_boundaries():
+    train = list(range(100, 130))
+    chunks = [train[:15], train[15:22], train[22:]]  # 8-grams straddle both chunk borders
+    samples = [list(range(110, 118)), list(range(1, 9)), list(range(110, 119)), [5, 6]]
+    queries = np.concatenate([ev.ngram_hashes(s, 8) for s in samples])
+    found = ev.find_ngrams(queries, iter(chunks), 8)
+    assert ev.copy_rate(samples, found, 8) == pytest.approx(3 / 4)
+    assert ev.copy_rate([[1, 2, 3]], found, 8) is None
+    h = ev.ngram_hashes(list(range(20)), 8)
+    assert len(h) == 13 and len(set(h.tolist())) == 13
+    assert ev.ngram_hashes([1, 2, 3, 4, 5, 6, 7, 8], 8)[0] != ev.ngram_hashes([8, 7, 6, 5, 4, 3, 2, 1], 8)[0]
+
+
+def test_generation_metrics_end_to_end(tiny, corpus_text):
+    model, tokenizer = tiny
+    docs = [p for p in corpus_text.split("\n\n") if len(p) > 300][:4]
+    pairs, skipped = ev.make_prompts(["short"] + docs, tokenizer, 3, 16, 8)
+    assert len(pairs) == 3 and skipped == 1 and all(len(p) == 16 and len(r) == 8 for p, r in pairs)
+    settings = ev.SamplingSettings(prompt_tokens=16, reference_tokens=8, seed=1, batch_size=2, top_k=0, top_p=0.9)
+    metrics, samples = ev.generation_metrics(model, tokenizer, pairs[:2], settings, progress=False)
+    again, _ = ev.generation_metrics(model, tokenizer, pairs[:2], settings, progress=False)
+    assert metrics == again  # seeded
+    assert metrics["samples"] == 2 and 0 < metrics["mean_length_tokens"] <= 8
+    assert 0 <= metrics["bleu"] <= 100 and 0 <= metrics["rouge1"] <= 1
+    assert all(len(s["generated_ids"]) <= 8 for s in samples)
+    greedy = ev.SamplingSettings(prompt_tokens=16, reference_tokens=8, greedy=True, batch_size=3)
+    _, s1 = ev.generation_metrics(model, tokenizer, pairs, greedy, progress=False)
+    greedy.batch_size = 1
+    _, s2 = ev.generation_metrics(model, tokenizer, pairs, greedy, progress=False)
+    assert [s["generated_ids"] for s in s1] == [s["generated_ids"] for s in s2]  # greedy: batching changes nothing
+    # The references scored against themselves: the known answers.
+    refs = [s["reference"] for s in s1]
+    known = ev.text_metrics(refs, refs)
+    assert known["bleu"] == pytest.approx(100.0) and known["rouge1"] == known["rougeL"] == 1.0
+
+
+def test_prompt_longer_than_context_is_refused():
+    with pytest.raises(ev.EvaluationError, match="longer than the model's context of 128"):
+        ev.SamplingSettings(prompt_tokens=100, reference_tokens=40).check(CONTEXT)
+    with pytest.raises(ev.EvaluationError, match="temperature"):
+        ev.SamplingSettings(temperature=0).check(CONTEXT)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reports and the command line
+
+
+def test_markdown_table_one_row_per_model():
+    results = {"models": [
+        {"model": "a", "parameters": 3_300_000, "perplexity": {"tokens": 1000, "loss": 3.0, "perplexity": 20.0855, "bits_per_byte": 1.2}},
+        {"model": "b", "parameters": 124_000_000, "perplexity": {"tokens": 1000, "loss": 2.5, "perplexity": 12.18, "bits_per_byte": None}},
+    ]}
+    lines = ev.markdown_table(results).splitlines()
+    assert lines[0] == "| model | params | tokens | loss | perplexity | bits/byte |"
+    assert lines[2] == "| a | 3.3M | 1,000 | 3.0000 | 20.09 | 1.2000 |"
+    assert lines[3] == "| b | 124.0M | 1,000 | 2.5000 | 12.18 | – |"
+    assert len(lines) == 4
+
+
+def _cli(*args, timeout=240):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    return subprocess.run([sys.executable, str(ROOT / "evaluation.py"), *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=timeout)
+
+
+def test_cli_compares_models_side_by_side(tiny_model_dir, tmp_path, text_file):
+    other = tmp_path / "untrained"
+    _tiny_model(seed=1).save_pretrained(other)  # no tokenizer files: the official GPT-2 tokenizer is used
+    out_json, out_md = tmp_path / "r.json", tmp_path / "r.md"
+    r = _cli("--model_path", tiny_model_dir, other, "--dataset_path", text_file, "--stride", 64, "--num_samples", 3,
+             "--prompt_tokens", 16, "--reference_tokens", 8, "--train_data", text_file, "--output_json", out_json,
+             "--output_md", out_md)
+    assert r.returncode == 0, r.stderr
+    results = json.loads(out_json.read_text())
+    rows = results["models"]
+    assert [row["model"] for row in rows] == [str(tiny_model_dir), str(other)]
+    trained, untrained = (row["perplexity"]["perplexity"] for row in rows)
+    assert trained < untrained / 5
+    assert rows[0]["perplexity"]["documents"] == 6 and rows[0]["perplexity"]["stride"] == 64
+    assert all(row["generation"]["samples"] == 3 and "copy_rate" in row["generation"] for row in rows)
+    assert results["reference"]["copy_rate"] == 1.0  # the references come from the training data itself
+    table = out_md.read_text()
+    assert table.splitlines()[0].startswith("| model | params | tokens | loss | perplexity | bits/byte | BLEU | ROUGE-1")
+    assert f"| {tiny_model_dir} |" in table and f"| {other} |" in table
+    assert table.strip() in r.stdout
+
+
+def test_cli_help_documents_every_flag():
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(ev.EvalArguments)
+    undocumented = [a.dest for a in parser._actions if a.dest != "help" and not a.help]
+    assert not undocumented
+
+
+def test_cli_missing_model_is_one_line_error(tmp_path, text_file):
+    r = _cli("--model_path", tmp_path / "nope", "--dataset_path", text_file)
+    assert r.returncode == 1
+    assert r.stderr.strip().startswith("error: model folder") and len(r.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("case", ["empty data", "no data", "prompt too long", "stride", "not a model", "bad json",
+                                  "not downloaded", "hub offline", "bad device"])
+def test_cli_bad_input(case, tiny_model_dir, tmp_path, text_file, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"text": ""}\n')
+    (tmp_path / "notmodel").mkdir()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"text": \n')
+    argv = {
+        "empty data": ["--dataset_path", empty],
+        "no data": [],
+        "prompt too long": ["--dataset_path", text_file, "--num_samples", 2, "--prompt_tokens", 100, "--reference_tokens", 100],
+        "stride": ["--dataset_path", text_file, "--stride", 500],
+        "not a model": ["--dataset_path", text_file],
+        "bad json": ["--dataset_path", bad],
+        "not downloaded": ["--dataset_name", "webtext", "--split", "valid", "--data_dir", tmp_path / "data"],
+        "hub offline": ["--dataset_name", "nobody/no-such-dataset-xyz"],
+        "bad device": ["--dataset_path", text_file, "--device", "tpu9"],
+    }[case]
+    model = tmp_path / "notmodel" if case == "not a model" else tiny_model_dir
+    expected = {"empty data": "contains no text", "no data": "no data to evaluate on", "prompt too long": "longer than the model's context",
+                "stride": "larger than the window", "not a model": "no config.json", "bad json": "line 2: invalid JSON",
+                "not downloaded": "webtext.valid.jsonl not found: run `python download_dataset.py --datasets webtext --splits valid",
+                "hub offline": "nor a loadable Hugging Face dataset", "bad device": "not a device name"}[case]
+    assert ev.main(["--model_path", str(model), *map(str, argv), "--no_progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and expected in err and len(err.splitlines()) == 1, err
+
+
+def test_worked_example_on_webtext_sample(shared_data, tiny_model_dir):
+    """The README's example on the shared WebText test sample (skipped when ../shared/data is absent)."""
+    test = shared_data / "gpt2-output" / "webtext.test.head30.jsonl"
+    args = ev.EvalArguments(model_path=[str(tiny_model_dir)], dataset_path=str(test), max_documents=2, num_samples=3,
+                            prompt_tokens=32, reference_tokens=16, train_data=str(test), progress=False)
+    results = ev.evaluate(args)
+    row = results["models"][0]
+    assert row["perplexity"]["documents"] == 2 and row["perplexity"]["bits_per_byte"] > 0
+    assert row["generation"]["samples"] == 3
+    assert results["reference"]["copy_rate"] == 1.0  # test documents scanned as "training data" contain the references
+    assert 0 <= row["generation"]["copy_rate"] <= 1

@@ -1,0 +1,416 @@
+"""train.py: arguments, the run's outputs, exact resume after kill -9 / Ctrl-C, guards, tracking, DDP.
+
+Every run uses a tiny model on a small text file, so the whole file takes a minute or two on 2 cores."""
+
+import errno
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train as train_mod
+from train import COMPLETE, TrainArguments, main, parse_args, resolve_defaults, train
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_STEPS, SAVE_STEPS = 16, 4
+# Tiny models run fastest on one thread, and much faster so on a busy machine (no OpenMP spin-waiting).
+torch.set_num_threads(1)
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """A small .txt file (Python's own documentation text: always there, no download)."""
+    from pydoc_data.topics import topics
+
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("\n\n".join(topics[k] for k in sorted(topics))[:40_000], encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("token_cache")
+
+
+def tiny_kwargs(out, corpus, cache_dir, **overrides):
+    kwargs = dict(
+        output_dir=str(out), dataset_path=str(corpus), cache_dir=str(cache_dir), val_split=0.05,
+        n_layer=2, n_embd=32, n_head=2, block_size=16, per_device_train_batch_size=4, per_device_eval_batch_size=32,
+        max_steps=MAX_STEPS, save_steps=SAVE_STEPS, eval_steps=SAVE_STEPS, logging_steps=2, learning_rate=3e-3,
+        warmup_steps=2, report_to="none", sample_prompts=["none"], disable_tqdm=True, seed=7,
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+def to_argv(kwargs):
+    argv = []
+    for k, v in kwargs.items():
+        argv += [f"--{k}", *(map(str, v) if isinstance(v, list) else [str(v)])]
+    return argv
+
+
+def cli(kwargs, env=None, launcher=(sys.executable, "train.py"), **popen):
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **ONE_THREAD, **(env or {})}
+    # A session of its own, so that a hung run (and torchrun's workers) can be killed as a group.
+    return subprocess.Popen([*launcher, *to_argv(kwargs)], cwd=ROOT, env=full_env, text=True, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
+
+
+def finish(proc, timeout=240):
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"the run took over {timeout}s:\n{out}")
+    return proc.returncode, out
+
+
+def wait_for(path, proc, timeout=120):
+    end = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"the run ended before {path} appeared:\n{proc.communicate()[0]}"
+        assert time.time() < end, f"{path} did not appear"
+        time.sleep(0.05)
+
+
+def final_state(out):
+    final = Path(out) / "final_model"
+    return load_file(final / "model.safetensors"), json.loads((final / "eval_results.json").read_text())
+
+
+def assert_same_result(out, reference):
+    weights, metrics = final_state(out)
+    ref_weights, ref_metrics = reference
+    assert weights.keys() == ref_weights.keys()
+    for name in weights:
+        torch.testing.assert_close(weights[name], ref_weights[name], rtol=0, atol=1e-6, msg=name)
+    assert abs(metrics["eval_loss"] - ref_metrics["eval_loss"]) < 1e-6
+    assert metrics["step"] == ref_metrics["step"] == MAX_STEPS
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, corpus, cache_dir):
+    """An uninterrupted run, as a subprocess like the interrupted ones."""
+    out = tmp_path_factory.mktemp("reference")
+    rc, log = finish(cli(tiny_kwargs(out, corpus, cache_dir)))
+    assert rc == 0, log
+    return final_state(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments
+
+
+def test_help_lists_every_flag_with_help():
+    out = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    for flag in ("dataset_name", "dataset_path", "val_split", "block_size", "n_embd", "n_layer", "n_head", "init_from",
+                 "text_field", "output_dir", "max_steps", "num_train_epochs", "per_device_train_batch_size",
+                 "learning_rate", "save_steps", "eval_steps", "report_to", "seed", "resume", "resume_from_checkpoint",
+                 "early_stopping_patience", "preset", "ddp_backend", "fsdp"):
+        assert f"--{flag} " in out.stdout or f"--{flag}\n" in out.stdout, flag
+    assert "6e-4 from scratch, 5e-5 with --init_from" in " ".join(out.stdout.split())
+
+
+def test_config_file_json_and_yaml(tmp_path):
+    (tmp_path / "c.json").write_text(json.dumps({"max_steps": 7, "n_layer": 3, "dataset_path": "x.txt", "report_to": "none"}))
+    (tmp_path / "c.yaml").write_text("max_steps: 9\nblock_size: 64\nlearning_rate: 0.001\nreport_to: none\n")
+    m, d, t = parse_args([str(tmp_path / "c.json")])
+    assert (t.max_steps, m.n_layer, d.dataset_path) == (7, 3, "x.txt")
+    m, d, t = parse_args([str(tmp_path / "c.yaml")])
+    assert (t.max_steps, d.block_size, t.learning_rate) == (9, 64, 0.001)
+
+
+def test_defaults_on_cpu():
+    m, d, t = parse_args([])
+    assert t.output_dir == "logs" and t.report_to == ["wandb"] and t.weight_decay == 0.01
+    assert t.lr_scheduler_type.value == "cosine" and not (t.fp16 or t.bf16)
+    resolve_defaults(m, d, t)
+    assert (m.preset, m.n_layer, m.n_embd, m.n_head, d.block_size) == ("small", 4, 256, 4, 128)
+    assert t.learning_rate == 6e-4 and t.max_steps == train_mod.CPU_MAX_STEPS
+    # Warmup: 500 steps, but never more than 10% of the run.
+    assert t.get_warmup_steps(100) == 10 and t.get_warmup_steps(100_000) == 500
+    m, d, t = parse_args(["--init_from", "some/model"])
+    resolve_defaults(m, d, t)
+    assert t.learning_rate == 5e-5
+    m, d, t = parse_args(["--learning_rate", "1e-3"])
+    resolve_defaults(m, d, t)
+    assert t.learning_rate == 1e-3
+
+
+def test_unknown_train_kwarg_is_refused():
+    with pytest.raises(train_mod.UserError, match="Unknown argument"):
+        train(n_layers=2)
+
+
+def test_user_errors_are_short_messages(tmp_path, corpus, cache_dir, capsys):
+    rc = main(to_argv(tiny_kwargs(tmp_path, corpus, cache_dir, block_size=2048)))
+    err = capsys.readouterr().err
+    assert rc == 1 and "block_size=2048" in err and "Traceback" not in err
+    rc = main(to_argv(tiny_kwargs(tmp_path, corpus, cache_dir, resume=str(tmp_path / "nope"))))
+    assert rc == 1 and "does not exist" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# A whole run: final model, metrics, checkpoints
+
+
+def test_full_run_outputs(tmp_path, corpus, cache_dir):
+    from transformers import pipeline
+
+    result = train(**tiny_kwargs(tmp_path, corpus, cache_dir, sample_prompts=["The"], sample_max_new_tokens=5))
+    final = tmp_path / "final_model"
+    assert result["final_model"] == str(final) and result["global_step"] == MAX_STEPS
+    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "eval_results.json", "manifest.json"):
+        assert (final / name).is_file(), name
+    assert not any(p.name.startswith("final_model.") for p in tmp_path.iterdir())  # no temp folder left
+
+    metrics = json.loads((final / "eval_results.json").read_text())
+    assert metrics["eval_loss"] == pytest.approx(result["eval_metrics"]["eval_loss"])
+    assert metrics["eval_perplexity"] == pytest.approx(torch.tensor(metrics["eval_loss"]).exp().item(), rel=1e-4)
+    manifest = json.loads((final / "manifest.json").read_text())
+    assert manifest["arguments"]["model"]["n_layer"] == 2 and manifest["data"]["fingerprint"]
+    assert {"torch", "transformers", "python"} <= manifest["versions"].keys() and "git" in manifest
+
+    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [l["eval_loss"] for l in lines if "eval_loss" in l]
+    assert len(evals) >= MAX_STEPS // SAVE_STEPS and evals[-1] < evals[0]  # validation loss falls
+    assert any("loss" in l for l in lines) and (tmp_path / "loss_curve.png").stat().st_size > 1000
+
+    # The last 2 complete checkpoints are kept, plus the best (here the last one is also the best).
+    ckpts = sorted(p.name for p in tmp_path.glob("checkpoint-*"))
+    assert ckpts == ["checkpoint-12", "checkpoint-16"]
+    assert all((tmp_path / c / COMPLETE).is_file() for c in ckpts)
+    assert len(result["samples"]) == 1 and result["samples"][0].startswith("The")
+
+    generator = pipeline("text-generation", model=str(final))  # no code of ours needed
+    text = generator("Hello", max_new_tokens=5, do_sample=False)[0]["generated_text"]
+    assert text.startswith("Hello") and len(text) > len("Hello")
+
+
+# ----------------------------------------------------------------------------------------------
+# Exact resume
+
+
+@pytest.mark.slow
+def test_kill_9_then_rerun_gives_the_uninterrupted_result(tmp_path, corpus, cache_dir, reference):
+    kwargs = tiny_kwargs(tmp_path, corpus, cache_dir)
+    proc = cli(kwargs, env={"GPT2_DEBUG_STEP_SLEEP": "0.25"})
+    wait_for(tmp_path / f"checkpoint-{SAVE_STEPS}" / COMPLETE, proc)
+    time.sleep(random.uniform(0, 2.0))  # a random later step, sometimes in the middle of a save
+    proc.kill()  # SIGKILL: no chance to clean up
+    rc, _ = finish(proc)
+    assert rc == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (tmp_path / "final_model").exists()
+
+    rc, log = finish(cli(kwargs))
+    assert rc == 0, log
+    assert "Resuming from" in log
+    assert_same_result(tmp_path, reference)
+
+
+@pytest.mark.slow
+def test_killed_while_saving_resumes_from_the_previous_checkpoint(tmp_path, corpus, cache_dir, reference):
+    kwargs = tiny_kwargs(tmp_path, corpus, cache_dir)
+    rc, _ = finish(cli(kwargs, env={"GPT2_DEBUG_KILL_IN_SAVE": str(2 * SAVE_STEPS)}))
+    assert rc == -signal.SIGKILL
+    partial = tmp_path / f"checkpoint-{2 * SAVE_STEPS}"
+    assert (partial / "model.safetensors").is_file() and not (partial / COMPLETE).exists()
+
+    rc, log = finish(cli(kwargs))
+    assert rc == 0, log
+    assert f"Ignoring incomplete checkpoint {partial}" in log
+    assert f"Resuming from {tmp_path / f'checkpoint-{SAVE_STEPS}'}" in log
+    assert_same_result(tmp_path, reference)
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_and_the_rerun_finishes_identically(tmp_path, corpus, cache_dir, reference):
+    kwargs = tiny_kwargs(tmp_path, corpus, cache_dir)
+    proc = cli(kwargs, env={"GPT2_DEBUG_STEP_SLEEP": "0.25"})
+    wait_for(tmp_path / f"checkpoint-{SAVE_STEPS}" / COMPLETE, proc)
+    time.sleep(0.4)
+    proc.send_signal(signal.SIGINT)
+    rc, log = finish(proc)
+    assert rc == 130, log
+    assert "Rerun the same command to resume" in log
+    latest = train_mod.latest_complete_checkpoint(tmp_path)
+    step = train_mod.checkpoint_step(latest)
+    assert SAVE_STEPS < step < MAX_STEPS and f"Stopped at step {step}; saved {latest}" in log
+    assert not (tmp_path / "final_model").exists()
+
+    rc, log = finish(cli(kwargs))
+    assert rc == 0, log
+    assert f"Resuming from {latest}" in log
+    assert_same_result(tmp_path, reference)
+
+
+def test_resume_skips_batches_without_loading_them(tmp_path, corpus, cache_dir, monkeypatch):
+    """Reaching the data position samples indices only: skipped batches are never read or collated."""
+    import dataset
+
+    kwargs = tiny_kwargs(tmp_path, corpus, cache_dir, max_steps=12, save_steps=8, eval_steps=8)
+    train(**kwargs)
+    for c in ("checkpoint-12", "final_model"):
+        __import__("shutil").rmtree(tmp_path / c)
+
+    reads = []
+
+    class Counting(torch.utils.data.Dataset):
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __len__(self):
+            return len(self.inner)
+
+        def __getitem__(self, i):
+            reads.append(i)
+            return self.inner[i]
+
+    real = dataset.get_dataset_and_tokenizer
+
+    def counting_data(**kw):
+        tok, tr, va = real(**kw)
+        return tok, Counting(tr), va
+
+    monkeypatch.setattr(dataset, "get_dataset_and_tokenizer", counting_data)
+    monkeypatch.setattr(dataset, "dataset_info", lambda ds: {})
+    result = train(**kwargs)
+    assert result["global_step"] == 12
+    # 4 remaining steps of batch 4, plus the one batch accelerate's DataLoaderShard reads ahead to spot the
+    # end of the epoch; iterating over the 8 skipped batches would have read 32 more.
+    assert len(reads) == (12 - 8) * 4 + 4
+
+
+def test_resume_never_starts_fresh(tmp_path, corpus, cache_dir, capsys):
+    train(**tiny_kwargs(tmp_path, corpus, cache_dir, max_steps=4))
+    capsys.readouterr()
+    result = train(**tiny_kwargs(tmp_path, corpus, cache_dir, max_steps=4, resume="never"))
+    assert "Resuming" not in capsys.readouterr().out and result["global_step"] == 4
+    result = train(**tiny_kwargs(tmp_path, corpus, cache_dir, max_steps=6, resume_from_checkpoint=str(tmp_path / "checkpoint-4")))
+    assert "Resuming from" in capsys.readouterr().out and result["global_step"] == 6
+
+
+# ----------------------------------------------------------------------------------------------
+# Guards
+
+
+def test_nan_loss_stops_with_step_and_last_good_checkpoint(tmp_path, corpus, cache_dir, monkeypatch, capsys):
+    real = train_mod.GPT2Trainer.compute_loss
+
+    def nan_after_step_5(self, model, inputs, *args, **kwargs):
+        loss = real(self, model, inputs, *args, **kwargs)
+        if self.state.global_step >= 5:
+            loss = loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(train_mod.GPT2Trainer, "compute_loss", nan_after_step_5)
+    rc = main(to_argv(tiny_kwargs(tmp_path, corpus, cache_dir)))
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "at step 6" in err and f"Last good checkpoint: {tmp_path / 'checkpoint-4'}" in err
+    assert not (tmp_path / "final_model").exists()
+
+
+def test_out_of_memory_says_what_to_change(tmp_path, corpus, cache_dir, monkeypatch, capsys):
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train_mod.Trainer, "training_step", oom)
+    rc = main(to_argv(tiny_kwargs(tmp_path, corpus, cache_dir)))
+    err = capsys.readouterr().err
+    assert rc == 1 and "Out of memory" in err and "--per_device_train_batch_size" in err and "--block_size" in err
+
+
+def test_full_disk_keeps_the_previous_checkpoint(tmp_path, corpus, cache_dir, monkeypatch, capsys):
+    real = train_mod.Trainer._save_optimizer_and_scheduler
+
+    def disk_full_at_step_8(self, output_dir):
+        if self.state.global_step == 2 * SAVE_STEPS:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, output_dir)
+
+    monkeypatch.setattr(train_mod.Trainer, "_save_optimizer_and_scheduler", disk_full_at_step_8)
+    rc = main(to_argv(tiny_kwargs(tmp_path, corpus, cache_dir)))
+    err = capsys.readouterr().err
+    assert rc == 1 and "disk is full" in err and "--output_dir" in err and "checkpoint-4, is intact" in err
+    assert (tmp_path / "checkpoint-4" / COMPLETE).is_file()
+    assert not (tmp_path / "checkpoint-8" / COMPLETE).exists()
+
+    monkeypatch.undo()
+    assert main(to_argv(tiny_kwargs(tmp_path, corpus, cache_dir))) == 0
+    out = capsys.readouterr().out
+    assert "Ignoring incomplete checkpoint" in out and "checkpoint-4" in out
+
+
+# ----------------------------------------------------------------------------------------------
+# Tracking and early stopping
+
+
+def test_wandb_offline_and_resumed_run_keeps_its_id(tmp_path, corpus, cache_dir, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    train(**tiny_kwargs(tmp_path, corpus, cache_dir, max_steps=4, report_to="wandb"))
+    run_id = (tmp_path / "wandb_run_id.txt").read_text().strip()
+    train(**tiny_kwargs(tmp_path, corpus, cache_dir, max_steps=6, report_to="wandb"))  # resumes from checkpoint-4
+    assert (tmp_path / "wandb_run_id.txt").read_text().strip() == run_id
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)
+
+
+def test_tensorboard_needs_its_package(tmp_path, corpus, cache_dir, capsys):
+    if train_mod._tensorboard_installed():
+        result = train(**tiny_kwargs(tmp_path, corpus, cache_dir, max_steps=2, report_to="tensorboard"))
+        assert result["global_step"] == 2
+    else:
+        assert main(to_argv(tiny_kwargs(tmp_path, corpus, cache_dir, report_to="tensorboard"))) == 1
+        assert "pip install tensorboard" in capsys.readouterr().err
+
+
+def test_early_stopping(tmp_path, corpus, cache_dir):
+    # A huge learning rate makes the validation loss worse after the first evaluation.
+    result = train(**tiny_kwargs(tmp_path, corpus, cache_dir, max_steps=40, eval_steps=2, save_steps=2,
+                                 learning_rate=5.0, warmup_steps=0, early_stopping_patience=2))
+    assert result["global_step"] < 40
+    manifest = json.loads((tmp_path / "final_model" / "manifest.json").read_text())
+    assert manifest["best_checkpoint"]  # the best model is the one kept
+
+
+# ----------------------------------------------------------------------------------------------
+# Scale-out
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_one_final_model(tmp_path, corpus, cache_dir):
+    hashes = tmp_path / "hashes"
+    kwargs = tiny_kwargs(tmp_path / "out", corpus, cache_dir, max_steps=6, save_steps=3, eval_steps=3,
+                         ddp_backend="gloo", use_cpu=True)
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py")
+    rc, log = finish(cli(kwargs, env={"GPT2_DEBUG_HASH_DIR": str(hashes)}, launcher=launcher))
+    assert rc == 0, log
+    rank_hashes = {p.name: p.read_text() for p in hashes.iterdir()}
+    assert set(rank_hashes) == {"rank0.sha256", "rank1.sha256"}
+    assert len(set(rank_hashes.values())) == 1  # the ranks ended with identical weights
+    assert log.count("Final model saved in") == 1  # written once, by the main process
+    out = tmp_path / "out"
+    assert (out / "final_model" / "model.safetensors").is_file()
+    assert not any(p.name.startswith("final_model.") for p in out.iterdir())
+    manifest = json.loads((out / "final_model" / "manifest.json").read_text())
+    assert manifest["world_size"] == 2
+
+    from transformers import GPT2LMHeadModel
+
+    final = GPT2LMHeadModel.from_pretrained(out / "final_model")
+    assert train_mod.weights_hash(final) == rank_hashes["rank0.sha256"]  # the saved model is the trained one

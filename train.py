@@ -1,0 +1,801 @@
+"""Train a GPT-2 on your text with the Hugging Face Trainer, then print a few samples.
+
+    python train.py                                  # the main job: see "Defaults" below
+    python train.py --dataset_path my_texts/ --max_steps 2000
+    python train.py config.yaml                      # every flag from a JSON/YAML file instead
+    python train.py --help                           # all flags, the Trainer's included
+
+    from train import train                          # in a notebook: the same arguments
+    result = train(dataset_path="my.txt", max_steps=200)
+
+Defaults. On a CPU: the "small" model (4 layers, 256 wide), 128-token blocks, a step budget that
+finishes in a few minutes on 2 cores. On a GPU: GPT-2 124M, 1024-token blocks, 3 epochs, bf16 where
+the GPU supports it else fp16. From scratch the learning rate is 6e-4 on a cosine schedule; with
+--init_from (fine-tuning) it is 5e-5. Warmup is 500 steps, capped at 10% of the run.
+
+Output (--output_dir, default logs/): checkpoint-N folders (the last --save_total_limit plus the
+best by validation loss), metrics.jsonl, loss_curve.png, and final_model/, a plain Hugging Face
+model folder with eval_results.json and manifest.json.
+
+Resuming: rerunning the same command continues from the latest complete checkpoint (--resume auto).
+A checkpoint is complete once its COMPLETE file exists, written last; Ctrl-C saves one and exits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
+
+from model import PRESETS
+
+REPO_DIR = Path(__file__).resolve().parent
+COMPLETE = "COMPLETE"  # marker file: the checkpoint folder holds everything needed to resume
+WANDB_ID_FILE = "wandb_run_id.txt"
+CPU_MAX_STEPS = 80  # default step budget on CPU: 80 x 8 x 128 tokens (~60% of the built-in corpus), ~5 min on 2 idle cores
+CPU_BATCH_SIZE = 8
+GPU_BATCH_SIZE = 8
+
+
+class UserError(Exception):
+    """A problem the user can fix; main() prints the message without a traceback."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments
+
+
+@dataclass
+class ModelArguments:
+    """The model: a preset size, any shape, or pretrained weights to fine-tune (see model.get_model)."""
+
+    preset: str = field(
+        default="auto",
+        metadata={"help": "Model size: small (4 layers, 256 wide; CPU-sized), gpt2 (124M), gpt2-medium (355M), "
+                  "gpt2-large (774M), gpt2-xl (1558M), or auto = small on CPU, gpt2 on GPU. "
+                  "--n_embd/--n_layer/--n_head override single dimensions."},
+    )
+    n_embd: int | None = field(default=None, metadata={"help": "Width of the model (default: from --preset)."})
+    n_layer: int | None = field(default=None, metadata={"help": "Number of transformer blocks (default: from --preset)."})
+    n_head: int | None = field(default=None, metadata={"help": "Attention heads; must divide n_embd (default: from --preset)."})
+    n_positions: int = field(default=1024, metadata={"help": "Context length of a new model (GPT-2: 1024); --block_size must fit in it."})
+    dropout: float | None = field(default=None, metadata={"help": "Dropout for residual, embedding and attention (default: GPT-2's 0.1)."})
+    init_from: str | None = field(
+        default=None,
+        metadata={"help": "Fine-tune pretrained weights: a local Hugging Face model folder or a Hub name (e.g. gpt2). "
+                  "The shape then comes from that model, and the default learning rate is 5e-5."},
+    )
+
+
+@dataclass
+class DataArguments:
+    """What to train on; these are dataset.get_dataset_and_tokenizer's arguments (its seed is --seed)."""
+
+    dataset_name: str = field(
+        default="small",
+        metadata={"help": "gpt-2-output-dataset name found in --data_dir (webtext, small-117M, ... or small/medium/"
+                  "large/xl), 'builtin' (Python's documentation text), or a Hugging Face Hub dataset. The default "
+                  "'small' falls back to the built-in corpus when data/ has not been downloaded."},
+    )
+    dataset_path: str | None = field(
+        default=None,
+        metadata={"help": "File, folder or glob of .txt/.json/.jsonl/.csv/.parquet (optionally .gz). Overrides --dataset_name."},
+    )
+    val_split: float = field(default=0.05, metadata={"help": "Share of documents held out for validation (0: none)."})
+    block_size: int | None = field(
+        default=None, metadata={"help": "Tokens per training example (default: 128 on CPU, 1024 on GPU); at most the context."}
+    )
+    tokenizer_name: str | None = field(
+        default=None, metadata={"help": "Tokenizer folder or Hub name (default: the official GPT-2 tokenizer, or --init_from's)."}
+    )
+    text_field: str = field(default="text", metadata={"help": "JSON field / CSV or Parquet column holding the text."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Configuration name of a Hub dataset."})
+    data_dir: str = field(default="data", metadata={"help": "Folder where download_dataset.py puts its files."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Token cache folder (default .cache/datasets or $GPT2_CACHE_DIR)."})
+    skip_bad_lines: bool = field(default=False, metadata={"help": "Skip malformed JSON lines instead of stopping."})
+
+
+@dataclass
+class TrainArguments(TrainingArguments):
+    """The Trainer's arguments with this project's defaults, plus resuming, early stopping and samples.
+
+    Fields left at None/"auto" are filled in by the hardware (CPU or GPU) and by --init_from."""
+
+    output_dir: str = field(default="logs", metadata={"help": "Run folder: checkpoints, metrics, plots and final_model/."})
+    per_device_train_batch_size: int | None = field(
+        default=None, metadata={"help": f"Batch size per device (default {CPU_BATCH_SIZE} on CPU, {GPU_BATCH_SIZE} on GPU)."}
+    )
+    per_device_eval_batch_size: int = field(default=16, metadata={"help": "Batch size per device for evaluation."})
+    num_train_epochs: float | None = field(
+        default=None, metadata={"help": f"Epochs (default 3 on GPU; on CPU the default is a budget of {CPU_MAX_STEPS} steps)."}
+    )
+    learning_rate: float | None = field(
+        default=None, metadata={"help": "Peak learning rate (default 6e-4 from scratch, 5e-5 with --init_from)."}
+    )
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning rate schedule after warmup (cosine, linear, constant, ...)."})
+    warmup_steps: float = field(default=500, metadata={"help": "Warmup steps (or a fraction of the run if < 1); capped by --max_warmup_fraction."})
+    max_warmup_fraction: float = field(
+        default=0.1, metadata={"help": "Warmup never exceeds this fraction of the total steps, so short runs still decay."}
+    )
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not applied to biases and LayerNorm)."})
+    eval_strategy: str = field(default="steps", metadata={"help": "When to evaluate: steps, epoch or no."})
+    eval_steps: float | None = field(default=0.1, metadata={"help": "Evaluate every N steps (a float < 1: that fraction of the run)."})
+    save_steps: float = field(
+        default=0.1, metadata={"help": "Checkpoint every N steps (a float < 1: that fraction of the run). Keep it a multiple of --eval_steps."}
+    )
+    save_total_limit: int | None = field(default=2, metadata={"help": "Keep the last N complete checkpoints, plus the best by validation loss."})
+    metric_for_best_model: str | None = field(default="eval_loss", metadata={"help": "Metric that picks the best checkpoint."})
+    logging_steps: float = field(default=10, metadata={"help": "Log the training loss every N steps."})
+    report_to: None | str | list[str] = field(
+        default="wandb",
+        metadata={"help": "wandb (offline unless you are logged in), tensorboard, none, or several. "
+                  "metrics.jsonl and loss_curve.png are always written."},
+    )
+    resume: str = field(
+        default="auto",
+        metadata={"help": "auto: continue from the latest complete checkpoint in --output_dir if any; never: start "
+                  "fresh (old checkpoints are kept until rotated out); or a checkpoint folder. "
+                  "--resume_from_checkpoint PATH also works and wins."},
+    )
+    early_stopping_patience: int | None = field(
+        default=None, metadata={"help": "Stop after N evaluations without a better validation loss, and keep the best model."}
+    )
+    precision: str = field(
+        default="auto", metadata={"help": "auto (bf16 on GPUs that support it, else fp16 on GPU; fp32 on CPU), fp32, fp16 or bf16."}
+    )
+    sample_prompts: list[str] = field(
+        default_factory=lambda: ["The", "In the beginning", "Python is"],
+        metadata={"help": "Prompts to sample from the final model (none: skip sampling)."},
+    )
+    sample_max_new_tokens: int = field(default=40, metadata={"help": "Tokens to generate per sample."})
+
+    def __post_init__(self):
+        on_gpu = torch.cuda.is_available() and not self.use_cpu
+        if self.per_device_train_batch_size is None:
+            self.per_device_train_batch_size = GPU_BATCH_SIZE if on_gpu else CPU_BATCH_SIZE
+        if self.num_train_epochs is None:
+            self.num_train_epochs = 3.0
+            if not on_gpu and self.max_steps <= 0:
+                self.max_steps = CPU_MAX_STEPS
+        if self.learning_rate is None:
+            self.learning_rate = 0.0  # placeholder until resolve_defaults knows about --init_from
+        if self.precision == "auto":
+            if not (self.fp16 or self.bf16) and on_gpu:
+                self.bf16 = torch.cuda.is_bf16_supported()
+                self.fp16 = not self.bf16
+        elif self.precision in ("fp16", "bf16", "fp32"):
+            self.fp16, self.bf16 = self.precision == "fp16", self.precision == "bf16"
+        else:
+            raise UserError(f"--precision {self.precision!r}: choose auto, fp32, fp16 or bf16.")
+        if self.ddp_find_unused_parameters is None:
+            self.ddp_find_unused_parameters = False  # every GPT-2 parameter is used; searching costs a graph walk
+        if not on_gpu:
+            self.dataloader_pin_memory = False  # pinning only helps copies to a GPU
+        if self.sample_prompts in (["none"], ["None"]):
+            self.sample_prompts = []
+        if self.early_stopping_patience:
+            # Early stopping means the best model is the one to keep.
+            self.load_best_model_at_end = True
+        super().__post_init__()
+
+    def get_warmup_steps(self, num_training_steps: int) -> int:
+        return min(super().get_warmup_steps(num_training_steps), math.ceil(self.max_warmup_fraction * num_training_steps))
+
+
+def resolve_defaults(model_args: ModelArguments, data_args: DataArguments, args: TrainArguments) -> None:
+    """Fill in what depends on the hardware or on fine-tuning."""
+    on_gpu = args.device.type == "cuda"
+    if model_args.preset == "auto":
+        model_args.preset = "gpt2" if on_gpu else "small"
+    if model_args.preset not in PRESETS:
+        raise UserError(f"--preset {model_args.preset!r}: choose auto or one of {', '.join(PRESETS)}.")
+    for dim, value in PRESETS[model_args.preset].items():  # explicit --n_embd/--n_layer/--n_head win
+        if getattr(model_args, dim) is None:
+            setattr(model_args, dim, value)
+    if data_args.block_size is None:
+        data_args.block_size = 1024 if on_gpu else 128
+    if not args.learning_rate:
+        args.learning_rate = 5e-5 if model_args.init_from else 6e-4
+    if "tensorboard" in args.report_to and not _tensorboard_installed():
+        raise UserError("--report_to tensorboard needs the tensorboard package: `pip install tensorboard`, "
+                        "or use --report_to wandb / none.")
+    if data_args.tokenizer_name is None and model_args.init_from and Path(model_args.init_from, "tokenizer.json").is_file():
+        data_args.tokenizer_name = model_args.init_from
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainArguments]:
+    """Command-line flags, or a single .json/.yaml config file holding the same names."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainArguments))
+    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+        if not Path(argv[0]).is_file():
+            raise UserError(f"Config file {argv[0]} does not exist.")
+        load = parser.parse_json_file if argv[0].endswith(".json") else parser.parse_yaml_file
+        try:
+            return load(os.path.abspath(argv[0]), allow_extra_keys=False)
+        except ValueError as e:
+            raise UserError(f"{argv[0]}: {e}") from None
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def split_kwargs(kwargs: dict[str, Any]) -> tuple[ModelArguments, DataArguments, TrainArguments]:
+    """train(**kwargs) -> the three dataclasses, refusing unknown names like the command line does."""
+    groups = []
+    for cls in (ModelArguments, DataArguments, TrainArguments):
+        names = {f.name for f in dataclasses.fields(cls) if f.init}
+        groups.append({k: kwargs.pop(k) for k in list(kwargs) if k in names})
+    if kwargs:
+        raise UserError(f"Unknown argument(s) {', '.join(sorted(kwargs))}; see `python train.py --help`.")
+    return ModelArguments(**groups[0]), DataArguments(**groups[1]), TrainArguments(**groups[2])
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: complete or not, which one to resume, rotation
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.name.split("-")[-1])
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """checkpoint-N folders, oldest first."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    found = [p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=checkpoint_step)
+
+
+def is_complete(checkpoint: Path) -> bool:
+    return (checkpoint / COMPLETE).is_file()
+
+
+def latest_complete_checkpoint(output_dir: str | Path) -> Path | None:
+    complete = [c for c in list_checkpoints(output_dir) if is_complete(c)]
+    return complete[-1] if complete else None
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush a checkpoint's files to disk, so that COMPLETE never reaches the disk before them."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    fsync_dir(folder)
+
+
+def fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # some platforms cannot open folders; the rename/write is still ordered there
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def mark_complete(checkpoint: Path) -> None:
+    fsync_tree(checkpoint)
+    with open(checkpoint / COMPLETE, "w") as f:
+        f.write(f"saved at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_dir(checkpoint)
+
+
+def rotate_checkpoints(output_dir: str | Path, keep: int | None, best: str | None) -> None:
+    """Delete all but the last `keep` complete checkpoints and the best one; incomplete ones that
+    are older than the newest complete one go too. Never touches the newest complete checkpoint."""
+    checkpoints = list_checkpoints(output_dir)
+    complete = [c for c in checkpoints if is_complete(c)]
+    if not complete:
+        return
+    newest = checkpoint_step(complete[-1])
+    keep_set = set(complete[-keep:]) if keep else set(complete)
+    if best:
+        keep_set.add(Path(best))
+    for c in checkpoints:
+        if c in keep_set or Path(best or "") == c or checkpoint_step(c) >= newest:
+            continue
+        shutil.rmtree(c, ignore_errors=True)
+
+
+def choose_checkpoint(args: TrainArguments) -> str | None:
+    """The checkpoint to resume from, per --resume_from_checkpoint / --resume, or None to start fresh."""
+    wanted = args.resume_from_checkpoint or args.resume
+    if wanted in ("never", "no", "false", "False"):
+        return None
+    if wanted in ("auto", "true", "True", "last"):
+        partial = [c for c in list_checkpoints(args.output_dir) if not is_complete(c)]
+        latest = latest_complete_checkpoint(args.output_dir)
+        if args.should_log:
+            for c in partial:
+                print(f"Ignoring incomplete checkpoint {c} (no {COMPLETE} marker: the run stopped while saving it).")
+        if latest is None:
+            if wanted != "auto":
+                raise UserError(f"--resume {wanted}: no complete checkpoint in {args.output_dir}.")
+            return None
+        return str(latest)
+    path = Path(wanted)
+    if not path.is_dir():
+        raise UserError(f"Checkpoint {wanted} does not exist; use --resume auto, never or an existing checkpoint folder.")
+    if not is_complete(path) and not (path / "trainer_state.json").is_file():
+        raise UserError(f"{wanted} is not a complete checkpoint (no {COMPLETE} marker or trainer_state.json).")
+    return str(path)
+
+
+def remove_partial_checkpoints(output_dir: str | Path, resume_from: str | None) -> None:
+    """Partial checkpoints newer than the one we resume from would be written again; clear them first."""
+    start = checkpoint_step(Path(resume_from)) if resume_from else -1
+    for c in list_checkpoints(output_dir):
+        if not is_complete(c) and checkpoint_step(c) > start:
+            shutil.rmtree(c, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# The Trainer with safe checkpoints, guards and perplexity
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class GPT2Trainer(Trainer):
+    """Trainer whose checkpoints are marked COMPLETE last, and which stops on a NaN/inf loss."""
+
+    max_skipped_steps = 20  # fp16 loss scaling skips a few overflowing steps by design; many mean divergence
+
+    def _save_checkpoint(self, model, trial):
+        # Rotate only after the new checkpoint is complete, so a crash mid-save always leaves the previous one.
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        checkpoint = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
+        if os.environ.get("GPT2_DEBUG_KILL_IN_SAVE") == str(self.state.global_step):
+            os.kill(os.getpid(), signal.SIGKILL)  # test hook: die with the files written but no marker
+        self.accelerator.wait_for_everyone()  # every rank's RNG state is on disk
+        if self.args.should_save:
+            mark_complete(checkpoint)
+            rotate_checkpoints(self.args.output_dir, limit, self.state.best_model_checkpoint)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss):
+            step = self.state.global_step + 1
+            if self.accelerator.scaler is not None:
+                # The grad scaler sees the inf/nan gradients and skips this optimizer step.
+                self.skipped_steps = getattr(self, "skipped_steps", 0) + 1
+                print(f"Step {step}: non-finite loss under fp16 loss scaling; the optimizer step is skipped.")
+                if self.skipped_steps <= self.max_skipped_steps:
+                    return torch.zeros_like(loss)
+            latest = latest_complete_checkpoint(self.args.output_dir)
+            raise NonFiniteLossError(
+                f"The training loss became {loss.item()} at step {step}; training stopped before the weights were updated. "
+                f"Last good checkpoint: {latest or 'none yet'}. Try a lower --learning_rate, a longer --warmup_steps, "
+                f"--max_grad_norm 1.0, or --precision fp32/bf16, then resume with --resume {latest or 'never'}."
+            )
+        self.skipped_steps = 0
+        return loss
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "eval_loss" in logs:
+            logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))  # capped: exp overflows past ~709
+        super().log(logs, *args, **kwargs)
+
+
+class LocalMetricsCallback(TrainerCallback):
+    """metrics.jsonl (every log line) and loss_curve.png (refreshed at each evaluation) in the run folder."""
+
+    def __init__(self, output_dir: str):
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.plot_path = Path(output_dir) / "loss_curve.png"
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # A resumed run drops the lines the interrupted run logged after its last checkpoint.
+        if state.is_world_process_zero and self.path.is_file():
+            lines = [json.loads(l) for l in self.path.read_text().splitlines() if l.strip()]
+            kept = [l for l in lines if l.get("step", 0) <= state.global_step]
+            self.path.write_text("".join(json.dumps(l) + "\n" for l in kept))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs, "time": time.time()}) + "\n")
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            plot_losses(self.path, self.plot_path)
+
+
+def plot_losses(metrics_path: Path, png_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()]
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    val = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train", alpha=0.7)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("GPT-2 training loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = png_path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+
+
+class StopOnSignalCallback(TrainerCallback):
+    """Ctrl-C (SIGINT) or SIGTERM: finish the current step, save a checkpoint, stop. A second Ctrl-C kills."""
+
+    def __init__(self):
+        self.requested = False
+        self.stopped = False
+        self._previous = {}
+
+    def install(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping "
+              "(press Ctrl-C again to stop at once).", flush=True)
+        self.requested = True
+        signal.signal(signum, signal.SIG_DFL if signum != signal.SIGINT else signal.default_int_handler)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        requested = self.requested
+        if args.world_size > 1 and torch.distributed.is_initialized():
+            # Every rank must stop at the same step, or the others would wait forever in the next all-reduce.
+            flag = torch.tensor([int(requested)], device=args.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            requested = bool(flag.item())
+        if requested:
+            self.stopped = True
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+class DebugCallback(TrainerCallback):
+    """Test hooks, enabled by environment variables only: slow steps down, or die at a given step."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        delay = float(os.environ.get("GPT2_DEBUG_STEP_SLEEP", "0"))
+        if delay:
+            time.sleep(delay)
+        if os.environ.get("GPT2_DEBUG_KILL_AT_STEP") == str(state.global_step):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tracking
+
+
+def wandb_logged_in() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        import netrc
+
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def start_wandb(args: TrainArguments, config: dict) -> None:
+    """One WandB run per output folder: a resumed training continues the same run."""
+    import wandb
+
+    if not os.environ.get("WANDB_MODE") and not wandb_logged_in():
+        os.environ["WANDB_MODE"] = "offline"
+        print("WandB: no account configured (WANDB_API_KEY or `wandb login`), logging offline into "
+              f"{args.output_dir}/wandb; upload later with `wandb sync`.")
+    id_file = Path(args.output_dir) / WANDB_ID_FILE
+    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
+    id_file.parent.mkdir(parents=True, exist_ok=True)
+    id_file.write_text(run_id + "\n")
+    wandb.init(
+        project=os.environ.get("WANDB_PROJECT", "gpt2-training"),
+        id=run_id,
+        resume="allow",
+        name=args.run_name or Path(args.output_dir).resolve().name,
+        dir=args.output_dir,
+        config=config,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Final model, manifest, samples
+
+
+def package_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    versions = {"python": sys.version.split()[0]}
+    for name in ("torch", "transformers", "accelerate", "datasets", "tokenizers", "safetensors", "numpy", "wandb"):
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return versions
+
+
+def git_commit() -> dict[str, Any]:
+    try:
+        run = lambda *cmd: subprocess.run(["git", *cmd], cwd=REPO_DIR, capture_output=True, text=True, timeout=10)
+        commit = run("rev-parse", "HEAD")
+        if commit.returncode != 0:
+            return {}
+        dirty = bool(run("status", "--porcelain", "--untracked-files=no").stdout.strip())
+        return {"commit": commit.stdout.strip(), "dirty": dirty}
+    except (OSError, subprocess.SubprocessError):
+        return {}
+
+
+def save_final_model(trainer: Trainer, final_dir: Path, eval_metrics: dict, manifest: dict) -> None:
+    """final_model/ is written aside and renamed into place, so it is never half-written.
+
+    Every rank calls this (FSDP gathers the full weights collectively); only the main process writes."""
+    tmp = final_dir.with_name(final_dir.name + ".tmp")
+    if trainer.args.should_save and tmp.exists():
+        shutil.rmtree(tmp)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(tmp))  # weights, config.json, generation_config.json, tokenizer files
+    trainer.accelerator.wait_for_everyone()
+    if not trainer.args.should_save:
+        return
+    (tmp / "eval_results.json").write_text(json.dumps(eval_metrics, indent=2) + "\n")
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    for leftover in ("training_args.bin",):
+        (tmp / leftover).unlink(missing_ok=True)
+    fsync_tree(tmp)
+    old = final_dir.with_name(final_dir.name + ".old")
+    if final_dir.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final_dir, old)
+    os.replace(tmp, final_dir)
+    fsync_dir(final_dir.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def print_samples(model, tokenizer, prompts: list[str], max_new_tokens: int, seed: int) -> list[str]:
+    model.eval()
+    torch.manual_seed(seed)
+    device = next(model.parameters()).device
+    samples = []
+    for prompt in prompts:
+        inputs = tokenizer(prompt, return_tensors="pt").to(device)
+        with torch.no_grad():
+            out = model.generate(**inputs, do_sample=True, top_k=50, temperature=0.8, max_new_tokens=max_new_tokens,
+                                 pad_token_id=tokenizer.eos_token_id)
+        text = tokenizer.decode(out[0], skip_special_tokens=True)
+        samples.append(text)
+        print(f"--- {prompt!r}\n{text}\n")
+    return samples
+
+
+def weights_hash(model) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def debug_weight_hash(model, args: TrainArguments) -> None:
+    """Test hook: with GPT2_DEBUG_HASH_DIR set, every rank writes a hash of its weights there."""
+    folder = os.environ.get("GPT2_DEBUG_HASH_DIR")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / f"rank{args.process_index}.sha256").write_text(weights_hash(model))
+
+
+# ----------------------------------------------------------------------------------------------
+# The training run
+
+
+def run(model_args: ModelArguments, data_args: DataArguments, args: TrainArguments) -> dict[str, Any]:
+    from transformers import EarlyStoppingCallback, default_data_collator, set_seed
+
+    from dataset import dataset_info, get_dataset_and_tokenizer
+    from model import get_model
+
+    resolve_defaults(model_args, data_args, args)
+    out = Path(args.output_dir)
+    resume_from = choose_checkpoint(args)
+    if args.should_save:
+        out.mkdir(parents=True, exist_ok=True)
+        remove_partial_checkpoints(out, resume_from)
+    if resume_from and args.should_log:
+        print(f"Resuming from {resume_from} (use --resume never to start fresh).")
+
+    # The main process tokenizes (and caches) first; the other ranks then read its cache.
+    with args.main_process_first(desc="tokenizing"):
+        tokenizer, train_ds, val_ds = get_dataset_and_tokenizer(
+            dataset_name=data_args.dataset_name,
+            dataset_path=data_args.dataset_path,
+            val_split=data_args.val_split,
+            block_size=data_args.block_size,
+            tokenizer_name=data_args.tokenizer_name,
+            text_field=data_args.text_field,
+            dataset_config=data_args.dataset_config,
+            data_dir=data_args.data_dir,
+            cache_dir=data_args.cache_dir,
+            skip_bad_lines=data_args.skip_bad_lines,
+            seed=args.seed,
+        )
+    data = dataset_info(train_ds)
+    if args.should_log:
+        print(f"Data: {data.get('source', '?')}: {len(train_ds):,} training blocks of {data_args.block_size} tokens, "
+              f"{len(val_ds) if val_ds is not None else 0:,} validation blocks.")
+    if val_ds is None:
+        # Nothing to evaluate on: no evaluation, and no "best" checkpoint.
+        args.eval_strategy = args.eval_strategy.__class__("no")
+        args.metric_for_best_model = None
+        args.load_best_model_at_end = False
+        args.do_eval = False
+
+    set_seed(args.seed)  # the same initial weights on every rank and on every rerun
+    model = get_model(
+        n_embd=model_args.n_embd, n_layer=model_args.n_layer, n_head=model_args.n_head, vocab_size=len(tokenizer),
+        n_positions=model_args.n_positions, dropout=model_args.dropout, init_from=model_args.init_from,
+        verbose=args.should_log,
+    )
+    context = model.config.n_positions
+    if data_args.block_size > context:
+        raise UserError(f"--block_size {data_args.block_size} exceeds the model's context of {context} tokens; "
+                        f"use --block_size {context} or less (or a larger --n_positions for a new model).")
+
+    config = {"model": dataclasses.asdict(model_args), "data": dataclasses.asdict(data_args), "train": args.to_dict()}
+    if "wandb" in args.report_to and args.should_save:
+        start_wandb(args, config)
+
+    stop = StopOnSignalCallback()
+    callbacks = [LocalMetricsCallback(args.output_dir), stop, DebugCallback()]
+    if args.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience))
+    trainer = GPT2Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=val_ds,
+        processing_class=tokenizer,
+        data_collator=default_data_collator,
+        callbacks=callbacks,
+    )
+
+    stop.install()
+    try:
+        train_result = trainer.train(resume_from_checkpoint=resume_from)
+    finally:
+        stop.uninstall()
+    result: dict[str, Any] = {"output_dir": str(out), "global_step": trainer.state.global_step,
+                              "train_metrics": train_result.metrics, "interrupted": stop.stopped}
+    if stop.stopped:
+        latest = latest_complete_checkpoint(out)
+        if args.should_log:
+            print(f"Stopped at step {trainer.state.global_step}; saved {latest}. Rerun the same command to resume.")
+        result["checkpoint"] = str(latest) if latest else None
+        _finish_wandb()
+        return result
+
+    eval_metrics = trainer.evaluate() if val_ds is not None else {}
+    eval_metrics["step"] = trainer.state.global_step
+    if args.should_log and val_ds is not None:
+        print(f"Validation loss {eval_metrics['eval_loss']:.4f}, perplexity {eval_metrics['eval_perplexity']:.2f} "
+              f"after {trainer.state.global_step} steps.")
+    manifest = {
+        "arguments": config,
+        "data": data,
+        "versions": package_versions(),
+        "git": git_commit(),
+        "world_size": args.world_size,
+        "global_step": trainer.state.global_step,
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "eval": eval_metrics,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    final_dir = out / "final_model"
+    save_final_model(trainer, final_dir, eval_metrics, manifest)
+    debug_weight_hash(trainer.model, args)
+    if args.should_log:
+        print(f"Final model saved in {final_dir} (load it with transformers.pipeline('text-generation', model='{final_dir}')).")
+    if args.should_save and args.sample_prompts:
+        result["samples"] = print_samples(trainer.model, tokenizer, args.sample_prompts, args.sample_max_new_tokens, args.seed)
+    _finish_wandb()
+    result.update(eval_metrics=eval_metrics, final_model=str(final_dir))
+    return result
+
+
+def _tensorboard_installed() -> bool:
+    import importlib.util
+
+    return any(importlib.util.find_spec(name) for name in ("tensorboard", "tensorboardX"))
+
+
+def _finish_wandb() -> None:
+    if "wandb" in sys.modules:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+
+
+def explain_error(e: BaseException, args: TrainArguments | None) -> str | None:
+    """A message that says what to change, for errors the user can fix; None for real bugs."""
+    out = args.output_dir if args else "logs"
+    latest = latest_complete_checkpoint(out)
+    resume_hint = f" The last complete checkpoint, {latest}, is intact; rerun to resume from it." if latest else ""
+    text = str(e)
+    if isinstance(e, (UserError, NonFiniteLossError)):
+        return text
+    if e.__class__.__name__ == "DataError":
+        return text
+    if isinstance(e, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text:
+        return ("Out of memory. Use a smaller --per_device_train_batch_size (with --gradient_accumulation_steps to keep "
+                "the effective batch), a smaller --block_size, a smaller --preset, or --activation_checkpointing."
+                + resume_hint)
+    if isinstance(e, OSError) and (e.errno == errno.ENOSPC or "No space left" in text):
+        return (f"The disk is full while writing to {out}. Free space, lower --save_total_limit, or choose "
+                f"--output_dir on a larger disk." + resume_hint)
+    return None
+
+
+def train(**kwargs) -> dict[str, Any]:
+    """Train from Python with the command line's arguments, e.g. train(max_steps=100, report_to="none").
+
+    Returns output_dir, final_model, eval_metrics (eval_loss, eval_perplexity), train_metrics,
+    global_step, interrupted, and the samples printed."""
+    return run(*split_kwargs(dict(kwargs)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = None
+    try:
+        model_args, data_args, args = parse_args(argv)
+        result = run(model_args, data_args, args)
+    except Exception as e:
+        message = explain_error(e, args)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+    return 130 if result["interrupted"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
