@@ -1,0 +1,138 @@
+"""Training throughput: our train.py against the original recipe, side by side in one run.
+
+    python bench/train_bench.py                        # throughput at batch 2 and 16 (WebText sample)
+    python bench/train_bench.py --loss_steps 150       # plus val loss after 150 steps x 2048 tokens
+
+Same model (GPT-2, 4 layers, 256 wide, 4 heads, block 128), same data (the WebText sample in
+../shared/data, or the built-in corpus without it, split by document), same machine. The original
+recipe, re-implemented faithfully: a from-scratch GPT2LMHeadModel trained by the Trainer with its
+settings (learning rate 5e-5, warmup 500, weight decay 0.01, fp32 on CPU, DataCollatorForLanguageModeling).
+Tokens/s is measured over the steps after a warm-up, each configuration in its own subprocess.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WEBTEXT = ROOT.parent / "shared" / "data" / "gpt2-output" / "webtext.train.head1408.jsonl"
+SHAPE = dict(n_layer=4, n_embd=256, n_head=4)
+BLOCK = 128
+WARMUP_STEPS = 3
+
+
+def data_kwargs() -> dict:
+    return {"dataset_path": str(WEBTEXT)} if WEBTEXT.is_file() else {"dataset_name": "builtin"}
+
+
+class StepTimer:
+    """Trainer callback: wall time of the steps after the first WARMUP_STEPS."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        outer = self
+
+        class _CB(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step == WARMUP_STEPS:
+                    outer.start = time.perf_counter()
+                outer.end, outer.steps = time.perf_counter(), state.global_step - WARMUP_STEPS
+
+        self.callback = _CB()
+
+
+def run_ours(batch: int, steps: int, out: str, evaluate: bool) -> dict:
+    sys.path.insert(0, str(ROOT))
+    import train as train_module
+
+    timer = StepTimer()
+    real_trainer = train_module.GPT2Trainer
+
+    class TimedTrainer(real_trainer):  # the bench's only addition: a timing callback
+        def __init__(self, *a, **k):
+            k["callbacks"] = list(k.get("callbacks") or []) + [timer.callback]
+            super().__init__(*a, **k)
+
+    train_module.GPT2Trainer = TimedTrainer
+    result = train_module.train(**data_kwargs(), **SHAPE, block_size=BLOCK, per_device_train_batch_size=batch,
+                                max_steps=steps, output_dir=out, report_to="none", sample_prompts=["none"],
+                                eval_strategy="no" if not evaluate else "steps", save_strategy="no",
+                                eval_steps=steps, resume="never")
+    return {"tokens_per_s": timer.steps * batch * BLOCK / (timer.end - timer.start),
+            "val_loss": result.get("eval_metrics", {}).get("eval_loss")}
+
+
+def run_original(batch: int, steps: int, out: str, evaluate: bool) -> dict:
+    sys.path.insert(0, str(ROOT))
+    from transformers import (DataCollatorForLanguageModeling, GPT2Config, GPT2LMHeadModel, Trainer,
+                              TrainingArguments)
+
+    from dataset import get_dataset_and_tokenizer
+
+    tokenizer, train_ds, val_ds = get_dataset_and_tokenizer(block_size=BLOCK, **data_kwargs())
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), **SHAPE))
+    model.loss_type = "ForCausalLM"
+    args = TrainingArguments(output_dir=out, per_device_train_batch_size=batch, max_steps=steps, learning_rate=5e-5,
+                             warmup_steps=500, weight_decay=0.01, report_to="none", save_strategy="no",
+                             logging_steps=10, eval_strategy="no")
+    timer = StepTimer()
+    trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
+                      data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False), callbacks=[timer.callback])
+    trainer.train()
+    val_loss = trainer.evaluate()["eval_loss"] if evaluate else None
+    return {"tokens_per_s": timer.steps * batch * BLOCK / (timer.end - timer.start), "val_loss": val_loss}
+
+
+def measure(which: str, batch: int, steps: int, evaluate: bool = False) -> dict:
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, __file__, "--worker", which, "--batch", str(batch), "--steps", str(steps), "--out", out]
+        env = dict(os.environ, WANDB_MODE="offline", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+        proc = subprocess.run(cmd + (["--evaluate"] if evaluate else []), capture_output=True, text=True, env=env)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if line is None:
+        raise RuntimeError(f"{which} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(line[7:])
+
+
+def main(cli):
+    import torch
+
+    print(f"CPU, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"data: {'WebText sample' if WEBTEXT.is_file() else 'built-in corpus'}; {cli.steps} timed steps after {WARMUP_STEPS}.")
+    rows = []
+    for batch in (2, 16):
+        original = measure("original", batch, cli.steps + WARMUP_STEPS)
+        ours = measure("ours", batch, cli.steps + WARMUP_STEPS)
+        rows.append((batch, original["tokens_per_s"], ours["tokens_per_s"]))
+    print("\n| batch | original recipe tok/s | our train.py tok/s | speedup |\n|---:|---:|---:|---:|")
+    for batch, o, u in rows:
+        print(f"| {batch} | {o:,.0f} | {u:,.0f} | {u / o:.2f}x |")
+    if cli.loss_steps:
+        original = measure("original", 16, cli.loss_steps, evaluate=True)
+        ours = measure("ours", 16, cli.loss_steps, evaluate=True)
+        print(f"\nVal loss after {cli.loss_steps} steps x {16 * BLOCK} tokens: original recipe {original['val_loss']:.3f}, "
+              f"our train.py {ours['val_loss']:.3f}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=10, help="Timed steps per configuration.")
+    parser.add_argument("--loss_steps", type=int, default=0, help="Also train this many steps at batch 16 and compare val loss.")
+    parser.add_argument("--worker", choices=["ours", "original"], help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--evaluate", action="store_true", help=argparse.SUPPRESS)
+    cli = parser.parse_args()
+    if cli.worker:
+        run = run_ours if cli.worker == "ours" else run_original
+        print("RESULT " + json.dumps(run(cli.batch, cli.steps, cli.out, cli.evaluate)))
+    else:
+        main(cli)

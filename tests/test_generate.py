@@ -1,0 +1,259 @@
+"""generate.py: API, sampling semantics, edge cases and the CLI, on a tiny random GPT-2."""
+
+import inspect
+import json
+import logging
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import generate as G
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, n_positions=128))
+    path = tmp_path_factory.mktemp("tiny") / "final_model"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def loaded(model_dir):
+    return G.load_model(model_dir, device="cpu")
+
+
+def greedy(loaded, prompt, n=12, **kw):
+    tok, model, dev = loaded
+    return G.generate(tok, model, dev, prompt, max_new_tokens=n, temperature=0, **kw)
+
+
+# ----------------------------------------------------------------------------- API
+
+
+def test_signatures_are_kept():
+    once = inspect.signature(G.generate_once).parameters
+    assert list(once)[:8] == ["tokenizer", "model", "device", "prompt", "max_new_tokens", "top_k", "top_p", "temperature"]
+    assert [once[k].default for k in ("max_new_tokens", "top_k", "top_p", "temperature")] == [50, 50, 0.95, 1.0]
+    batch = inspect.signature(G.generate_batch).parameters
+    assert list(batch)[:7] == ["tokenizer", "model", "device", "prompt", "max_length", "num_return_sequences", "top_p"]
+    assert [batch[k].default for k in ("max_length", "num_return_sequences", "top_p")] == [100, 3, 0.9]
+
+
+def test_return_types(loaded):
+    tok, model, dev = loaded
+    assert dev == CPU and not model.training
+    once = G.generate_once(tok, model, dev, "Hello there", max_new_tokens=5)
+    assert isinstance(once, str) and once.startswith("Hello there")
+    batch = G.generate_batch(tok, model, dev, "Hello there", max_length=10)
+    assert isinstance(batch, list) and len(batch) == 3 and all(isinstance(t, str) and t.startswith("Hello there") for t in batch)
+    many = G.generate_batch(tok, model, dev, ["a", "b c"], max_new_tokens=3, num_return_sequences=2)
+    assert [t[0] for t in many] == ["a", "a", "b", "b"]  # prompt-major
+
+
+def test_matches_hf_greedy(loaded):
+    tok, model, dev = loaded
+    ids = tok("The quick brown fox", return_tensors="pt")
+    ref = model.generate(**ids, max_new_tokens=15, do_sample=False, pad_token_id=tok.eos_token_id)
+    expected = tok.decode(ref[0, ids.input_ids.shape[1] :])
+    if tok.eos_token in expected:  # we stop at EOS; HF pads after it
+        expected = expected[: expected.index(tok.eos_token)]
+    assert greedy(loaded, "The quick brown fox", 15)[0].completion == expected
+
+
+def test_seed_reproducible_and_greedy_deterministic(loaded):
+    tok, model, dev = loaded
+    a = G.generate_once(tok, model, dev, "Once", max_new_tokens=20, seed=123)
+    b = G.generate_once(tok, model, dev, "Once", max_new_tokens=20, seed=123)
+    c = G.generate_once(tok, model, dev, "Once", max_new_tokens=20, seed=124)
+    assert a == b and a != c
+    assert G.generate_batch(tok, model, dev, "Once", max_length=12, seed=5) == G.generate_batch(tok, model, dev, "Once", max_length=12, seed=5)
+    assert greedy(loaded, "Once") == greedy(loaded, "Once")
+
+
+def test_left_padded_batch_equals_single_prompt_greedy(loaded):
+    tok, model, dev = loaded
+    prompts = ["Hi", "Once upon a time there was", "The"]
+    batch = G.generate_batch(tok, model, dev, prompts, num_return_sequences=1, max_new_tokens=12, temperature=0)
+    assert batch == [G.generate_once(tok, model, dev, p, max_new_tokens=12, temperature=0) for p in prompts]
+
+
+def test_sampling_options_run(loaded):
+    tok, model, dev = loaded
+    out = G.generate(tok, model, dev, ["x y", "z"], max_new_tokens=15, top_k=0, top_p=0.5, temperature=0.7,
+                     repetition_penalty=1.3, no_repeat_ngram_size=2, num_return_sequences=2, seed=0)
+    for c in out:
+        ids = tok.encode(c.completion)
+        grams = list(zip(ids, ids[1:]))
+        assert len(grams) == len(set(grams)) or c.completion_tokens != len(ids)  # bigram rule (re-encoding may differ)
+
+
+def test_stop_strings_cut_and_stream_never_shows_them(loaded):
+    tok, model, dev = loaded
+    full = greedy(loaded, "Hello", 20)[0].completion
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    expected = full[: full.find(stop)]
+    (c,) = greedy(loaded, "Hello", 20, stop=[stop, "never-appears"])
+    assert c.completion == expected and c.finish_reason == "stop"
+    assert G.generate_once(tok, model, dev, "Hello", max_new_tokens=20, temperature=0, stop=stop) == "Hello" + expected
+    assert "".join(G.stream(tok, model, dev, "Hello", max_new_tokens=20, temperature=0, stop=stop)) == expected
+
+
+def test_stream_equals_generate(loaded):
+    tok, model, dev = loaded
+    pieces = list(G.stream(tok, model, dev, "Hi", max_new_tokens=15, seed=3))
+    assert len(pieces) > 1
+    assert "Hi" + "".join(pieces) == G.generate_once(tok, model, dev, "Hi", max_new_tokens=15, seed=3)
+
+
+def test_stops_at_eos_and_strips_it(loaded, monkeypatch):
+    tok, model, dev = loaded
+    real, calls = G._sample, []
+
+    def eos_on_third_step_for_row0(logits, *a):
+        token = real(logits, *a)
+        calls.append(1)
+        if len(calls) == 3:
+            token[0] = tok.eos_token_id
+        return token
+
+    monkeypatch.setattr(G, "_sample", eos_on_third_step_for_row0)
+    a, b = G.generate(tok, model, dev, ["Hi", "Hello"], max_new_tokens=8, temperature=0)
+    assert (a.finish_reason, a.completion_tokens) == ("eos", 2) and tok.eos_token not in a.completion
+    assert (b.finish_reason, b.completion_tokens) == ("length", 8)
+
+
+def test_long_prompt_keeps_last_tokens_with_warning(loaded):
+    tok, model, dev = loaded
+    prompt = " ".join(f"w{i}" for i in range(200))  # well over the 128-token context
+    with pytest.warns(UserWarning, match="keeping its last 118 tokens"):
+        (c,) = G.generate(tok, model, dev, prompt, max_new_tokens=10, temperature=0)
+    assert c.prompt_tokens == 118 and c.completion_tokens == 10
+    tail = tok.decode(tok.encode(prompt)[-118:])
+    assert c.completion == greedy(loaded, tail, 10)[0].completion
+
+
+def test_empty_prompt_starts_from_endoftext(loaded):
+    tok, model, dev = loaded
+    # no_repeat_ngram_size=1 bans the prompt's tokens: a random tied-embedding model would echo EOS.
+    (c,) = greedy(loaded, "", 10, no_repeat_ngram_size=1)
+    assert c.prompt == "" and c.prompt_tokens == 1 and c.completion_tokens == 10
+    assert c.completion == greedy(loaded, "<|endoftext|>", 10, no_repeat_ngram_size=1)[0].completion
+    assert G.generate_once(tok, model, dev, "", 10, temperature=0, no_repeat_ngram_size=1) == c.completion
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(max_new_tokens=0), "max_new_tokens"), (dict(max_new_tokens=-5), "max_new_tokens"),
+    (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(temperature=-0.1), "temperature"),
+    (dict(top_k=-1), "top_k"), (dict(repetition_penalty=0), "repetition_penalty"), (dict(max_new_tokens=128), "context"),
+])
+def test_bad_arguments_raise(loaded, kw, match):
+    tok, model, dev = loaded
+    with pytest.raises(ValueError, match=match):
+        G.generate_once(tok, model, dev, "Hi", **kw)
+
+
+def test_bad_paths_name_what_is_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        G.load_model(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        G.load_model(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="no weights"):
+        G.load_model(tmp_path)
+
+
+def test_checkpoint_folder_without_tokenizer(model_dir, tmp_path, loaded):
+    from transformers import GPT2LMHeadModel
+
+    ckpt = tmp_path / "checkpoint-5"
+    GPT2LMHeadModel.from_pretrained(model_dir).save_pretrained(ckpt)
+    assert not (ckpt / "tokenizer.json").exists()
+    tok, model, dev = G.load_model(ckpt)
+    assert len(tok) == 50257 and tok.pad_token == tok.eos_token
+    assert G.generate_once(tok, model, dev, "Hi", 8, temperature=0) == G.generate_once(*loaded, "Hi", 8, temperature=0)
+
+
+def test_weights_changed_in_place_are_picked_up(model_dir):
+    tok, model, dev = G.load_model(model_dir)
+    before = G.generate_once(tok, model, dev, "Hi", 8, temperature=0)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1.0)  # an optimizer step also updates in place
+    after = G.generate_once(tok, model, dev, "Hi", 8, temperature=0)
+    ids = model.generate(**tok("Hi", return_tensors="pt"), max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id)
+    assert after != before and after == tok.decode(ids[0], skip_special_tokens=True)
+
+
+def test_no_pad_or_attention_mask_warnings(model_dir, caplog, capfd):
+    caplog.set_level(logging.DEBUG)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tok, model, dev = G.load_model(model_dir)
+        G.generate_once(tok, model, dev, "Hi", max_new_tokens=5)
+        G.generate_batch(tok, model, dev, ["Hi", "Hello there"], max_length=12)
+    messages = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records] + [capfd.readouterr().err]
+    assert not [m for m in messages if "pad" in m.lower() or "attention mask" in m.lower() or "attention_mask" in m]
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def run_cli(*args, stdin=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([sys.executable, str(ROOT / "generate.py"), *args], input=stdin, capture_output=True,
+                          text=True, cwd=ROOT, env=env, timeout=120)
+
+
+def test_cli_help_lists_every_flag():
+    out = run_cli("--help")
+    assert out.returncode == 0
+    for flag in ("--model_path", "--prompt", "--prompt_file", "--length", "--num_return_sequences", "--top_k", "--top_p",
+                 "--temperature", "--repetition_penalty", "--no_repeat_ngram_size", "--seed", "--stop", "--stream", "--json", "--device", "--threads"):
+        assert flag in out.stdout
+
+
+def test_cli_json_prompt_file_and_seed(model_dir, loaded, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Hello"}\n\n{"text": "The end"}\nplain line\n')
+    out = run_cli("--model_path", str(model_dir), "--prompt_file", str(prompts), "--length", "6", "--seed", "7", "--json",
+                  "--num_return_sequences", "2")
+    assert out.returncode == 0, out.stderr
+    records = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [r["prompt"] for r in records] == ["Hello", "Hello", "The end", "The end", "plain line", "plain line"]
+    assert set(records[0]) == {"prompt", "completion", "prompt_tokens", "completion_tokens", "finish_reason"}
+    same_seed = G.generate(*loaded, "Hello", max_new_tokens=6, seed=7, num_return_sequences=2)
+    assert [r["completion"] for r in records[:2]] == [c.completion for c in same_seed]
+    assert [r["completion_tokens"] for r in records[:2]] == [c.completion_tokens for c in same_seed]
+
+
+def test_cli_stdin_and_plain_output(model_dir):
+    out = run_cli("--model_path", str(model_dir), "--length", "5", "--temperature", "0", stdin="Hi\n")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == G.generate_once(*G.load_model(model_dir), "Hi", 5, temperature=0).strip()
+    assert out.stderr == ""
+
+
+def test_cli_errors_are_one_line(model_dir, tmp_path, capsys):
+    assert G.main(["--model_path", str(model_dir), "--prompt", "x", "--top_p", "1.5"]) != 0
+    err = capsys.readouterr().err
+    assert err.startswith("error: top_p") and err.count("\n") == 1
+    assert G.main(["--model_path", str(tmp_path / "missing"), "--prompt", "x"]) != 0
+    err = capsys.readouterr().err
+    assert err.startswith("error: model folder") and "missing" in err and err.count("\n") == 1
+
+
+def test_cli_stream_prints_the_same_text(model_dir, loaded, capsys):
+    assert G.main(["--model_path", str(model_dir), "--prompt", "Hi", "--length", "8", "--seed", "2", "--stream"]) == 0
+    assert capsys.readouterr().out == G.generate_once(*loaded, "Hi", 8, seed=2) + "\n"
