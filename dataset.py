@@ -62,7 +62,7 @@ class DataError(ValueError):
 
 @dataclass
 class DataArguments:
-    """What to train on. The same fields are `get_dataset_and_tokenizer`'s arguments."""
+    """What to train on: `get_dataset_and_tokenizer`'s arguments but its `seed`, which train.py shares with the Trainer."""
 
     dataset_name: str = field(
         default=DEFAULT_DATASET_NAME,
@@ -88,7 +88,6 @@ class DataArguments:
     skip_bad_lines: bool = field(
         default=False, metadata={"help": "Skip malformed JSON/JSONL lines (and count them) instead of stopping with an error."}
     )
-    seed: int = field(default=42, metadata={"help": "Seed of the train/validation split."})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -514,7 +513,7 @@ class BlockWriter:
 CHUNK_TOKENS = 1 << 22  # tokens moved at a time while splitting and packing: bounds memory
 
 
-def split_and_pack(tok_dir: str, tok_meta: dict, out_dir: str, args: DataArguments) -> dict:
+def split_and_pack(tok_dir: str, tok_meta: dict, out_dir: str, args: DataArguments, seed: int) -> dict:
     """Assign documents to train/val and pack each split into blocks."""
     def memmap(split):
         return np.memmap(os.path.join(tok_dir, f"{split}.tokens"), mode="r", dtype=tok_meta["dtype"])
@@ -535,7 +534,7 @@ def split_and_pack(tok_dir: str, tok_meta: dict, out_dir: str, args: DataArgumen
     elif 1 <= n_val < n_docs:
         method = "documents"
         is_val = np.zeros(n_docs, dtype=bool)
-        is_val[np.random.default_rng(args.seed).permutation(n_docs)[:n_val]] = True
+        is_val[np.random.default_rng(seed).permutation(n_docs)[:n_val]] = True
         doc_ends = np.append(starts[1:], n_tokens)
         for a in range(0, n_tokens, CHUNK_TOKENS):
             b = min(a + CHUNK_TOKENS, n_tokens)
@@ -607,12 +606,13 @@ def get_dataset_and_tokenizer(
     dataset_path: Optional[str] = None,
     val_split: float = 0.05,
     block_size: int = 128,
+    seed: int = 42,
     **kwargs,
 ):
     """Return (tokenizer, train_dataset, val_dataset) of `block_size`-token blocks with input_ids and labels.
 
-    Keyword arguments are the other fields of `DataArguments` (tokenizer_name, text_field, data_dir,
-    cache_dir, skip_bad_lines, seed, dataset_config). val_dataset is None when val_split is 0 and the
+    `seed` fixes which documents go to validation. Keyword arguments are the other fields of
+    `DataArguments` (tokenizer_name, text_field, data_dir, cache_dir, skip_bad_lines, dataset_config). val_dataset is None when val_split is 0 and the
     data has no official validation split.
     """
     args = DataArguments(dataset_name=dataset_name, dataset_path=dataset_path, val_split=val_split,
@@ -640,12 +640,12 @@ def get_dataset_and_tokenizer(
         return meta
 
     tok_dir = cached(cache_root, tok_key, tokenize)
-    block_key = _key("blocks", tok_key, block_size, val_split if not val_src else None, args.seed)
+    block_key = _key("blocks", tok_key, block_size, val_split if not val_src else None, seed)
 
     def pack(tmp: str) -> dict:
         meta = json.loads((tok_dir / "meta.json").read_text())
-        meta.update(split_and_pack(str(tok_dir), meta, tmp, args))
-        meta.update(fingerprint=block_key, block_size=block_size, data_args=asdict(args))
+        meta.update(split_and_pack(str(tok_dir), meta, tmp, args, seed))
+        meta.update(fingerprint=block_key, block_size=block_size, data_args=asdict(args), seed=seed)
         return meta
 
     block_dir = cached(cache_root, block_key, pack)
@@ -679,7 +679,11 @@ def dataset_info(dataset) -> dict:
 if __name__ == "__main__":
     from transformers import HfArgumentParser
 
-    (cli_args,) = HfArgumentParser(DataArguments).parse_args_into_dataclasses()
+    @dataclass
+    class PrepareArguments(DataArguments):
+        seed: int = field(default=42, metadata={"help": "Seed of the train/validation split."})
+
+    (cli_args,) = HfArgumentParser(PrepareArguments).parse_args_into_dataclasses()
     try:
         _, train, val = get_dataset_and_tokenizer(**asdict(cli_args))
     except DataError as e:

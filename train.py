@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
+import dataset
 from model import PRESETS
 
 REPO_DIR = Path(__file__).resolve().parent
@@ -82,31 +83,12 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments:
-    """What to train on; these are dataset.get_dataset_and_tokenizer's arguments (its seed is --seed)."""
+class DataArguments(dataset.DataArguments):
+    """What to train on: dataset.get_dataset_and_tokenizer's arguments (its seed is --seed)."""
 
-    dataset_name: str = field(
-        default="small",
-        metadata={"help": "gpt-2-output-dataset name found in --data_dir (webtext, small-117M, ... or small/medium/"
-                  "large/xl), 'builtin' (Python's documentation text), or a Hugging Face Hub dataset. The default "
-                  "'small' falls back to the built-in corpus when data/ has not been downloaded."},
-    )
-    dataset_path: str | None = field(
-        default=None,
-        metadata={"help": "File, folder or glob of .txt/.json/.jsonl/.csv/.parquet (optionally .gz). Overrides --dataset_name."},
-    )
-    val_split: float = field(default=0.05, metadata={"help": "Share of documents held out for validation (0: none)."})
     block_size: int | None = field(
         default=None, metadata={"help": "Tokens per training example (default: 128 on CPU, 1024 on GPU); at most the context."}
     )
-    tokenizer_name: str | None = field(
-        default=None, metadata={"help": "Tokenizer folder or Hub name (default: the official GPT-2 tokenizer, or --init_from's)."}
-    )
-    text_field: str = field(default="text", metadata={"help": "JSON field / CSV or Parquet column holding the text."})
-    dataset_config: str | None = field(default=None, metadata={"help": "Configuration name of a Hub dataset."})
-    data_dir: str = field(default="data", metadata={"help": "Folder where download_dataset.py puts its files."})
-    cache_dir: str | None = field(default=None, metadata={"help": "Token cache folder (default .cache/datasets or $GPT2_CACHE_DIR)."})
-    skip_bad_lines: bool = field(default=False, metadata={"help": "Skip malformed JSON lines instead of stopping."})
 
 
 @dataclass
@@ -631,7 +613,6 @@ def debug_weight_hash(model, args: TrainArguments) -> None:
 def run(model_args: ModelArguments, data_args: DataArguments, args: TrainArguments) -> dict[str, Any]:
     from transformers import EarlyStoppingCallback, default_data_collator, set_seed
 
-    from dataset import dataset_info, get_dataset_and_tokenizer
     from model import get_model
 
     resolve_defaults(model_args, data_args, args)
@@ -645,20 +626,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, args: TrainArgumen
 
     # The main process tokenizes (and caches) first; the other ranks then read its cache.
     with args.main_process_first(desc="tokenizing"):
-        tokenizer, train_ds, val_ds = get_dataset_and_tokenizer(
-            dataset_name=data_args.dataset_name,
-            dataset_path=data_args.dataset_path,
-            val_split=data_args.val_split,
-            block_size=data_args.block_size,
-            tokenizer_name=data_args.tokenizer_name,
-            text_field=data_args.text_field,
-            dataset_config=data_args.dataset_config,
-            data_dir=data_args.data_dir,
-            cache_dir=data_args.cache_dir,
-            skip_bad_lines=data_args.skip_bad_lines,
-            seed=args.seed,
-        )
-    data = dataset_info(train_ds)
+        tokenizer, train_ds, val_ds = dataset.get_dataset_and_tokenizer(**dataclasses.asdict(data_args), seed=args.seed)
+    data = dataset.dataset_info(train_ds)
     if args.should_log:
         print(f"Data: {data.get('source', '?')}: {len(train_ds):,} training blocks of {data_args.block_size} tokens, "
               f"{len(val_ds) if val_ds is not None else 0:,} validation blocks.")

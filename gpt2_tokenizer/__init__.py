@@ -145,8 +145,8 @@ def tiktoken_encoding():
 
     # GPT-2's merge ranks equal its token ids (tiktoken asserts this when it loads GPT-2), so the
     # ranks are the vocabulary with its printable-byte aliases mapped back to raw bytes.
-    to_byte = {c: b for b, c in _bytes_to_unicode().items()}
-    ranks = {bytes(to_byte[c] for c in token): i for token, i in official_vocab().items() if token != EOT}
+    to_latin1 = str.maketrans({c: chr(b) for b, c in _bytes_to_unicode().items()})
+    ranks = {token.translate(to_latin1).encode("latin-1"): i for token, i in official_vocab().items() if token != EOT}
     return tiktoken.Encoding("gpt2", pat_str=PAT_STR, mergeable_ranks=ranks, special_tokens={EOT: EOT_ID})
 
 
