@@ -121,10 +121,8 @@ def _load(name_or_path: str):
 
     if Path(name_or_path) == TOKENIZER_DIR:
         # Our own files: let the Rust library parse tokenizer.json (2x faster than from_pretrained).
-        from tokenizers import Tokenizer
-
         return GPT2TokenizerFast(
-            tokenizer_object=Tokenizer.from_file(str(TOKENIZER_DIR / "tokenizer.json")), name_or_path=name_or_path,
+            tokenizer_file=str(TOKENIZER_DIR / "tokenizer.json"), name_or_path=name_or_path,
             unk_token=EOT, bos_token=EOT, eos_token=EOT, pad_token=EOT, model_max_length=CONTEXT_LENGTH,
         )
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
