@@ -187,7 +187,7 @@ def main():
 
 def explore(args, path, tokenizer, model, device, once, batch):
     """Alternatives measured while building generate.py; numbers printed so they can be re-checked."""
-    from transformers import GenerationConfig, pipeline
+    from transformers import pipeline
 
     L = args.length
     pipe = pipeline("text-generation", model=model, tokenizer=tokenizer, device=device)

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import train as train_mod
-from train import COMPLETE, TrainArguments, main, parse_args, resolve_defaults, train
+from train import COMPLETE, main, parse_args, resolve_defaults, train
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_STEPS, SAVE_STEPS = 16, 4
