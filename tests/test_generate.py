@@ -120,16 +120,16 @@ def test_stream_equals_generate(loaded):
 
 def test_stops_at_eos_and_strips_it(loaded, monkeypatch):
     tok, model, dev = loaded
-    real, calls = G._sample, []
+    real, calls = G._sample_top, []
 
-    def eos_on_third_step_for_row0(logits, *a):
-        token = real(logits, *a)
+    def eos_on_third_step_for_row0(*a):
+        token = real(*a)
         calls.append(1)
         if len(calls) == 3:
             token[0] = tok.eos_token_id
         return token
 
-    monkeypatch.setattr(G, "_sample", eos_on_third_step_for_row0)
+    monkeypatch.setattr(G, "_sample_top", eos_on_third_step_for_row0)
     a, b = G.generate(tok, model, dev, ["Hi", "Hello"], max_new_tokens=8, temperature=0)
     assert (a.finish_reason, a.completion_tokens) == ("eos", 2) and tok.eos_token not in a.completion
     assert (b.finish_reason, b.completion_tokens) == ("length", 8)
@@ -257,3 +257,37 @@ def test_cli_errors_are_one_line(model_dir, tmp_path, capsys):
 def test_cli_stream_prints_the_same_text(model_dir, loaded, capsys):
     assert G.main(["--model_path", str(model_dir), "--prompt", "Hi", "--length", "8", "--seed", "2", "--stream"]) == 0
     assert capsys.readouterr().out == G.generate_once(*loaded, "Hi", 8, seed=2) + "\n"
+
+
+def test_int8_screened_top_logits_equal_the_exact_top_k(loaded):
+    tok, model, dev = loaded
+    fast = G._fast(model)
+    assert fast.screen is not None, "torch._weight_int8pack_mm should be available on CPU"
+    ids = torch.tensor([tok.encode("The quick brown fox jumps over the lazy dog, and then")])
+    with torch.inference_mode():
+        h = fast.hidden(ids, torch.arange(ids.shape[1])[None], fast.new_cache(1, ids.shape[1]), 0)[0]
+        seen = torch.zeros(h.shape[0], model.config.vocab_size, dtype=torch.bool)
+        seen[:, ids[0]] = True
+        banned = torch.zeros_like(seen)
+        banned[:, 11] = True
+
+        def adjust(z, at):
+            z = torch.where(seen if at is None else seen.gather(1, at), torch.where(z > 0, z / 1.3, z * 1.3), z)
+            return z.masked_fill(banned if at is None else banned.gather(1, at), float("-inf"))
+
+        for k in (1, 50):
+            for fn in (None, adjust):
+                vals, idx = fast.top_logits(h, k, fn)
+                full = fast.logits(h) if fn is None else fn(fast.logits(h), None)
+                want_vals, want_idx = torch.topk(full, k)
+                assert torch.equal(idx.sort(-1).values, want_idx.sort(-1).values)
+                torch.testing.assert_close(vals, want_vals, rtol=1e-5, atol=1e-5)
+
+
+def test_screen_does_not_change_sampled_text(loaded, monkeypatch):
+    tok, model, dev = loaded
+    kw = dict(max_new_tokens=20, seed=3, top_k=50, top_p=0.9, repetition_penalty=1.2)
+    with_screen = G.generate(tok, model, dev, ["Once upon", "a time"], **kw)
+    monkeypatch.setattr(G._fast(model), "screen", None)
+    without = G.generate(tok, model, dev, ["Once upon", "a time"], **kw)
+    assert [c.completion for c in with_screen] == [c.completion for c in without]
