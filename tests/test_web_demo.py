@@ -1,0 +1,376 @@
+"""web_demo.py over real HTTP on 127.0.0.1: the OpenAI and JSON APIs, limits, the openai client, and the page in Chromium."""
+
+import http.client
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+import generate as G
+import web_demo as W
+
+ROOT = Path(__file__).resolve().parents[1]
+LIMITS = dict(max_prompt_tokens=100, max_tokens_cap=64, max_sequences=4, max_body_bytes=4096)
+KEY = "test-key-123"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, n_positions=128))
+    path = tmp_path_factory.mktemp("tiny") / "final_model"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def loaded(model_dir):
+    return G.load_model(model_dir, device="cpu")
+
+
+class Server:
+    """uvicorn in a thread on a free port of 127.0.0.1."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert self.thread.is_alive() and time.time() < deadline, "server did not start"
+            time.sleep(0.02)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(loaded, model_dir):
+    s = Server(W.build_app(*loaded, W.WebDemoArguments(model_path=str(model_dir), **LIMITS)))
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def keyed(loaded, model_dir):
+    """API only, with an API key and a one-request queue."""
+    s = Server(W.build_app(*loaded, W.WebDemoArguments(model_path=str(model_dir), api_key=KEY, queue_size=1, **LIMITS), page=False))
+    yield s
+    s.stop()
+
+
+# Environment proxies must not see requests to our own loopback server.
+_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def call(server, path, body=None, headers=None, raw=None, timeout=60):
+    """(status, parsed JSON or text) of one request."""
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(server.url + path, data=data, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with _opener.open(req, timeout=timeout) as r:
+            status, text, ctype = r.status, r.read().decode(), r.headers.get("content-type", "")
+    except urllib.error.HTTPError as e:
+        status, text, ctype = e.code, e.read().decode(), e.headers.get("content-type", "")
+    return status, (json.loads(text) if ctype.startswith("application/json") else text)
+
+
+def sse_events(text):
+    events = [block[len("data: "):] for block in text.split("\n\n") if block.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+# ----------------------------------------------------------------------------- OpenAI API
+
+
+def test_models(server):
+    status, body = call(server, "/v1/models")
+    assert status == 200 and body["object"] == "list"
+    assert [m["id"] for m in body["data"]] == ["final_model"]
+    assert call(server, "/v1/models/final_model")[0] == 200
+    assert call(server, "/v1/models/gpt-4")[0] == 404
+
+
+def test_completion_is_generate_py_output(server, loaded):
+    status, body = call(server, "/v1/completions", {"model": "final_model", "prompt": "Hello there", "max_tokens": 8, "temperature": 0})
+    assert status == 200 and body["object"] == "text_completion" and body["model"] == "final_model"
+    (choice,) = body["choices"]
+    (expected,) = G.generate(*loaded, "Hello there", max_new_tokens=8, temperature=0, top_k=0, top_p=1.0)
+    assert choice["text"] == expected.completion and choice["index"] == 0
+    assert choice["finish_reason"] == ("length" if expected.finish_reason == "length" else "stop")
+    assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": expected.completion_tokens, "total_tokens": 2 + expected.completion_tokens}
+
+
+def test_stream_matches_plain_and_seed_reproduces(server):
+    req = {"prompt": "Once upon a time", "max_tokens": 20, "seed": 7, "top_k": 40}
+    _, plain = call(server, "/v1/completions", req)
+    _, again = call(server, "/v1/completions", req)
+    assert plain["choices"][0]["text"] == again["choices"][0]["text"]  # same seed, same text
+    status, text = call(server, "/v1/completions", {**req, "stream": True, "stream_options": {"include_usage": True}})
+    assert status == 200
+    events = sse_events(text)
+    assert all(e["object"] == "text_completion" and e["id"] == events[0]["id"] for e in events)
+    pieces = [e["choices"][0]["text"] for e in events if e["choices"] and e["choices"][0]["finish_reason"] is None]
+    assert len(pieces) > 1 and "".join(pieces) == plain["choices"][0]["text"]
+    assert events[-2]["choices"][0]["finish_reason"] == plain["choices"][0]["finish_reason"]
+    assert events[-1]["choices"] == [] and events[-1]["usage"] == plain["usage"]
+
+
+def test_several_prompts_and_sequences(server):
+    status, body = call(server, "/v1/completions", {"prompt": ["A", "B c"], "n": 2, "max_tokens": 4, "seed": 1, "echo": True})
+    assert status == 200
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
+    assert [c["text"][0] for c in body["choices"]] == ["A", "A", "B", "B"]  # prompt-major, prompt echoed
+    assert body["usage"]["prompt_tokens"] == 3  # each prompt counted once, not once per sequence
+
+
+@pytest.mark.parametrize(
+    "body, status, words",
+    [
+        ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens must be a positive integer"),
+        ({"prompt": "x", "max_tokens": 65}, 400, "max_tokens must be at most 64"),
+        ({"prompt": "x", "n": 5}, 400, "at most 4"),
+        ({"prompt": ["a", "b", "c"], "n": 2}, 400, "6 sequences"),
+        ({"prompt": "x", "temperature": -1}, 400, "temperature must be >= 0"),
+        ({"prompt": "x", "top_p": 0}, 400, "top_p must be in (0, 1]"),
+        ({"prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty must be > 0"),
+        ({"prompt": "x", "temperature": float("nan")}, 400, "temperature must be a finite number"),
+        ({"prompt": "x", "seed": -1}, 400, "seed must be an integer"),
+        ({"prompt": "x", "stop": list("abcde")}, 400, "at most 4 strings"),
+        ({"prompt": " word" * 101}, 400, "has 101 tokens; this server accepts at most 100"),
+        ({"prompt": " word" * 70, "max_tokens": 64}, 400, "context of 128 tokens"),
+        ({"prompt": []}, 400, "empty list"),
+        ({"prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty is not supported"),
+        ({"prompt": "x", "logprobs": 2}, 400, "logprobs is not supported"),
+        ({"prompt": "x", "max_token": 5}, 422, "unknown parameter 'max_token'"),
+        ({"prompt": 5}, 422, "prompt"),
+        ({"prompt": "x", "n": "many"}, 422, "n: "),
+    ],
+)
+def test_bad_parameters_get_4xx_with_a_message(server, body, status, words):
+    got, answer = call(server, "/v1/completions", body)
+    assert got == status, answer
+    error = answer["error"]
+    assert words in error["message"] and set(error) == {"message", "type", "param", "code"}
+
+
+def test_invalid_json_and_body_size_cap(server):
+    status, answer = call(server, "/v1/completions", raw=b"{not json")
+    assert status == 422 and "not valid JSON" in answer["error"]["message"]
+    status, answer = call(server, "/v1/completions", {"prompt": "x" * 5000})
+    assert status == 413 and "4096 bytes" in answer["error"]["message"]
+    # A chunked body declares no length: it is counted as it arrives.
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.request("POST", "/v1/completions", body=iter([b'{"prompt": "', b"x" * 5000, b'"}']), encode_chunked=True,
+                  headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 413 and "4096 bytes" in json.loads(response.read())["error"]["message"]
+    conn.close()
+
+
+def test_twenty_concurrent_requests(server):
+    def one(seed):
+        return call(server, "/v1/completions", {"prompt": f"Request {seed}", "max_tokens": 12, "seed": seed, "stream": seed % 2 == 0})
+
+    start = time.time()
+    with ThreadPoolExecutor(20) as pool:
+        results = list(pool.map(one, range(20)))
+    assert [status for status, _ in results] == [200] * 20
+    for seed, (_, answer) in enumerate(results):
+        text = "".join(e["choices"][0]["text"] for e in sse_events(answer) if e["choices"]) if seed % 2 == 0 else answer["choices"][0]["text"]
+        assert text
+    assert time.time() - start < 60
+
+
+# ----------------------------------------------------------------------------- JSON API
+
+
+def test_api_generate(server):
+    req = {"prompt": "Hi", "max_new_tokens": 6, "num_return_sequences": 2, "seed": 3}
+    status, body = call(server, "/api/generate", req)
+    assert status == 200 and len(body["completions"]) == 2
+    first = body["completions"][0]
+    assert first["text"] == first["prompt"] + first["completion"] and first["finish_reason"] in ("eos", "stop", "length")
+    status, text = call(server, "/api/generate", {**req, "stream": True})
+    events = sse_events(text)
+    assert events[-1] == body
+    for row in (0, 1):
+        assert "".join(e["text"] for e in events[:-1] if e["index"] == row) == body["completions"][row]["completion"]
+    status, answer = call(server, "/api/generate", {"prompt": "x", "max_new_tokens": 0})
+    assert status == 400 and answer["error"]["param"] == "max_new_tokens"
+
+
+# ----------------------------------------------------------------------------- API key and queue
+
+
+def test_api_key(keyed):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        status, answer = call(keyed, "/v1/models", headers=headers)
+        assert status == 401 and answer["error"]["code"] == "invalid_api_key"
+    assert call(keyed, "/v1/completions", {"prompt": "x", "max_tokens": 2})[0] == 401
+    assert call(keyed, "/v1/models", headers={"Authorization": f"Bearer {KEY}"})[0] == 200
+
+
+def test_full_queue_answers_503(keyed):
+    def one(_):
+        return call(keyed, "/v1/completions", {"prompt": "x", "max_tokens": 60}, headers={"Authorization": f"Bearer {KEY}"})
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(8)))
+    statuses = [s for s, _ in results]
+    assert set(statuses) <= {200, 503} and 200 in statuses and 503 in statuses, statuses
+    assert all("busy" in a["error"]["message"] for s, a in results if s == 503)
+
+
+# ----------------------------------------------------------------------------- the openai client
+
+
+def test_openai_client(server, keyed):
+    import httpx
+    import openai
+
+    def client(s, key):
+        return openai.OpenAI(base_url=f"{s.url}/v1", api_key=key, max_retries=0, http_client=httpx.Client(trust_env=False))
+
+    c = client(server, "unused")
+    assert [m.id for m in c.models.list()] == ["final_model"]
+    plain = c.completions.create(model="final_model", prompt="The cat", max_tokens=10, seed=5)
+    assert plain.choices[0].text and plain.usage.completion_tokens >= 1
+    pieces = [chunk.choices[0].text for chunk in c.completions.create(model="final_model", prompt="The cat", max_tokens=10, seed=5, stream=True) if chunk.choices]
+    assert len(pieces) > 1 and "".join(pieces) == plain.choices[0].text
+    with pytest.raises(openai.BadRequestError, match="max_tokens must be at most 64"):
+        c.completions.create(model="final_model", prompt="x", max_tokens=500)
+    with pytest.raises(openai.AuthenticationError):
+        client(keyed, "wrong").models.list()
+    assert client(keyed, KEY).completions.create(model="m", prompt="x", max_tokens=2).choices
+
+
+def paced(monkeypatch, delay=0.02):
+    """Slow the tiny model down to a real one's pace; returns how each generate() call ended."""
+    real_generate, ended = W.generate, []
+
+    def paced_generate(*args, on_text, **kwargs):
+        # The tiny model samples a token in about a millisecond: pace the pieces so that a
+        # client visibly receives them one by one, and has time to go away mid-generation.
+        def slow(row, piece):
+            time.sleep(delay)
+            on_text(row, piece)
+
+        try:
+            result = real_generate(*args, on_text=slow, **kwargs)
+        except BaseException as e:
+            ended.append(type(e).__name__)
+            raise
+        ended.append("done")
+        return result
+
+    monkeypatch.setattr(W, "generate", paced_generate)
+    return ended
+
+
+def test_disconnect_stops_generation(server, monkeypatch):
+    ended = paced(monkeypatch)
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.request("POST", "/v1/completions", body=json.dumps({"prompt": "x", "max_tokens": 64, "stream": True}),
+                 headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200 and response.read(6) == b"data: "
+    conn.close()  # after the first piece, long before the 64th
+    deadline = time.time() + 10
+    while not ended and time.time() < deadline:
+        time.sleep(0.05)
+    assert ended == ["_Cancelled"]
+    assert call(server, "/v1/completions", {"prompt": "x", "max_tokens": 3})[0] == 200  # the worker serves on
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_cli_help(capsys):
+    with pytest.raises(SystemExit) as exit:
+        W.parse_args(["--help"])
+    assert exit.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--model_path", "--host", "--port", "--api_key", "--max_prompt_tokens", "--max_tokens_cap", "--max_sequences", "--max_body_bytes", "--queue_size"):
+        assert flag in out
+
+
+def test_cli_import_is_light_and_bad_model_path_is_a_clear_error(tmp_path):
+    # One fresh process for both: importing serves nothing and loads no web framework, and a
+    # missing model is a one-line error, not a traceback.
+    code = "import sys, web_demo; assert not {'gradio', 'fastapi', 'uvicorn'} & set(sys.modules); sys.exit(web_demo.main(sys.argv[1:]))"
+    out = subprocess.run([sys.executable, "-c", code, "--model_path", str(tmp_path / "missing")], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, timeout=120)
+    assert out.returncode == 2 and "does not exist" in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+# ----------------------------------------------------------------------------- the page in Chromium
+
+
+def test_page_streams_in_headless_chromium(server, monkeypatch):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None or not _has_playwright():
+        if os.environ.get("CI"):
+            pytest.fail("CI must run the browser test: .ci/run installs Debian's chromium and requirements.txt playwright")
+        pytest.skip("no chromium binary (apt-get install chromium) or no playwright package")
+    from playwright.sync_api import sync_playwright
+
+    paced(monkeypatch)
+    outside = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium)
+        try:
+            page = browser.new_page()
+
+            def only_local(route):
+                # No internet: the page must not need a CDN, web fonts or analytics.
+                if route.request.url.startswith(server.url + "/"):
+                    return route.continue_()
+                outside.append(route.request.url)
+                route.abort()
+
+            page.route("**/*", only_local)
+            page.goto(server.url + "/")
+            page.get_by_label("Prompt").fill("Hello world")
+            page.get_by_role("button", name="Generate").click()
+            output = page.locator("#output textarea")
+            seen, quiet_since = [], time.time()
+            deadline = time.time() + 30
+            while time.time() < deadline and (len(seen) < 2 or time.time() - quiet_since < 1.0):
+                value = output.input_value()
+                if not seen or value != seen[-1]:
+                    seen.append(value)
+                    quiet_since = time.time()
+                time.sleep(0.01)
+        finally:
+            browser.close()
+    grown = [v for v in seen if v.startswith("Hello world") and len(v) > len("Hello world")]
+    assert len(grown) >= 3, seen  # text arrived in several pieces, not all at once
+    assert all(b.startswith(a) for a, b in zip(grown, grown[1:]))
+    assert outside == []
+
+
+def _has_playwright():
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -1,0 +1,609 @@
+"""Serve a trained GPT-2: a browser page, a JSON API and an OpenAI-compatible completions API.
+
+    python web_demo.py --model_path logs/final_model          # http://127.0.0.1:7860
+    python web_demo.py --host 0.0.0.0 --port 8000 --api_key s3cret
+    python web_demo.py --help
+
+Routes
+  /                     the page (Gradio): prompt, sampling settings, text streamed as it is sampled
+  POST /api/generate    generate.py's parameter names and results (`"stream": true` for server-sent events)
+  POST /v1/completions  OpenAI's completions API (`"stream": true` for server-sent events)
+  GET  /v1/models       the one model served
+
+So `openai.OpenAI(base_url="http://127.0.0.1:7860/v1", api_key="...")` and LangChain's OpenAI
+class work unchanged. Sampling is generate.py's `generate`; this module only validates, queues
+and formats. The model is loaded once, from the path given at start-up: no request chooses it.
+
+As a library (tests do this): `app = build_app(tokenizer, model, device, WebDemoArguments(...))`
+returns a FastAPI app to serve with uvicorn.
+"""
+
+import asyncio
+import hmac
+import json
+import math
+import os
+import queue
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from generate import DEFAULT_MODEL_PATH, check_sampling_args, generate, load_model
+
+API_KEY_ENV = "WEB_DEMO_API_KEY"
+
+
+@dataclass
+class WebDemoArguments:
+    """Serve a GPT-2 trained by train.py: a browser page, a JSON API and an OpenAI-compatible /v1/completions."""
+
+    model_path: str = field(
+        default=DEFAULT_MODEL_PATH,
+        metadata={"help": "Model folder (train.py's logs/final_model, a checkpoint-N folder) or a Hub name; fixed for the server's life."},
+    )
+    host: str = field(default="127.0.0.1", metadata={"help": "Address to bind; the default serves this machine only. 0.0.0.0 serves the network (set --api_key)."})
+    port: int = field(default=7860, metadata={"help": "TCP port."})
+    api_key: str | None = field(
+        default=None,
+        metadata={"help": f"Require 'Authorization: Bearer KEY' on the API and a login on the page; also read from ${API_KEY_ENV}."},
+    )
+    model_name: str | None = field(default=None, metadata={"help": "Model id shown by /v1/models and in responses; default: the model folder's name."})
+    max_prompt_tokens: int = field(default=512, metadata={"help": "Longest prompt accepted, in tokens (longer ones get a 400)."})
+    max_tokens_cap: int = field(default=256, metadata={"help": "Most new tokens one sequence may ask for (max_tokens / max_new_tokens)."})
+    max_sequences: int = field(default=4, metadata={"help": "Most sequences per request: prompts x n (num_return_sequences)."})
+    max_body_bytes: int = field(default=65536, metadata={"help": "Largest request body accepted, in bytes (larger ones get a 413)."})
+    queue_size: int = field(default=32, metadata={"help": "Requests that may wait for the model; beyond that a request gets a 503."})
+    device: str | None = field(default=None, metadata={"help": "cuda, mps or cpu; when unset, the best available."})
+    threads: int | None = field(default=None, metadata={"help": "CPU threads while sampling; when unset, 1 (fastest for small models), as in generate.py."})
+
+
+class RequestError(Exception):
+    """A client mistake or a refusal, answered in OpenAI's error format."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None, type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# ----------------------------------------------------------------------------- the model's queue
+
+
+class _Cancelled(Exception):
+    pass
+
+
+class _Job:
+    def __init__(self, kwargs: dict, loop: asyncio.AbstractEventLoop):
+        self.kwargs, self.loop = kwargs, loop
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.cancelled = False
+
+    def put(self, *event):
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the request's event loop is gone (server shutting down)
+            self.cancelled = True
+
+
+class Engine:
+    """One worker thread owns the model; requests wait their turn in a bounded queue.
+
+    Generation is serialized rather than batched: a request's sampling settings apply to its
+    whole batch in `generate`, and one small model already keeps a CPU busy. Every request,
+    from the page or the API, goes through here, so concurrent requests never share the model.
+    """
+
+    def __init__(self, tokenizer, model, device, queue_size: int = 32, threads: int | None = None):
+        self.tokenizer, self.model, self.device, self.threads = tokenizer, model, device, threads
+        self._jobs: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._worker = threading.Thread(target=self._work, name="web_demo-model", daemon=True)
+        self._worker.start()
+
+    def close(self):
+        self._jobs.put(None)
+
+    def _work(self):
+        while (job := self._jobs.get()) is not None:
+            if job.cancelled:
+                continue
+
+            def on_text(row, piece, job=job):
+                if job.cancelled:  # the client went away: stop sampling at the next token
+                    raise _Cancelled
+                job.put("text", row, piece)
+
+            try:
+                job.put("done", generate(self.tokenizer, self.model, self.device, on_text=on_text, threads=self.threads, **job.kwargs))
+            except _Cancelled:
+                pass
+            except Exception as e:  # handed to the request, which answers with it
+                job.put("error", e)
+
+    async def run(self, kwargs: dict):
+        """Queue one `generate(**kwargs)`; yield ("text", row, piece) events, then ("done", completions)."""
+        job = _Job(kwargs, asyncio.get_running_loop())
+        try:
+            self._jobs.put_nowait(job)
+        except queue.Full:
+            raise RequestError(503, "The server is busy: too many requests are waiting. Retry shortly.", code="overloaded", type="server_error") from None
+        try:
+            while True:
+                event = await job.events.get()
+                if event[0] == "error":
+                    e = event[1]
+                    if isinstance(e, ValueError):
+                        raise RequestError(400, str(e)) from e
+                    raise RequestError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error") from e
+                yield event
+                if event[0] == "done":
+                    return
+        finally:
+            job.cancelled = True  # covers a client that disconnects while its request waits or streams
+
+
+async def collect(engine: Engine, kwargs: dict):
+    """The completions of one queued request."""
+    async for event in engine.run(kwargs):
+        if event[0] == "done":
+            return event[1]
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+class Limits:
+    """The caps of WebDemoArguments and the model's context, checked before a request is queued."""
+
+    def __init__(self, args: WebDemoArguments, tokenizer, context: int):
+        self.args, self.tokenizer, self.context = args, tokenizer, context
+
+    @property
+    def max_new_tokens(self) -> int:
+        return min(self.args.max_tokens_cap, self.context - 1)
+
+    def generate_kwargs(self, prompts: list[str], max_new_tokens, n, temperature, top_k, top_p, repetition_penalty,
+                        no_repeat_ngram_size=0, seed=None, stop=None, names=None) -> dict:
+        """Checked keyword arguments for generate(); RequestError(400) naming the parameter otherwise.
+
+        `names` maps generate's parameter names to the ones the caller's API uses in messages.
+        """
+        names = names or {}
+        name = lambda k: names.get(k, k)  # noqa: E731
+        if not prompts:
+            raise RequestError(400, "prompt must not be an empty list", param=name("prompt"))
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise RequestError(400, f"{name('max_new_tokens')} must be a positive integer, got {max_new_tokens!r}", param=name("max_new_tokens"))
+        if max_new_tokens > self.max_new_tokens:
+            raise RequestError(400, f"{name('max_new_tokens')} must be at most {self.max_new_tokens} on this server, got {max_new_tokens}", param=name("max_new_tokens"))
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise RequestError(400, f"{name('num_return_sequences')} must be a positive integer, got {n!r}", param=name("num_return_sequences"))
+        if len(prompts) * n > self.args.max_sequences:
+            raise RequestError(
+                400,
+                f"{len(prompts)} prompt(s) x {name('num_return_sequences')}={n} asks for {len(prompts) * n} sequences; "
+                f"this server allows at most {self.args.max_sequences} per request",
+                param=name("num_return_sequences"),
+            )
+        stop = [stop] if isinstance(stop, str) else list(stop or [])
+        if len(stop) > 4:
+            raise RequestError(400, f"{name('stop')} takes at most 4 strings, got {len(stop)}", param=name("stop"))
+        for i, prompt in enumerate(prompts):
+            n_tokens = len(self.tokenizer.encode(prompt, verbose=False)) if prompt else 1
+            where = f"prompt {i}" if len(prompts) > 1 else "the prompt"
+            if n_tokens > self.args.max_prompt_tokens:
+                raise RequestError(400, f"{where} has {n_tokens} tokens; this server accepts at most {self.args.max_prompt_tokens}", param=name("prompt"))
+            if n_tokens + max_new_tokens > self.context:
+                raise RequestError(
+                    400,
+                    f"{where} has {n_tokens} tokens and {name('max_new_tokens')}={max_new_tokens}: together more than the "
+                    f"model's context of {self.context} tokens; shorten the prompt or ask for fewer tokens",
+                    param=name("max_new_tokens"),
+                )
+        if seed is not None and not 0 <= seed < 2**63:
+            raise RequestError(400, f"{name('seed')} must be an integer in [0, 2**63), got {seed}", param=name("seed"))
+        for key, value in (("temperature", temperature), ("top_p", top_p), ("repetition_penalty", repetition_penalty)):
+            if not math.isfinite(value):  # JSON parsers accept NaN and Infinity, which no range check catches
+                raise RequestError(400, f"{name(key)} must be a finite number, got {value}", param=name(key))
+        try:
+            check_sampling_args(max_new_tokens, top_k, top_p, temperature, repetition_penalty, no_repeat_ngram_size, n)
+        except ValueError as e:
+            raise RequestError(400, str(e), param=name(str(e).split()[0])) from None
+        return dict(prompts=prompts, max_new_tokens=max_new_tokens, num_return_sequences=n, temperature=float(temperature),
+                    top_k=top_k, top_p=float(top_p), repetition_penalty=float(repetition_penalty),
+                    no_repeat_ngram_size=no_repeat_ngram_size, seed=seed, stop=stop)
+
+
+# ----------------------------------------------------------------------------- HTTP API
+
+
+def _request_models():
+    # Defined in a function so that importing web_demo does not import pydantic/FastAPI.
+    from pydantic import BaseModel, ConfigDict
+
+    class Strict(BaseModel):
+        # Unknown fields are refused with their name: a misspelt "max_token" would otherwise be silently ignored.
+        model_config = ConfigDict(extra="forbid")
+
+    class CompletionRequest(Strict):
+        model: str | None = None
+        prompt: str | list[str] = "<|endoftext|>"
+        max_tokens: int | None = 16
+        temperature: float = 1.0
+        top_p: float = 1.0
+        n: int = 1
+        stream: bool = False
+        stream_options: dict | None = None
+        stop: str | list[str] | None = None
+        seed: int | None = None
+        echo: bool = False
+        user: str | None = None
+        # OpenAI parameters without a counterpart here: accepted at their neutral values only.
+        presence_penalty: float = 0.0
+        frequency_penalty: float = 0.0
+        best_of: int | None = None
+        logprobs: int | None = None
+        logit_bias: dict | None = None
+        suffix: str | None = None
+        # Extensions, as in generate.py.
+        top_k: int = 0
+        repetition_penalty: float = 1.0
+        no_repeat_ngram_size: int = 0
+
+    class GenerateRequest(Strict):
+        prompt: str | list[str] = ""
+        max_new_tokens: int = 50
+        top_k: int = 50
+        top_p: float = 0.95
+        temperature: float = 1.0
+        repetition_penalty: float = 1.0
+        no_repeat_ngram_size: int = 0
+        num_return_sequences: int = 1
+        seed: int | None = None
+        stop: str | list[str] | None = None
+        stream: bool = False
+
+    return CompletionRequest, GenerateRequest
+
+
+def _sse(data) -> bytes:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n".encode()
+
+
+def _openai_finish(reason: str) -> str:
+    return "length" if reason == "length" else "stop"  # OpenAI says "stop" for EOS and for a stop string
+
+
+class _BodyLimit:
+    """ASGI middleware: 413 for a request body over `max_bytes`, declared or streamed."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                return await _send_error(send, RequestError(400, "invalid Content-Length header"))
+            if int(declared) > self.max_bytes:
+                return await _send_error(send, self._too_large())
+        received, started, refused = 0, False, False
+
+        async def limited_receive():
+            nonlocal received, refused
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes and not refused:  # chunked bodies declare no length
+                    # Answer now: frameworks turn an exception while reading the body into their own 400.
+                    refused = True
+                    if not started:
+                        await _send_error(send, self._too_large())
+                    raise _TooLarge
+            return message
+
+        async def tracking_send(message):
+            nonlocal started
+            if refused:
+                return  # the 413 is answered already
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _TooLarge:
+            pass
+
+    def _too_large(self):
+        return RequestError(413, f"request body over this server's limit of {self.max_bytes} bytes", code="request_too_large")
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _send_error(send, error: RequestError):
+    body = json.dumps(error.body()).encode()
+    await send({"type": "http.response.start", "status": error.status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def build_app(tokenizer, model, device, args: WebDemoArguments | None = None, page: bool = True):
+    """The FastAPI app: JSON and OpenAI routes, with the Gradio page mounted at / unless `page=False`."""
+    import contextlib
+
+    from fastapi import Depends, FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException
+
+    args = args or WebDemoArguments()
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    model_name = args.model_name or Path(str(args.model_path).rstrip("/")).name or "gpt2"
+    limits = Limits(args, tokenizer, model.config.n_positions)
+    engine = Engine(tokenizer, model, device, args.queue_size, args.threads)
+    CompletionRequest, GenerateRequest = _request_models()
+    created = int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_):
+        yield
+        engine.close()
+
+    app = FastAPI(title="GPT-2 web demo", lifespan=lifespan, docs_url="/api/docs", redoc_url=None, openapi_url="/api/openapi.json")
+    app.state.engine, app.state.limits, app.state.model_name = engine, limits, model_name
+
+    @app.exception_handler(RequestError)
+    async def request_error(_, e: RequestError):
+        headers = {"Retry-After": "1"} if e.status == 503 else None
+        return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_, e: RequestValidationError):
+        errors = e.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        param = ".".join(str(p) for p in first["loc"][1:]) or None
+        if first.get("type") == "json_invalid":
+            message, param = "the request body is not valid JSON", None
+        elif first.get("type") == "extra_forbidden":
+            message = f"unknown parameter {param!r}"
+        else:
+            message = f"{param}: {first['msg']}" if param else first["msg"]
+        return JSONResponse(RequestError(422, message, param=param).body(), status_code=422)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_, e: HTTPException):
+        return JSONResponse(RequestError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
+
+    def check_key(request: Request):
+        if api_key is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
+            raise RequestError(401, "missing or incorrect API key: send 'Authorization: Bearer KEY'", code="invalid_api_key")
+
+    auth = [Depends(check_key)]
+
+    @app.get("/v1/models", dependencies=auth)
+    async def list_models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "web_demo"}]}
+
+    @app.get("/v1/models/{name:path}", dependencies=auth)
+    async def get_model(name: str):
+        if name != model_name:
+            raise RequestError(404, f"model {name!r} is not served here; this server serves {model_name!r}", param="model", code="model_not_found")
+        return {"id": model_name, "object": "model", "created": created, "owned_by": "web_demo"}
+
+    @app.post("/v1/completions", dependencies=auth)
+    async def completions(req: CompletionRequest):
+        unsupported = [
+            ("presence_penalty", req.presence_penalty not in (0, None), "use repetition_penalty"),
+            ("frequency_penalty", req.frequency_penalty not in (0, None), "use repetition_penalty"),
+            ("logprobs", req.logprobs is not None, None),
+            ("logit_bias", bool(req.logit_bias), None),
+            ("suffix", bool(req.suffix), None),
+            ("best_of", req.best_of not in (None, req.n), None),
+        ]
+        for param, used, hint in unsupported:
+            if used:
+                raise RequestError(400, f"{param} is not supported by this server" + (f" ({hint})" if hint else ""), param=param)
+        prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
+        # "<|endoftext|>" is OpenAI's default prompt; generate.py starts an empty prompt from it.
+        prompts = ["" if p == "<|endoftext|>" else p for p in prompts]
+        kwargs = limits.generate_kwargs(
+            prompts, req.max_tokens if req.max_tokens is not None else limits.max_new_tokens, req.n, req.temperature,
+            req.top_k, req.top_p, req.repetition_penalty, req.no_repeat_ngram_size, req.seed, req.stop,
+            names={"max_new_tokens": "max_tokens", "num_return_sequences": "n"},
+        )
+        cid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def usage(done):
+            prompt_tokens = sum(c.prompt_tokens for c in done[:: req.n])  # each prompt counted once, as OpenAI does
+            completion_tokens = sum(c.completion_tokens for c in done)
+            return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+
+        def chunk(choices, **extra):
+            return {"id": cid, "object": "text_completion", "created": now, "model": model_name, "choices": choices, **extra}
+
+        if not req.stream:
+            done = await collect(engine, kwargs)
+            choices = [{"text": (c.prompt if req.echo else "") + c.completion, "index": i, "logprobs": None,
+                        "finish_reason": _openai_finish(c.finish_reason)} for i, c in enumerate(done)]
+            return chunk(choices, usage=usage(done))
+
+        events = engine.run(kwargs)
+        first = await anext(events)  # errors before the first token still get a proper status code
+
+        async def body():
+            try:
+                if req.echo:
+                    for i, p in enumerate(kwargs["prompts"]):
+                        for j in range(req.n):
+                            yield _sse(chunk([{"text": p, "index": i * req.n + j, "logprobs": None, "finish_reason": None}]))
+                event = first
+                while True:
+                    if event[0] == "text":
+                        yield _sse(chunk([{"text": event[2], "index": event[1], "logprobs": None, "finish_reason": None}]))
+                    else:
+                        done = event[1]
+                        for i, c in enumerate(done):
+                            yield _sse(chunk([{"text": "", "index": i, "logprobs": None, "finish_reason": _openai_finish(c.finish_reason)}]))
+                        if (req.stream_options or {}).get("include_usage"):
+                            yield _sse(chunk([], usage=usage(done)))
+                        break
+                    event = await anext(events)
+            except RequestError as e:  # the status line is sent already: report in the stream, as OpenAI does
+                yield _sse(e.body())
+            finally:
+                await events.aclose()
+            yield _sse("[DONE]")
+
+        return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.post("/api/generate", dependencies=auth)
+    async def generate_route(req: GenerateRequest):
+        prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
+        kwargs = limits.generate_kwargs(prompts, req.max_new_tokens, req.num_return_sequences, req.temperature, req.top_k,
+                                        req.top_p, req.repetition_penalty, req.no_repeat_ngram_size, req.seed, req.stop)
+
+        def result(done):
+            return {"model": model_name, "completions": [
+                {"prompt": c.prompt, "completion": c.completion, "text": c.text, "prompt_tokens": c.prompt_tokens,
+                 "completion_tokens": c.completion_tokens, "finish_reason": c.finish_reason} for c in done]}
+
+        if not req.stream:
+            return result(await collect(engine, kwargs))
+        events = engine.run(kwargs)
+        first = await anext(events)
+
+        async def body():
+            try:
+                event = first
+                while event[0] == "text":
+                    yield _sse({"index": event[1], "text": event[2]})
+                    event = await anext(events)
+                yield _sse(result(event[1]))
+            except RequestError as e:
+                yield _sse(e.body())
+            finally:
+                await events.aclose()
+            yield _sse("[DONE]")
+
+        return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    app.add_middleware(_BodyLimit, max_bytes=args.max_body_bytes)
+    if page:
+        app = _mount_page(app, engine, limits, model_name, api_key)
+    return app
+
+
+# ----------------------------------------------------------------------------- the page
+
+
+def _mount_page(app, engine: Engine, limits: Limits, model_name: str, api_key: str | None):
+    # Gradio would otherwise send usage analytics; the page must work with no internet at all.
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    import gradio as gr
+
+    def show(prompts, pieces, n):
+        texts = [prompts[i // n] + "".join(row) for i, row in enumerate(pieces)]
+        if len(texts) == 1:
+            return texts[0]
+        return "\n\n".join(f"--- sequence {i + 1} ---\n{t}" for i, t in enumerate(texts))
+
+    async def run(prompt, length, temperature, top_k, top_p, repetition_penalty, n, seed):
+        try:
+            kwargs = limits.generate_kwargs(
+                [prompt or ""], int(length), int(n), float(temperature), int(top_k), float(top_p), float(repetition_penalty),
+                seed=None if seed is None or int(seed) < 0 else int(seed),
+                names={"max_new_tokens": "length", "num_return_sequences": "number of sequences"},
+            )
+            pieces = [[] for _ in range(int(n))]
+            yield show(kwargs["prompts"], pieces, int(n))
+            async for event in engine.run(kwargs):
+                if event[0] == "text":
+                    pieces[event[1]].append(event[2])
+                    yield show(kwargs["prompts"], pieces, int(n))
+        except RequestError as e:
+            raise gr.Error(e.message) from None
+
+    with gr.Blocks(title="GPT-2 web demo", analytics_enabled=False) as blocks:
+        gr.Markdown(f"## GPT-2 web demo: `{model_name}`\nText appears as it is sampled. The same seed gives the same text.")
+        with gr.Row():
+            with gr.Column(scale=3):
+                prompt = gr.Textbox(label="Prompt", lines=4, placeholder="Once upon a time", elem_id="prompt")
+                with gr.Row():
+                    go = gr.Button("Generate", variant="primary", elem_id="generate")
+                    stop = gr.Button("Stop", elem_id="stop")
+                output = gr.Textbox(label="Output", lines=12, max_lines=40, interactive=False, elem_id="output")
+            with gr.Column(scale=2):
+                length = gr.Slider(1, limits.max_new_tokens, value=min(100, limits.max_new_tokens), step=1, label="Length (new tokens)")
+                temperature = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Temperature (0 = greedy)")
+                top_k = gr.Slider(0, 200, value=50, step=1, label="Top-k (0 = off)")
+                top_p = gr.Slider(0.05, 1.0, value=0.95, step=0.05, label="Top-p (1 = off)")
+                repetition_penalty = gr.Slider(1.0, 2.0, value=1.0, step=0.05, label="Repetition penalty (1 = off)")
+                n = gr.Slider(1, limits.args.max_sequences, value=1, step=1, label="Number of sequences")
+                seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)")
+        inputs = [prompt, length, temperature, top_k, top_p, repetition_penalty, n, seed]
+        # concurrency_limit=None: the Engine's queue orders all requests, the page's and the API's alike.
+        event = go.click(run, inputs, output, concurrency_limit=None)
+        submitted = prompt.submit(run, inputs, output, concurrency_limit=None)
+        stop.click(None, cancels=[event, submitted])
+
+    auth = (lambda _user, password: hmac.compare_digest(password.encode(), api_key.encode())) if api_key else None
+    return gr.mount_gradio_app(
+        app, blocks, path="/", auth=auth, auth_message="Password: the server's API key (any user name)." if api_key else None,
+        ssr_mode=False, mcp_server=False, pwa=False, enable_monitoring=False, footer_links=[],
+    )
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv=None) -> WebDemoArguments:
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(WebDemoArguments, description=WebDemoArguments.__doc__)
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    return args
+
+
+def check_args(args: WebDemoArguments):
+    for name in ("max_prompt_tokens", "max_tokens_cap", "max_sequences", "max_body_bytes", "queue_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        check_args(args)
+        tokenizer, model, device = load_model(args.model_path, device=args.device)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    if args.api_key is None and os.environ.get(API_KEY_ENV):
+        args.api_key = os.environ[API_KEY_ENV]
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(f"warning: serving on {args.host} without --api_key: anyone who can reach this port can use the model", file=sys.stderr)
+    app = build_app(tokenizer, model, device, args)
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"Serving {args.model_path} on http://{shown}:{args.port}  (page /, API /v1/completions, /api/generate)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
