@@ -47,6 +47,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+import quantize  # keeps torchao's import-time warnings off stderr (quantize.quiet_torchao_import)
+
 LN2 = math.log(2)
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
@@ -97,6 +99,7 @@ def load_model(model_path: str, device: Optional[str] = None, precision: str = "
     Hugging Face causal LM folder) or a Hub name; the model is in eval mode on `device`.
 
     The tokenizer is the folder's own, else `tokenizer_name`, else the official GPT-2 tokenizer.
+    A folder written by quantize.py (int8/int4) is loaded by quantize.load_quantized, on the CPU.
     """
     from transformers import AutoModelForCausalLM
 
@@ -122,7 +125,12 @@ def load_model(model_path: str, device: Optional[str] = None, precision: str = "
     else:
         source = name  # a Hub name such as "gpt2"
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        if path.is_dir() and (path / "quantization.json").is_file():
+            model = _load_quantized(path, device, dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except EvaluationError:
+        raise
     except (OSError, ValueError, KeyError) as e:
         where = "model folder" if path.is_dir() else "local folder nor a Hub model that could be loaded (offline or no such repo)"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -139,6 +147,15 @@ def load_model(model_path: str, device: Optional[str] = None, precision: str = "
                               f"{model.get_input_embeddings().num_embeddings}: pass the matching --tokenizer_name.")
     model.to(device).eval()
     return model, tokenizer
+
+
+def _load_quantized(path: Path, device: torch.device, dtype: torch.dtype):
+    if dtype != torch.float32:
+        raise EvaluationError(f"{path} is quantized: it computes in float32 (--precision fp32 or auto), not {dtype}.")
+    try:
+        return quantize.load_quantized(path, device)
+    except quantize.QuantizationError as e:
+        raise EvaluationError(str(e)) from None
 
 
 def model_context(model) -> int:

@@ -20,6 +20,7 @@ temperature, top-k, top-p), and on CPU it
     GEMM for a few rows),
   - samples with one intra-op thread (see `_cpu_threads`).
 bench/generate_bench.py measures it against the original model.generate / pipeline code.
+Folders written by quantize.py (int8/int4) load and sample the same way, on the CPU.
 """
 
 import contextlib
@@ -34,6 +35,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+import quantize  # keeps torchao's import-time warnings off stderr (quantize.quiet_torchao_import)
 
 DEFAULT_MODEL_PATH = "logs/final_model"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -90,6 +93,8 @@ def load_model(model_dir: str | os.PathLike = DEFAULT_MODEL_PATH, device: str | 
     folder (which has no tokenizer files: the official GPT-2 tokenizer in ./gpt2_tokenizer is used),
     any Hugging Face GPT-2 folder, or a Hub name. The device is picked automatically (CUDA, MPS,
     CPU) unless given; the model is in eval mode, in bf16/fp16 on GPUs and fp32 on CPU.
+    A folder written by quantize.py (int8/int4, it holds quantization.json) is loaded by
+    quantize.load_quantized, on the CPU.
     """
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
@@ -97,6 +102,8 @@ def load_model(model_dir: str | os.PathLike = DEFAULT_MODEL_PATH, device: str | 
 
     name = str(model_dir)
     path = Path(name).expanduser()
+    if path.is_dir() and (path / "quantization.json").is_file():
+        return _load_quantized(path, device, dtype)
     device = pick_device(device)
     dtype = dtype or default_dtype(device)
     if path.is_dir():
@@ -135,6 +142,17 @@ def load_model(model_dir: str | os.PathLike = DEFAULT_MODEL_PATH, device: str | 
     return tokenizer, model, device
 
 
+def _load_quantized(path: Path, device, dtype):
+    from gpt2_tokenizer import load_tokenizer
+
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if dtype not in (None, torch.float32):
+        raise ValueError(f"{path} is quantized: it computes in float32, not {dtype}.")
+    model = quantize.load_quantized(path, device)  # QuantizationError is a ValueError
+    has_tokenizer = any((path / f).is_file() for f in TOKENIZER_FILES)
+    return load_tokenizer(path if has_tokenizer else None), model, device
+
+
 # ----------------------------------------------------------------------------- model forward
 
 
@@ -162,6 +180,12 @@ class _FastGPT2:
         # nn.Module dispatch plus HF's 6-op NewGELU cost as much as the arithmetic (measured).
         gelu = _functional_gelu(cfg.activation_function)
         self.layers = []
+        self.vocab = cfg.vocab_size
+        self.exact_rows = None
+        self.quantized = bool(getattr(model, "quantization", None))
+        if self.quantized:  # quantize.py's int8/int4 model: projections and LM head run PyTorch's CPU kernels
+            self._init_quantized(model, gelu)
+            return
         for block in model.transformer.h:
             a, m = block.attn, block.mlp
             self.layers.append((
@@ -180,13 +204,27 @@ class _FastGPT2:
             self.lm_head = weight.t().contiguous() if self.transposed else weight
             self.screen = _int8_screen(w) if self.transposed and os.environ.get("GENERATE_SCREEN", "1") != "0" else None
 
+    def _init_quantized(self, model, gelu):
+        for block in model.transformer.h:
+            a, m = block.attn, block.mlp
+            self.layers.append((
+                block.ln_1.weight, block.ln_1.bias, block.ln_1.eps, quantize.projection(a.c_attn), quantize.projection(a.c_proj),
+                block.ln_2.weight, block.ln_2.bias, block.ln_2.eps, quantize.projection(m.c_fc), gelu or m.act,
+                quantize.projection(m.c_proj),
+            ))
+        self.weight_key = id(model.lm_head.weight)
+        self.lm_head_dtype, self.transposed, self.lm_head = torch.float32, False, None
+        self.screen, self.exact_rows, self.approx_logits = quantize.lm_head_ops(model)
+
     def is_stale(self, model) -> bool:
         w = model.lm_head.weight
+        if self.quantized:
+            return id(w) != self.weight_key
         return (w.data_ptr(), w._version) != self.weight_key  # weights were trained or moved since
 
     def new_cache(self, batch: int, length: int):
         tr = self.model.transformer
-        p = tr.wte.weight
+        p = tr.wpe.weight
         shape = (len(tr.h), batch, self.n_head, length, self.head_dim)
         return torch.empty(shape, dtype=p.dtype, device=p.device), torch.empty(shape, dtype=p.dtype, device=p.device)
 
@@ -204,6 +242,8 @@ class _FastGPT2:
         if mask is None and T > 1 and start > 0:
             raise ValueError("multi-token steps after the first need an explicit mask")
         C = x.shape[-1]
+        if self.quantized:
+            return self._hidden_quantized(x, B, T, C, start, end, k_cache, v_cache, mask, causal)
         for i, (l1w, l1b, l1e, aw, ab, pw, pb, l2w, l2b, l2e, fw, fb, act, mw, mb) in enumerate(self.layers):
             # GPT-2's Conv1D is x @ W + b with W stored (in, out): addmm on the flattened rows.
             qkv = torch.addmm(ab, F.layer_norm(x, (C,), l1w, l1b, l1e).view(B * T, C), aw).view(B, T, 3, self.n_head, self.head_dim)
@@ -218,8 +258,24 @@ class _FastGPT2:
             x = x + torch.addmm(mb, hid, mw).view(B, T, C)
         return tr.ln_f(x)
 
+    def _hidden_quantized(self, x, B, T, C, start, end, k_cache, v_cache, mask, causal):
+        # As `hidden`, with each projection a callable (rows, in) -> (rows, out) over the quantized weight.
+        for i, (l1w, l1b, l1e, attn, proj, l2w, l2b, l2e, fc, act, mproj) in enumerate(self.layers):
+            qkv = attn(F.layer_norm(x, (C,), l1w, l1b, l1e).view(B * T, C)).view(B, T, 3, self.n_head, self.head_dim)
+            q = qkv[:, :, 0].transpose(1, 2)
+            k_cache[i, :, :, start:end] = qkv[:, :, 1].transpose(1, 2)
+            v_cache[i, :, :, start:end] = qkv[:, :, 2].transpose(1, 2)
+            y = F.scaled_dot_product_attention(
+                q, k_cache[i, :, :, :end], v_cache[i, :, :, :end], attn_mask=mask, is_causal=causal, scale=self.scales[i]
+            )
+            x = x + proj(y.transpose(1, 2).reshape(B * T, C)).view(B, T, C)
+            x = x + mproj(act(fc(F.layer_norm(x, (C,), l2w, l2b, l2e).view(B * T, C)))).view(B, T, C)
+        return self.model.transformer.ln_f(x)
+
     def logits(self, h):
         """Float32 logits of hidden states `h` (N, hidden)."""
+        if self.quantized:  # the library's F.linear: fp32 activations, exact for the quantized weights
+            return F.linear(h.float(), self.model.lm_head.weight).float()
         h = h.to(self.lm_head_dtype)
         if h.device.type == "cpu" and 1 < h.shape[0] <= 16:
             # MKL's GEMM for a few rows against a 50257-wide matrix costs several times one GEMV
@@ -240,7 +296,9 @@ class _FastGPT2:
         (penalties, bans) must be non-decreasing in z for each token; ids None means all tokens.
         """
         adjust = adjust or (lambda z, ids: z)
-        if self.screen is None or k * 8 > self.lm_head.shape[1]:
+        if self.screen is None or k * 8 > self.vocab:
+            if self.exact_rows is not None and k * 8 <= self.vocab:
+                return self._top_logits_int4(h, k, adjust)
             return torch.topk(adjust(self.logits(h), None), k)
         q, scale, half_scale = self.screen
         h = h.float()
@@ -254,8 +312,20 @@ class _FastGPT2:
         threshold = lower.topk(k).values[:, -1:]
         n = int((upper >= threshold).sum(-1).max())
         ids = upper.topk(n).indices  # every token whose exact logit can reach the k-th largest
-        rows = self.model.lm_head.weight.detach()[ids]  # (B, n, hidden)
+        # (B, n, hidden): rows of the fp32 weight, or of the quantized one as the model computes with it
+        rows = self.model.lm_head.weight.detach()[ids] if self.exact_rows is None else self.exact_rows(ids)
         exact = adjust(torch.bmm(rows, h[:, :, None])[..., 0], ids)
+        vals, pick = torch.topk(exact, k)
+        return vals, ids.gather(1, pick)
+
+    def _top_logits_int4(self, h, k: int, adjust):
+        # The int4 kernel with bf16 activations gives logits within ~0.5% of the int4 model's; the
+        # top 4k of those are rescored exactly (fp32) from their dequantized rows. Not a proven
+        # bound as for int8: a token near rank k whose logit is within that rounding may be swapped.
+        h = h.float()
+        approx = self.approx_logits(h)
+        ids = adjust(approx, None).topk(min(4 * k, self.vocab)).indices
+        exact = adjust(torch.bmm(self.exact_rows(ids), h[:, :, None])[..., 0], ids)
         vals, pick = torch.topk(exact, k)
         return vals, ids.gather(1, pick)
 

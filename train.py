@@ -39,6 +39,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+import quantize  # noqa: F401, I001  (before transformers: keeps torchao's import-time warnings off stderr)
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
 import dataset

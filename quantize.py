@@ -1,0 +1,545 @@
+"""INT8 / INT4 weight-only quantization of a GPT-2 for CPU inference, saved in a safe format.
+
+    python quantize.py --model_path logs/final_model --mode int8       # -> logs/final_model-int8
+    python quantize.py --model_path logs/final_model --mode int4 --out small-int4
+    python generate.py --model_path logs/final_model-int8               # loads like any model folder
+
+As a library:
+
+    from quantize import quantize_model, save_quantized, load_quantized
+    model = quantize_model(model, "int8")          # in place; returns the model
+    save_quantized(model, tokenizer, "out-int8", source_dir="logs/final_model")
+    model = load_quantized("out-int8")             # a GPT2LMHeadModel whose forward/generate work as usual
+
+What is quantized: every linear projection -- GPT-2's Conv1D layers (c_attn, c_proj, c_fc, mlp.c_proj,
+converted to nn.Linear first, since quantization libraries target nn.Linear and
+`torch.ao.quantization.quantize_dynamic(model, {nn.Linear})` silently skips Conv1D) -- and the LM head.
+The LM head is tied to the token embedding, and that 50257-row table is most of a small model, so it
+is stored ONCE, quantized; the embedding lookup dequantizes only the rows it looks up.
+
+  - int8: symmetric per-row (per output channel) int8 weights, bf16-exact fp32 scales
+    (torchao `Int8Tensor`, PerRow);
+  - int4: asymmetric group-wise uint4 weights (groups of `group_size` input features) with bf16
+    scales and zero points (torchao's CPU `Int4OpaqueTensor`, tinygemm layout, run by PyTorch's
+    `_weight_int4pack_mm_for_cpu`).
+
+Position embeddings, layer norms and biases stay fp32.
+
+Folder format (`save_quantized`): `quantization.json` (format, mode, group size, library and torch
+versions, the list of quantized weights), `model.safetensors` holding plain tensors only (for each
+quantized weight `<name>.qdata` int8 (N, K) or uint8 (N, K/2, two 4-bit codes per byte, low nibble
+first), `<name>.scale` and for int4 `<name>.zero`; all other tensors as they are), `config.json`,
+the tokenizer files and `generation_config.json`. Loading reads the safetensors file (no pickle,
+so no code from the file can run) and rebuilds the library's quantized tensors from those plain tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+MODES = ("int8", "int4")
+GROUP_SIZES = (32, 64, 128)  # what torchao's CPU int4 tensor accepts
+DEFAULT_GROUP_SIZE = 32
+QUANT_FILE = "quantization.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT = "gpt2-toolkit-quantized"
+FORMAT_VERSION = 1
+LM_HEAD = "lm_head.weight"
+PROJECTIONS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+COPIED_FILES = ("generation_config.json",)
+
+
+class QuantizationError(ValueError):
+    """A bad mode, path or model, or a mode this machine cannot run; the message says what to do."""
+
+
+# ----------------------------------------------------------------------------- library and kernels
+
+
+class _TorchaoImportNoise(logging.Filter):
+    """Drops the warnings torchao 0.18 logs on import on CPU-only machines: one per optional CUDA/MXFP8
+    extension it cannot load ("Failed to load .../torchao/_C_....so"), and torch 2.13's deprecation
+    notice for its enums ("... is an Enum subclass ... register_constant()"). Nothing else."""
+
+    def filter(self, record):
+        msg = record.getMessage()
+        if msg.startswith("Failed to load") and "torchao" in msg and ".so" in msg:
+            return False
+        return "is an Enum subclass and is now natively supported by torch.compile" not in msg
+
+
+def quiet_torchao_import() -> None:
+    """Install `_TorchaoImportNoise` (idempotent). transformers imports torchao whenever it is installed,
+    at its first model import, so the CLIs call this before importing transformers to keep stderr clean."""
+    for name in ("torchao", "torch.utils._pytree"):
+        lg = logging.getLogger(name)
+        if not any(isinstance(f, _TorchaoImportNoise) for f in lg.filters):
+            lg.addFilter(_TorchaoImportNoise())
+
+
+quiet_torchao_import()
+
+
+def _torchao():
+    """Import torchao (lazily: it pulls in torch._dynamo, a few seconds) or say how to install it."""
+    try:
+        import torchao
+        import torchao.prototype.quantization.int4  # noqa: F401  (the CPU int4 tensor)
+        import torchao.quantization  # noqa: F401
+    except ImportError as e:
+        raise QuantizationError(f"quantization needs torchao (pip install -r requirements.txt): {e}") from e
+    return torchao
+
+
+def check_mode(mode: str, group_size: int | None = None) -> None:
+    """Raise QuantizationError for an unknown mode or group size, or a mode this machine cannot run."""
+    if mode not in MODES:
+        raise QuantizationError(f"unknown quantization mode {mode!r}: choose one of {', '.join(MODES)}.")
+    if mode == "int4" and group_size is not None and group_size not in GROUP_SIZES:
+        raise QuantizationError(f"int4 group size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size}.")
+    if not _kernel_works(mode):
+        if mode == "int4":
+            raise QuantizationError(
+                "int4 needs PyTorch's CPU int4 kernels (aten._convert_weight_to_int4pack_for_cpu and "
+                "_weight_int4pack_mm_for_cpu), which this torch build or CPU cannot run: use --mode int8."
+            )
+        raise QuantizationError(
+            "int8 needs PyTorch's CPU int8 weight-only kernel (torch._weight_int8pack_mm), which this torch build "
+            "or CPU cannot run: keep the fp32 model."
+        )
+
+
+_KERNEL_OK: dict[str, bool] = {}
+
+
+def _kernel_works(mode: str) -> bool:
+    if mode not in _KERNEL_OK:
+        try:
+            with torch.no_grad():
+                if mode == "int8":
+                    q = torch.ones(8, 32, dtype=torch.int8)
+                    torch._weight_int8pack_mm(torch.ones(1, 32, dtype=torch.bfloat16), q, torch.ones(8, dtype=torch.bfloat16))
+                else:
+                    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.full((16, 32), 8, dtype=torch.int32), 1)
+                    sz = torch.zeros(1, 16, 2, dtype=torch.bfloat16)
+                    torch.ops.aten._weight_int4pack_mm_for_cpu(torch.ones(1, 32, dtype=torch.bfloat16), packed, 32, sz)
+            _KERNEL_OK[mode] = True
+        except (AttributeError, RuntimeError, NotImplementedError):
+            _KERNEL_OK[mode] = False
+    return _KERNEL_OK[mode]
+
+
+# ----------------------------------------------------------------------------- weights <-> plain tensors
+
+
+def _quantize_weight(w: torch.Tensor, mode: str, group_size: int) -> dict:
+    """Plain tensors (what is saved) for an (out, in) float weight."""
+    _torchao()
+    w = w.detach().float().cpu()
+    if mode == "int8":
+        from torchao.quantization import PerRow
+        from torchao.quantization.quantize_.workflows.int8.int8_tensor import Int8Tensor
+
+        # Scales rounded up to bf16 values: the CPU kernel takes bf16 scales, so it then computes
+        # with exactly the saved weights, and rounding up keeps every weight inside [-127, 127].
+        scale = ((w.abs().amax(1, keepdim=True) / 127).clamp(min=1e-12) * (1 + 2**-7)).bfloat16().float()
+        t = Int8Tensor.from_hp(w, PerRow(), scale=scale)
+        return {"qdata": t.qdata.contiguous(), "scale": t.scale.reshape(-1).bfloat16()}
+    from torchao.quantization.quant_primitives import (
+        MappingType,
+        _choose_qparams_affine_tinygemm,
+        _quantize_affine_tinygemm,
+    )
+
+    N, K = w.shape
+    if K % group_size:
+        raise QuantizationError(f"int4 groups of {group_size} do not divide the {K} input features of a layer: pick another --group_size.")
+    block = [1, group_size]
+    scale, zero = _choose_qparams_affine_tinygemm(w, MappingType.ASYMMETRIC, block, torch.int32, 0, 15, 1e-6, None, torch.float32)
+    # Saved in bf16 (as tinygemm keeps them); the codes are computed against the rounded values.
+    scale, zero = scale.reshape(N, -1).bfloat16(), zero.reshape(N, -1).bfloat16()
+    codes = _quantize_affine_tinygemm(w, block, scale.float(), zero.float(), torch.int32, 0, 15).to(torch.uint8)
+    return {"qdata": codes[:, 0::2] | (codes[:, 1::2] << 4), "scale": scale, "zero": zero}
+
+
+def _unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    return torch.stack([packed & 15, packed >> 4], -1).flatten(-2)
+
+
+def _library_weight(plain: dict, mode: str, group_size: int, shape) -> torch.Tensor:
+    """The torchao tensor for plain tensors: what nn.Linear / F.linear run with."""
+    _torchao()
+    N, K = shape
+    if mode == "int8":
+        from torchao.quantization.quantize_.workflows.int8.int8_tensor import Int8Tensor
+
+        return Int8Tensor(plain["qdata"], plain["scale"].float()[:, None], [1, K], torch.float32)
+    from torchao.prototype.quantization.int4 import Int4OpaqueTensor
+    from torchao.quantization.utils import pack_tinygemm_scales_and_zeros
+
+    codes = _unpack_int4(plain["qdata"]).to(torch.int32)
+    scale, zero = plain["scale"].float(), plain["zero"].float()
+    pad = -N % 16  # the CPU packing works on blocks of 16 rows (50257 vocabulary rows are not)
+    if pad:
+        codes = torch.cat([codes, torch.full((pad, K), 8, dtype=torch.int32)])
+        scale = torch.cat([scale, torch.ones(pad, scale.shape[1])])
+        zero = torch.cat([zero, torch.zeros(pad, zero.shape[1])])
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    return Int4OpaqueTensor(packed, pack_tinygemm_scales_and_zeros(scale, zero, torch.float32), [1, group_size], torch.Size(shape))
+
+
+def dequantize_rows(plain: dict, mode: str, group_size: int, ids) -> torch.Tensor:
+    """Float32 rows `ids` (a tensor of indices, or a slice) of a quantized (N, K) weight, without dequantizing the rest."""
+    q = plain["qdata"][ids]
+    if mode == "int8":
+        return q.float() * plain["scale"][ids].float()[..., None]
+    x = _unpack_int4(q).float()
+    x = x.view(*x.shape[:-1], -1, group_size)
+    return ((x - 8) * plain["scale"][ids].float()[..., None] + plain["zero"][ids].float()[..., None]).flatten(-2)
+
+
+class QuantizedEmbedding(nn.Module):
+    """Token embedding that reads the tied, quantized LM-head table (stored once) row by row."""
+
+    def __init__(self, lm_head: nn.Linear, mode: str, group_size: int):
+        super().__init__()
+        self.__dict__["_lm_head"] = lm_head  # not a submodule: the table belongs to lm_head alone
+        self.mode, self.group_size = mode, group_size
+        self.num_embeddings, self.embedding_dim = lm_head.weight.shape
+
+    @property
+    def weight(self):
+        return self._lm_head.weight
+
+    def forward(self, ids):
+        return dequantize_rows(self._lm_head.quant_plain, self.mode, self.group_size, ids)
+
+    def extra_repr(self):
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.mode}, tied to lm_head"
+
+
+class QuantizedLinear(nn.Linear):
+    """nn.Linear whose weight is a torchao quantized tensor (F.linear dispatches to the library).
+
+    One exception, for speed: an int4 layer given many rows at once (a prompt, perplexity windows)
+    multiplies by its dequantized weight in fp32, the same numbers as the library's kernel computes
+    with, since PyTorch's CPU int4 kernel is ~10x slower than fp32 GEMM with fp32 activations.
+    """
+
+    DEQUANTIZE_ROWS = 16
+
+    def forward(self, x):
+        if "zero" in self.quant_plain and x.numel() >= self.DEQUANTIZE_ROWS * x.shape[-1] and x.dtype == torch.float32:
+            w = dequantize_rows(self.quant_plain, "int4", self.weight.block_size[1], slice(None))
+            return F.linear(x, w, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+def _quantized_linear(plain: dict, mode: str, group_size: int, shape, bias: torch.Tensor | None) -> nn.Linear:
+    with torch.device("meta"):
+        lin = QuantizedLinear(shape[1], shape[0], bias=bias is not None)
+    lin.weight = nn.Parameter(_library_weight(plain, mode, group_size, shape), requires_grad=False)
+    if bias is not None:
+        lin.bias = nn.Parameter(bias.detach().float().cpu().contiguous(), requires_grad=False)
+    lin.quant_plain = plain  # the saved form; int8's tensors are the library tensor's own
+    return lin
+
+
+def _projection_weights(model):
+    """(module path, parent module, attribute, (out, in) weight, bias) of every Conv1D / Linear projection."""
+    for i, block in enumerate(model.transformer.h):
+        for name in PROJECTIONS:
+            owner_name, attr = name.split(".")
+            owner = getattr(block, owner_name)
+            mod = getattr(owner, attr)
+            w = mod.weight.t() if type(mod).__name__ == "Conv1D" else mod.weight  # Conv1D stores (in, out)
+            yield f"transformer.h.{i}.{name}", owner, attr, w, mod.bias
+
+
+def _check_gpt2(model) -> None:
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "model_type", None) != "gpt2" or not hasattr(model, "lm_head") or not hasattr(model, "transformer"):
+        kind = getattr(cfg, "model_type", type(model).__name__)
+        raise QuantizationError(f"quantize.py quantizes GPT-2 language models (GPT2LMHeadModel); got {kind!r}.")
+    if getattr(cfg, "add_cross_attention", False):
+        raise QuantizationError("GPT-2 with cross-attention is not supported.")
+    if getattr(model, "quantization", None):
+        raise QuantizationError(f"the model is already quantized ({model.quantization['mode']}).")
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def quantize_model(model, mode: str = "int8", group_size: int = DEFAULT_GROUP_SIZE):
+    """Quantize a GPT2LMHeadModel in place for CPU inference; returns it (in eval mode, on CPU).
+
+    `mode`: "int8" (per-row) or "int4" (group-wise, `group_size` input features per scale).
+    The model keeps working as a Hugging Face module: forward, generate, logits_to_keep.
+    """
+    check_mode(mode, group_size)
+    _check_gpt2(model)
+    if not model.config.tie_word_embeddings:
+        raise QuantizationError("the LM head is not tied to the token embedding; quantize.py stores the tied table once.")
+    model.to("cpu").float().eval()
+    with torch.no_grad():
+        for _, owner, attr, w, b in _projection_weights(model):
+            plain = _quantize_weight(w, mode, group_size)
+            setattr(owner, attr, _quantized_linear(plain, mode, group_size, tuple(w.shape), b))
+        _install_head(model, _quantize_weight(model.lm_head.weight, mode, group_size), mode, group_size)
+    model.quantization = {"mode": mode, "group_size": group_size if mode == "int4" else None}
+    return model
+
+
+def _install_head(model, plain: dict, mode: str, group_size: int) -> None:
+    shape = (model.config.vocab_size, model.config.n_embd)
+    model.lm_head = _quantized_linear(plain, mode, group_size, shape, None)
+    model.transformer.wte = QuantizedEmbedding(model.lm_head, mode, group_size)
+
+
+def is_quantized_folder(path) -> bool:
+    """Whether `path` is a folder written by `save_quantized` (it holds quantization.json)."""
+    return Path(path).expanduser().joinpath(QUANT_FILE).is_file()
+
+
+def save_quantized(model, tokenizer, out_dir, source_dir=None) -> Path:
+    """Write a quantized model (from `quantize_model`) as a loadable folder; atomic: a folder that
+    exists afterwards is complete. Files from `source_dir` (generation_config.json) are copied."""
+    import safetensors.torch
+    import torchao
+
+    recipe = getattr(model, "quantization", None)
+    if not recipe:
+        raise QuantizationError("the model is not quantized: call quantize_model(model, mode) first.")
+    out = Path(out_dir).expanduser()
+    tensors, quantized = {}, []
+    quantized_modules = {name: mod for name, mod in model.named_modules() if hasattr(mod, "quant_plain")}
+    for name, mod in quantized_modules.items():
+        quantized.append(f"{name}.weight")
+        for key, t in mod.quant_plain.items():
+            tensors[f"{name}.weight.{key}"] = t.contiguous()
+    for name, t in model.state_dict().items():
+        module = name.rsplit(".", 1)[0]
+        if module in quantized_modules and name.endswith(".weight"):
+            continue
+        tensors[name] = t.detach().contiguous()
+    info = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "mode": recipe["mode"],
+        "group_size": recipe["group_size"],
+        "library": "torchao",
+        "library_version": torchao.__version__,
+        "torch_version": torch.__version__.split("+")[0],
+        "tied_embedding": "transformer.wte reads the rows of lm_head.weight (stored once)",
+        "quantized": quantized,
+        "source": str(source_dir) if source_dir else None,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        safetensors.torch.save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt", "quantization": recipe["mode"]})
+        model.config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name in COPIED_FILES:
+            if source_dir and (Path(source_dir) / name).is_file():
+                shutil.copy2(Path(source_dir) / name, tmp / name)
+        (tmp / QUANT_FILE).write_text(json.dumps(info, indent=2) + "\n")  # last: marks the folder complete
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_info(path) -> dict:
+    """quantization.json of a quantized folder, checked."""
+    path = Path(path).expanduser()
+    try:
+        info = json.loads((path / QUANT_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise QuantizationError(f"{path / QUANT_FILE} cannot be read: {e}") from e
+    if info.get("format") != FORMAT or info.get("format_version", 0) > FORMAT_VERSION:
+        raise QuantizationError(f"{path / QUANT_FILE} is not a format this quantize.py reads "
+                                f"(format {info.get('format')!r} version {info.get('format_version')!r}).")
+    if info.get("mode") not in MODES:
+        raise QuantizationError(f"{path / QUANT_FILE}: unknown quantization mode {info.get('mode')!r}.")
+    return info
+
+
+def load_quantized(path, device="cpu"):
+    """The model of a folder written by `save_quantized`, in eval mode on the CPU.
+
+    Reads only JSON and safetensors (no pickle). Raises QuantizationError when the folder is not a
+    quantized model, or the machine cannot run its mode, FileNotFoundError when files are missing.
+    """
+    import safetensors.torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    path = Path(path).expanduser()
+    if torch.device(device).type != "cpu":
+        raise QuantizationError(f"quantized models run on the CPU (its int8/int4 kernels); got device {device}. "
+                                "Load the fp32 model for GPUs.")
+    if not is_quantized_folder(path):
+        raise QuantizationError(f"{path} is not a quantized model folder (no {QUANT_FILE}): run quantize.py on it first.")
+    info = read_info(path)
+    mode, group_size = info["mode"], info.get("group_size") or DEFAULT_GROUP_SIZE
+    check_mode(mode, group_size)
+    if not (path / WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(f"{path} has {QUANT_FILE} but no {WEIGHTS_FILE}: the folder was copied partially.")
+    config = GPT2Config.from_pretrained(path)
+    tensors = safetensors.torch.load_file(path / WEIGHTS_FILE, device="cpu")
+    with torch.device("meta"):
+        model = GPT2LMHeadModel(config)
+    with torch.no_grad():
+        for name, owner, attr, w, _ in _projection_weights(model):
+            plain = _take(tensors, f"{name}.weight", path)
+            bias = tensors.pop(f"{name}.bias", None)
+            setattr(owner, attr, _quantized_linear(plain, mode, group_size, tuple(w.shape), bias))
+        _install_head(model, _take(tensors, LM_HEAD, path), mode, group_size)
+        missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+    missing = [k for k in missing if k.rsplit(".", 1)[0] not in _quantized_names(model)]  # those are set above
+    if missing or unexpected:
+        raise QuantizationError(f"{path / WEIGHTS_FILE} does not match config.json: missing {missing[:5]}, unexpected {unexpected[:5]}.")
+    model.quantization = {"mode": mode, "group_size": group_size if mode == "int4" else None}
+    model.name_or_path = str(path)
+    return model.eval()
+
+
+def _take(tensors: dict, name: str, path) -> dict:
+    keys = [k for k in list(tensors) if k.startswith(name + ".") and k[len(name) + 1 :] in ("qdata", "scale", "zero")]
+    if not keys:
+        raise QuantizationError(f"{path / WEIGHTS_FILE} lacks the quantized weight {name}.")
+    return {k[len(name) + 1 :]: tensors.pop(k) for k in keys}
+
+
+def _quantized_names(model) -> set:
+    return {name for name, mod in model.named_modules() if hasattr(mod, "quant_plain")}
+
+
+def folder_size(path) -> int:
+    """Bytes of the weights file(s) of a model folder."""
+    path = Path(path)
+    return sum(f.stat().st_size for f in path.iterdir() if f.name.startswith(("model", "pytorch_model")) and f.is_file())
+
+
+# ----------------------------------------------------------------------------- fast decode support (generate.py)
+
+
+def projection(lin: nn.Linear):
+    """A callable x (rows, in) fp32 -> x @ W^T + b (fp32) for a quantized projection, via the CPU kernels.
+
+    Activations go in as bf16: PyTorch's weight-only kernels are ~10x slower with fp32 activations
+    on CPUs without native bf16 (measured), and the output is converted back to fp32.
+    """
+    w, b = lin.weight, lin.bias
+    if "zero" not in lin.quant_plain:  # int8
+        q, s = w.qdata, lin.quant_plain["scale"]
+        return lambda x: torch._weight_int8pack_mm(x.bfloat16(), q, s) + b
+    packed, g, n = w.qdata, w.block_size[1], w.shape[0]
+    sz = w.scale_and_zero.bfloat16()
+    if n % 16:  # padded rows (the LM head)
+        return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), packed, g, sz)[:, :n].float() + (0 if b is None else b)
+    if b is None:
+        return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), packed, g, sz).float()
+    return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), packed, g, sz) + b
+
+
+def lm_head_ops(model):
+    """(screen, exact_rows, approx_logits) for generate.py's top_logits on a quantized LM head.
+
+    int8: screen = (int8 weight, bf16-exact scales, zero weight-rounding error) for
+    `_weight_int8pack_mm`, exact_rows(ids) -> the fp32 rows the quantized model computes with.
+    int4: no proven screen; approx_logits(h) -> fp32 logits from the int4 kernel (bf16 activations).
+    """
+    lin = model.lm_head
+    plain, mode, g = lin.quant_plain, model.quantization["mode"], model.quantization["group_size"]
+
+    def exact_rows(ids):
+        return dequantize_rows(plain, mode, g, ids)
+
+    if mode == "int8":
+        scale = plain["scale"].float()
+        return (plain["qdata"], scale, torch.zeros_like(scale)), exact_rows, None
+    return None, exact_rows, projection(lin)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+@dataclass
+class QuantizeArguments:
+    """Quantize a GPT-2 trained by train.py to int8 or int4 for CPU inference (see README, Quantize)."""
+
+    model_path: str = field(default="logs/final_model", metadata={"help": "Model folder to quantize (train.py's logs/final_model, a checkpoint-N folder)."})
+    mode: str = field(default="int8", metadata={"help": "int8: per-row int8 weights (~1/4 of fp32); int4: group-wise 4-bit weights (~1/6)."})
+    out: str | None = field(default=None, metadata={"help": "Output folder; default <model_path>-<mode>. Replaced atomically if it exists."})
+    group_size: int = field(default=DEFAULT_GROUP_SIZE, metadata={"help": f"int4 only: input features per scale/zero point, one of {', '.join(map(str, GROUP_SIZES))} (smaller: more accurate, larger file)."})
+
+
+def parse_args(argv=None) -> QuantizeArguments:
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(QuantizeArguments, description=QuantizeArguments.__doc__)
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    return args
+
+
+def _check_source(path: Path) -> None:
+    config = path / "config.json"
+    if path.is_dir() and config.is_file():
+        try:
+            model_type = json.loads(config.read_text()).get("model_type")
+        except (OSError, json.JSONDecodeError) as e:
+            raise QuantizationError(f"{config} cannot be read: {e}") from e
+        if model_type != "gpt2":
+            raise QuantizationError(f"{path} holds a {model_type!r} model; quantize.py quantizes GPT-2 models.")
+    if is_quantized_folder(path):
+        raise QuantizationError(f"{path} is already quantized; pass the fp32 model folder.")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        check_mode(args.mode, args.group_size)
+        import generate
+
+        src = Path(args.model_path).expanduser()
+        _check_source(src)
+        out = Path(args.out).expanduser() if args.out else src.with_name(f"{src.name}-{args.mode}")
+        if out.resolve() == src.resolve():
+            raise QuantizationError("--out must differ from --model_path.")
+        tokenizer, model, _ = generate.load_model(src, device="cpu", dtype=torch.float32)
+        quantize_model(model, args.mode, args.group_size)
+        save_quantized(model, tokenizer, out, source_dir=src if src.is_dir() else None)
+        before, after = folder_size(src) if src.is_dir() else None, folder_size(out)
+        what = f"{args.mode}" + (f", groups of {args.group_size}" if args.mode == "int4" else "")
+        if before:
+            print(f"{src}: {before / 1e6:.1f} MB -> {out}: {after / 1e6:.1f} MB ({what}, {after / before:.1%} of the original)")
+        else:
+            print(f"{out}: {after / 1e6:.1f} MB ({what})")
+    except (QuantizationError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
