@@ -10,9 +10,11 @@ As a library:
     generate_batch(tokenizer, model, device, ["Hi", "Once upon"], max_length=60)   # -> list[str]
 
 Why not `model.generate` or a pipeline: for the small models this toolkit trains, a CPU decode
-step is fixed costs, not transformer math. `_FastGPT2` runs the model's own modules and weights
+step is fixed costs, not transformer math. `_FastGPT2` runs functional ops over the model's own weights
 with a preallocated KV cache and samples with HF's semantics (repetition penalty, then
 temperature, top-k, top-p), and on CPU it
+  - finds the top-k (and greedy) tokens through an int8 screen of the LM head with a proven
+    error bound, then computes exact fp32 logits for the few survivors (`top_logits`),
   - keeps a (hidden, vocab) copy of the tied LM-head weight: the 50257-wide product, most of a
     step, runs 2-3x faster than in nn.Linear's layout, and exactly (fp32); on CPUs with native
     bf16 matmul it uses bf16 instead (see `_lm_head_dtype`),
