@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -37,7 +36,7 @@ import torch  # noqa: E402
 import evaluation as ev  # noqa: E402
 import generate as G  # noqa: E402
 import quantize as Q  # noqa: E402
-from generate_bench import PROMPT, SHAKESPEARE, FALLBACK_TEXT, STANDIN, new_tokens, train_standin  # noqa: E402
+from generate_bench import FALLBACK_TEXT, PROMPT, SHAKESPEARE, STANDIN, new_tokens, race, train_standin  # noqa: E402
 
 VARIANTS = ("fp32", "bf16", "int8", "int4")
 
@@ -62,19 +61,6 @@ def held_out(path: Path, tokenizer):
     else:
         docs, desc = [FALLBACK_TEXT], "built-in paragraph"
     return (lambda model: ev.evaluate_texts(model, tokenizer, docs, stride=256, context=256, progress=False)), desc
-
-
-def race(cases: dict, reps: int) -> dict:
-    """Median tokens/s per case; cases interleaved, after one warm-up each."""
-    for fn in cases.values():
-        fn()
-    rates = {name: [] for name in cases}
-    for _ in range(reps):
-        for name, fn in cases.items():
-            t0 = time.perf_counter()
-            n = fn()
-            rates[name].append(n / (time.perf_counter() - t0))
-    return {name: statistics.median(r) for name, r in rates.items()}
 
 
 def main():

@@ -28,3 +28,17 @@ def tokenizer():
     from gpt2_tokenizer import load_tokenizer
 
     return load_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory, tokenizer):
+    """A random 2-layer, 64-wide GPT-2 saved with the tokenizer: the model for sampling/serving tests."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, n_positions=128))
+    path = tmp_path_factory.mktemp("tiny") / "final_model"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

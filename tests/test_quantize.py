@@ -4,6 +4,7 @@ generate.py and evaluation.py, and the errors."""
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,14 +21,9 @@ PROMPT = "The quick brown fox jumps over"
 
 
 @pytest.fixture(scope="session")
-def fp32_dir(tmp_path_factory, tokenizer):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, n_positions=128))
+def fp32_dir(tmp_path_factory, tiny_gpt2_dir):
     path = tmp_path_factory.mktemp("q") / "final_model"
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    shutil.copytree(tiny_gpt2_dir, path)
     (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 50256, "eos_token_id": 50256}))
     return path
 

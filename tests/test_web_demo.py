@@ -13,7 +13,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import torch
 
 import generate as G
 import web_demo as W
@@ -24,15 +23,8 @@ KEY = "test-key-123"
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, n_positions=128))
-    path = tmp_path_factory.mktemp("tiny") / "final_model"
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+def model_dir(tiny_gpt2_dir):
+    return tiny_gpt2_dir
 
 
 @pytest.fixture(scope="module")
