@@ -7,13 +7,18 @@ Same model (GPT-2, 4 layers, 256 wide, 4 heads, block 128), same data (the WebTe
 ../shared/data, or the built-in corpus without it, split by document), same machine. The original
 recipe, re-implemented faithfully: a from-scratch GPT2LMHeadModel trained by the Trainer with its
 settings (learning rate 5e-5, warmup 500, weight decay 0.01, fp32 on CPU, DataCollatorForLanguageModeling).
-Tokens/s is measured over the steps after a warm-up, each configuration in its own subprocess.
+nanoGPT's training loop, re-implemented from its train.py/model.py defaults for a CPU: its GPT (no
+biases, tied embedding, vocabulary padded to 50304, exact GELU, SDPA attention), AdamW with betas
+(0.9, 0.95) and weight decay 0.1 (unfused off CUDA), gradient clipping at 1.0, fp32 eager, random
+128-token windows of the same training tokens. Tokens/s is measured over the steps after a
+warm-up, each configuration in its own subprocess.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -91,6 +96,76 @@ def run_original(batch: int, steps: int, out: str, evaluate: bool) -> dict:
     return {"tokens_per_s": timer.steps * batch * BLOCK / (timer.end - timer.start), "val_loss": val_loss}
 
 
+def run_nanogpt(batch: int, steps: int, out: str, evaluate: bool) -> dict:
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    sys.path.insert(0, str(ROOT))
+    from dataset import get_dataset_and_tokenizer
+
+    _, train_ds, _ = get_dataset_and_tokenizer(block_size=BLOCK, **data_kwargs())
+    tokens = np.concatenate([np.asarray(ids, dtype=np.uint16) for ids in train_ds["input_ids"]])
+    n_layer, n_embd, n_head, vocab = SHAPE["n_layer"], SHAPE["n_embd"], SHAPE["n_head"], 50304
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln_1, self.ln_2 = nn.LayerNorm(n_embd, bias=False), nn.LayerNorm(n_embd, bias=False)
+            self.c_attn, self.attn_proj = nn.Linear(n_embd, 3 * n_embd, bias=False), nn.Linear(n_embd, n_embd, bias=False)
+            self.c_fc, self.mlp_proj = nn.Linear(n_embd, 4 * n_embd, bias=False), nn.Linear(4 * n_embd, n_embd, bias=False)
+
+        def forward(self, x):
+            B, T, C = x.shape
+            q, k, v = (t.view(B, T, n_head, C // n_head).transpose(1, 2) for t in self.c_attn(self.ln_1(x)).split(C, 2))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
+            x = x + self.attn_proj(y)
+            return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x))))
+
+    class GPT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte, self.wpe = nn.Embedding(vocab, n_embd), nn.Embedding(BLOCK, n_embd)
+            self.h, self.ln_f = nn.ModuleList(Block() for _ in range(n_layer)), nn.LayerNorm(n_embd, bias=False)
+            self.lm_head = nn.Linear(n_embd, vocab, bias=False)
+            self.wte.weight = self.lm_head.weight
+            for name, p in self.named_parameters():
+                if p.dim() == 2:
+                    std = 0.02 / math.sqrt(2 * n_layer) if name.endswith("proj.weight") else 0.02
+                    nn.init.normal_(p, 0.0, std)
+
+        def forward(self, idx, targets):
+            x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
+            for block in self.h:
+                x = block(x)
+            logits = self.lm_head(self.ln_f(x))
+            return F.cross_entropy(logits.view(-1, vocab), targets.view(-1), ignore_index=-1)
+
+    torch.manual_seed(1337)
+    model = GPT()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+                                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                                  lr=6e-4, betas=(0.9, 0.95))
+
+    def get_batch():
+        ix = torch.randint(len(tokens) - BLOCK, (batch,))
+        x = torch.stack([torch.from_numpy(tokens[i:i + BLOCK].astype(np.int64)) for i in ix])
+        y = torch.stack([torch.from_numpy(tokens[i + 1:i + 1 + BLOCK].astype(np.int64)) for i in ix])
+        return x, y
+
+    for step in range(steps):
+        if step == WARMUP_STEPS:
+            start = time.perf_counter()
+        loss = model(*get_batch())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return {"tokens_per_s": (steps - WARMUP_STEPS) * batch * BLOCK / (time.perf_counter() - start), "val_loss": None}
+
+
 def measure(which: str, batch: int, steps: int, evaluate: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, __file__, "--worker", which, "--batch", str(batch), "--steps", str(steps), "--out", out]
@@ -109,12 +184,14 @@ def main(cli):
           f"data: {'WebText sample' if WEBTEXT.is_file() else 'built-in corpus'}; {cli.steps} timed steps after {WARMUP_STEPS}.")
     rows = []
     for batch in (2, 16):
-        original = measure("original", batch, cli.steps + WARMUP_STEPS)
-        ours = measure("ours", batch, cli.steps + WARMUP_STEPS)
-        rows.append((batch, original["tokens_per_s"], ours["tokens_per_s"]))
-    print("\n| batch | original recipe tok/s | our train.py tok/s | speedup |\n|---:|---:|---:|---:|")
-    for batch, o, u in rows:
-        print(f"| {batch} | {o:,.0f} | {u:,.0f} | {u / o:.2f}x |")
+        original = measure("original", batch, cli.steps + WARMUP_STEPS)["tokens_per_s"]
+        nanogpt = measure("nanogpt", batch, cli.steps + WARMUP_STEPS)["tokens_per_s"]
+        ours = measure("ours", batch, cli.steps + WARMUP_STEPS)["tokens_per_s"]
+        rows.append((batch, original, nanogpt, ours))
+    print("\n| batch | original recipe tok/s | nanoGPT tok/s | our train.py tok/s | vs original | vs nanoGPT |"
+          "\n|---:|---:|---:|---:|---:|---:|")
+    for batch, o, n, u in rows:
+        print(f"| {batch} | {o:,.0f} | {n:,.0f} | {u:,.0f} | {u / o:.2f}x | {u / n:.2f}x |")
     if cli.loss_steps:
         original = measure("original", 16, cli.loss_steps, evaluate=True)
         ours = measure("ours", 16, cli.loss_steps, evaluate=True)
@@ -126,13 +203,13 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10, help="Timed steps per configuration.")
     parser.add_argument("--loss_steps", type=int, default=0, help="Also train this many steps at batch 16 and compare val loss.")
-    parser.add_argument("--worker", choices=["ours", "original"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["ours", "original", "nanogpt"], help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--evaluate", action="store_true", help=argparse.SUPPRESS)
     cli = parser.parse_args()
     if cli.worker:
-        run = run_ours if cli.worker == "ours" else run_original
+        run = {"ours": run_ours, "original": run_original, "nanogpt": run_nanogpt}[cli.worker]
         print("RESULT " + json.dumps(run(cli.batch, cli.steps, cli.out, cli.evaluate)))
     else:
         main(cli)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import PRESETS, count_parameters, get_model
+from model import PRESETS, count_parameters, get_model, lm_head_loss
 
 TINY = dict(n_layer=2, n_embd=32, n_head=2)
 
@@ -74,3 +74,43 @@ def test_import_has_no_side_effects():
                          cwd=Path(__file__).parents[1], env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout == ""
+
+
+# ----------------------------------------------------------------------------------------------
+# lm_head_loss: the model's loss without its logits
+
+
+@pytest.mark.parametrize("chunk_size", [1024, 1000, 50257])  # whole chunks, a ragged last one, a single chunk
+def test_lm_head_loss_equals_the_models_loss_and_gradients(chunk_size):
+    torch.manual_seed(0)
+    model = get_model(n_layer=1, n_embd=32, n_head=2, dropout=0.0, verbose=False)
+    ids = torch.randint(0, 50257, (3, 12))
+    labels = ids.clone()
+    labels[0, :4] = -100  # ignored positions, as padding or prompts would be
+
+    for num_items in (None, torch.tensor(40)):  # the mean, and the Trainer's sum / tokens in the accumulated batch
+        model.zero_grad()
+        expected = model(input_ids=ids, labels=labels, num_items_in_batch=num_items).loss
+        (expected * 3).backward()  # a gradient scale other than 1, as under gradient accumulation
+        expected_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+
+        model.zero_grad()
+        hidden = model.transformer(ids).last_hidden_state
+        loss = lm_head_loss(hidden, model.lm_head.weight, labels, num_items, chunk_size=chunk_size)
+        (loss * 3).backward()
+        torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, expected_grads[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_lm_head_loss_without_gradients_and_with_large_logits():
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 5, 8) * 30  # logits in the thousands: exp would overflow without the max shift
+    weight = torch.randn(100, 8)
+    labels = torch.randint(0, 100, (2, 5))
+    logits = hidden @ weight.t()
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 100), labels[:, 1:].reshape(-1))
+    with torch.no_grad():
+        loss = lm_head_loss(hidden, weight, labels, chunk_size=16)
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-4)

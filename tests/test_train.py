@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import train as train_mod
+from model import lm_head_loss
 from train import COMPLETE, main, parse_args, resolve_defaults, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,6 +199,23 @@ def test_full_run_outputs(tmp_path, corpus, cache_dir):
     generator = pipeline("text-generation", model=str(final))  # no code of ours needed
     text = generator("Hello", max_new_tokens=5, do_sample=False)[0]["generated_text"]
     assert text.startswith("Hello") and len(text) > len("Hello")
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_fused_loss_trains_like_the_models_own_loss(tmp_path, corpus, cache_dir, accumulation, monkeypatch):
+    calls = []
+    monkeypatch.setattr(train_mod, "lm_head_loss", lambda *a, **k: calls.append(1) or lm_head_loss(*a, **k))
+    runs = {}
+    for fused in ("on", "off"):
+        out, calls[:] = tmp_path / fused, []
+        train(**tiny_kwargs(out, corpus, cache_dir, max_steps=6, save_strategy="no", fused_loss=fused,
+                            gradient_accumulation_steps=accumulation))
+        runs[fused] = final_state(out)
+        assert bool(calls) == (fused == "on")
+    (on_weights, on_metrics), (off_weights, off_metrics) = runs["on"], runs["off"]
+    assert on_metrics["eval_loss"] == pytest.approx(off_metrics["eval_loss"], abs=1e-4)
+    for name in on_weights:
+        torch.testing.assert_close(on_weights[name], off_weights[name], rtol=0, atol=1e-4, msg=name)
 
 
 # ----------------------------------------------------------------------------------------------
