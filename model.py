@@ -103,7 +103,7 @@ def get_model(
             attn_pdrop=p,
             bos_token_id=bos_token_id,
             eos_token_id=eos_token_id,
-            **config_kwargs,
+            **{"activation_function": "gelu_pytorch_tanh", **config_kwargs},  # GPT-2's tanh GELU as one fused op
         )
         model = GPT2LMHeadModel._from_config(config, attn_implementation=attn_implementation)
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
+import logging
 import math
 import os
 import shutil
@@ -406,11 +407,18 @@ class FusedCausalLMLoss:
     """The Trainer's compute_loss_func: GPT-2's loss by model.lm_head_loss from the final hidden states.
 
     A forward hook on model.transformer hands over the hidden states, so the model still runs through
-    its DDP wrapper (gradient sync) and the Trainer keeps its own loss scaling and accumulation."""
+    its DDP wrapper (gradient sync) and the Trainer keeps its own loss scaling and accumulation.
 
-    def __init__(self, model):
+    With a tied embedding in a single process, the embedding's gradient is made sparse: the loss
+    already forms the table's dense gradient, and the looked-up rows are added into it, instead of
+    a second dense table of zeros (DDP expects the layout it saw when wrapping, so not there)."""
+
+    def __init__(self, model, sparse_embedding: bool = True):
         self.model, self.hidden = model, None
         self.hook = model.transformer.register_forward_hook(self._keep)
+        wte = model.transformer.wte
+        self.sparse_embedding = sparse_embedding and wte.weight is model.lm_head.weight and not wte.sparse
+        wte.sparse = wte.sparse or self.sparse_embedding
 
     def _keep(self, module, args, output):
         self.hidden = output.last_hidden_state
@@ -421,6 +429,14 @@ class FusedCausalLMLoss:
 
     def remove(self):
         self.hook.remove()
+        if self.sparse_embedding:
+            self.model.transformer.wte.sparse = False
+
+
+def not_the_padding_warning(record: logging.LogRecord) -> bool:
+    """Log filter: training blocks are never padded, but an EOS between two documents at a block's edge
+    looks like padding to transformers, which then recommends an attention mask."""
+    return "since your input_ids may be padded" not in record.getMessage()
 
 
 def use_fused_loss(args: TrainArguments) -> bool:
@@ -707,7 +723,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, args: TrainArgumen
     callbacks = [LocalMetricsCallback(args.output_dir), stop, DebugCallback()]
     if args.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience))
-    fused_loss = FusedCausalLMLoss(model) if use_fused_loss(args) else None
+    logging.getLogger("transformers.modeling_utils").addFilter(not_the_padding_warning)
+    fused_loss = FusedCausalLMLoss(model, sparse_embedding=args.world_size == 1) if use_fused_loss(args) else None
     trainer = GPT2Trainer(
         model=model,
         args=args,
@@ -722,8 +739,11 @@ def run(model_args: ModelArguments, data_args: DataArguments, args: TrainArgumen
     stop.install()
     try:
         train_result = trainer.train(resume_from_checkpoint=resume_from)
+        eval_metrics = trainer.evaluate() if val_ds is not None and not stop.stopped else {}
     finally:
         stop.uninstall()
+        if fused_loss is not None:
+            fused_loss.remove()  # the model is plain Hugging Face again: it samples below with its logits
     result: dict[str, Any] = {"output_dir": str(out), "global_step": trainer.state.global_step,
                               "train_metrics": train_result.metrics, "interrupted": stop.stopped}
     if stop.stopped:
@@ -734,9 +754,6 @@ def run(model_args: ModelArguments, data_args: DataArguments, args: TrainArgumen
         _finish_wandb()
         return result
 
-    eval_metrics = trainer.evaluate() if val_ds is not None else {}
-    if fused_loss is not None:
-        fused_loss.remove()  # the final model generates samples next, with its logits
     eval_metrics["step"] = trainer.state.global_step
     if args.should_log and val_ds is not None:
         print(f"Validation loss {eval_metrics['eval_loss']:.4f}, perplexity {eval_metrics['eval_perplexity']:.2f} "
