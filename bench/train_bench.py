@@ -1,4 +1,4 @@
-"""Training throughput: our train.py against the original recipe, side by side in one run.
+"""Training throughput: our train.py against the original recipe and nanoGPT, side by side in one run.
 
     python bench/train_bench.py                        # throughput at batch 2 and 16 (WebText sample)
     python bench/train_bench.py --loss_steps 150       # plus val loss after 150 steps x 2048 tokens

@@ -121,7 +121,8 @@ def test_help_lists_every_flag_with_help():
                  "learning_rate", "save_steps", "eval_steps", "report_to", "seed", "resume", "resume_from_checkpoint",
                  "early_stopping_patience", "preset", "ddp_backend", "fsdp"):
         assert f"--{flag} " in out.stdout or f"--{flag}\n" in out.stdout, flag
-    assert "6e-4 from scratch, 5e-5 with --init_from" in " ".join(out.stdout.split())
+    help_text = " ".join(out.stdout.split())
+    assert "6e-4 at 768 (GPT-2 124M)" in help_text and "5e-5 with --init_from" in help_text
 
 
 def test_config_file_json_and_yaml(tmp_path):
@@ -136,10 +137,12 @@ def test_config_file_json_and_yaml(tmp_path):
 def test_defaults_on_cpu():
     m, d, t = parse_args([])
     assert t.output_dir == "logs" and t.report_to == ["wandb"] and t.weight_decay == 0.01
-    assert t.lr_scheduler_type.value == "cosine" and not (t.fp16 or t.bf16)
+    assert t.lr_scheduler_type.value == "linear" and not (t.fp16 or t.bf16)
     resolve_defaults(m, d, t)
     assert (m.preset, m.n_layer, m.n_embd, m.n_head, d.block_size) == ("small", 4, 256, 4, 128)
-    assert t.learning_rate == 6e-4 and t.max_steps == train_mod.CPU_MAX_STEPS
+    assert t.learning_rate == 1e-3 and t.max_steps == train_mod.CPU_MAX_STEPS
+    # From scratch the learning rate follows the width, as in GPT-3's table.
+    assert [train_mod.scratch_learning_rate(w) for w in (64, 768, 1024, 1280, 1600)] == [1e-3, 6e-4, 3e-4, 2.5e-4, 2e-4]
     # Warmup: 500 steps, but never more than 10% of the run.
     assert t.get_warmup_steps(100) == 10 and t.get_warmup_steps(100_000) == 500
     m, d, t = parse_args(["--init_from", "some/model"])
@@ -148,6 +151,15 @@ def test_defaults_on_cpu():
     m, d, t = parse_args(["--learning_rate", "1e-3"])
     resolve_defaults(m, d, t)
     assert t.learning_rate == 1e-3
+
+
+def test_fused_loss_is_used_in_fp32_on_cpu_only():
+    assert train_mod.use_fused_loss(parse_args([])[2])
+    assert not train_mod.use_fused_loss(parse_args(["--precision", "bf16", "--use_cpu", "true"])[2])
+    assert not train_mod.use_fused_loss(parse_args(["--fused_loss", "off"])[2])
+    assert not train_mod.use_fused_loss(parse_args(["--label_smoothing_factor", "0.1"])[2])
+    with pytest.raises(train_mod.UserError, match="label smoothing"):
+        train_mod.use_fused_loss(parse_args(["--fused_loss", "on", "--label_smoothing_factor", "0.1"])[2])
 
 
 def test_unknown_train_kwarg_is_refused():
