@@ -65,6 +65,7 @@ def get_model(
     With `init_from` (a local Hugging Face model folder or a Hub name) the pretrained weights and
     shape are loaded instead, to fine-tune; only `dropout` and `config_kwargs` are applied on top.
     """
+    import quantize  # noqa: F401, I001  (first: transformers imports torchao, whose import-time warnings it hides)
     from transformers import GPT2Config, GPT2LMHeadModel
 
     if init_from is not None:

@@ -76,6 +76,14 @@ def test_import_has_no_side_effects():
     assert out.stdout == ""
 
 
+def test_building_a_model_keeps_stderr_clean():
+    # transformers imports torchao at its first model; torchao's import-time warnings stay hidden.
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}
+    code = "from model import get_model; get_model(n_layer=1, n_embd=32, n_head=2, verbose=False)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1], env=env)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+
+
 # ----------------------------------------------------------------------------------------------
 # lm_head_loss: the model's loss without its logits
 
