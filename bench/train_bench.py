@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -181,13 +182,16 @@ def main(cli):
     import torch
 
     print(f"CPU, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"data: {'WebText sample' if WEBTEXT.is_file() else 'built-in corpus'}; {cli.steps} timed steps after {WARMUP_STEPS}.")
+          f"data: {'WebText sample' if WEBTEXT.is_file() else 'built-in corpus'}; {cli.steps} timed steps after {WARMUP_STEPS}, "
+          f"median of {cli.repeats} interleaved runs.")
     rows = []
     for batch in (2, 16):
-        original = measure("original", batch, cli.steps + WARMUP_STEPS)["tokens_per_s"]
-        nanogpt = measure("nanogpt", batch, cli.steps + WARMUP_STEPS)["tokens_per_s"]
-        ours = measure("ours", batch, cli.steps + WARMUP_STEPS)["tokens_per_s"]
-        rows.append((batch, original, nanogpt, ours))
+        # Interleaved repeats, medians: this shared machine's speed drifts by tens of percent within minutes.
+        runs = {which: [] for which in ("original", "nanogpt", "ours")}
+        for _ in range(cli.repeats):
+            for which, speeds in runs.items():
+                speeds.append(measure(which, batch, cli.steps + WARMUP_STEPS)["tokens_per_s"])
+        rows.append((batch, *(statistics.median(runs[w]) for w in ("original", "nanogpt", "ours"))))
     print("\n| batch | original recipe tok/s | nanoGPT tok/s | our train.py tok/s | vs original | vs nanoGPT |"
           "\n|---:|---:|---:|---:|---:|---:|")
     for batch, o, n, u in rows:
@@ -202,6 +206,7 @@ def main(cli):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10, help="Timed steps per configuration.")
+    parser.add_argument("--repeats", type=int, default=3, help="Runs per configuration, interleaved; the table shows medians.")
     parser.add_argument("--loss_steps", type=int, default=0, help="Also train this many steps at batch 16 and compare val loss.")
     parser.add_argument("--worker", choices=["ours", "original", "nanogpt"], help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
