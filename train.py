@@ -431,7 +431,8 @@ class FusedCausalLMLoss:
         self.hook = model.transformer.register_forward_hook(self._keep)
         wte = model.transformer.wte
         self.sparse_embedding = sparse_embedding and wte.weight is model.lm_head.weight and not wte.sparse
-        wte.sparse = wte.sparse or self.sparse_embedding
+        if self.sparse_embedding:
+            wte.sparse = True
 
     def _keep(self, module, args, output):
         self.hidden = output.last_hidden_state

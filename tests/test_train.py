@@ -148,9 +148,9 @@ def test_defaults_on_cpu():
     m, d, t = parse_args(["--init_from", "some/model"])
     resolve_defaults(m, d, t)
     assert t.learning_rate == 5e-5
-    m, d, t = parse_args(["--learning_rate", "1e-3"])
+    m, d, t = parse_args(["--learning_rate", "2e-3"])  # not the default, so the explicit value is seen to win
     resolve_defaults(m, d, t)
-    assert t.learning_rate == 1e-3
+    assert t.learning_rate == 2e-3
 
 
 def test_fused_loss_is_used_in_fp32_on_cpu_only():
