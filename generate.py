@@ -7,7 +7,7 @@ As a library:
 
     tokenizer, model, device = load_model("logs/final_model")
     generate_once(tokenizer, model, device, "To be, or not")            # -> str, prompt + completion
-    generate_batch(tokenizer, model, device, ["Hi", "Once upon"], max_length=60)   # -> list[str]
+    generate_batch(tokenizer, model, device, "Once upon", max_length=60)   # -> [{"generated_text": ...}, ...]
 
 Why not `model.generate` or a pipeline: for the small models this toolkit trains, a CPU decode
 step is fixed costs, not transformer math. `_FastGPT2` runs functional ops over the model's own weights
@@ -183,7 +183,7 @@ class _FastGPT2:
         gelu = _functional_gelu(cfg.activation_function)
         self.layers = []
         self.vocab = cfg.vocab_size
-        self.exact_rows = None
+        self.exact_rows = self.approx_logits = None
         self.quantized = bool(getattr(model, "quantization", None))
         if self.quantized:  # quantize.py's int8/int4 model: projections and LM head run PyTorch's CPU kernels
             self._init_quantized(model, gelu)
@@ -299,13 +299,13 @@ class _FastGPT2:
         """
         adjust = adjust or (lambda z, ids: z)
         if self.screen is None or k * 8 > self.vocab:
-            if self.exact_rows is not None and k * 8 <= self.vocab:
+            if self.approx_logits is not None and k * 8 <= self.vocab:
                 return self._top_logits_int4(h, k, adjust)
             return torch.topk(adjust(self.logits(h), None), k)
         q, scale, half_scale = self.screen
         h = h.float()
         hb = h.bfloat16()
-        approx = torch._weight_int8pack_mm(hb, q, scale.bfloat16()).float()
+        approx = quantize.int8_mm(hb, q, scale).float()
         # |exact - approx| <= weight rounding (|h|_1 * scale/2) + activation rounding to bf16
         # + bf16 rounding of the output; 4x slack over the worst case measured on real text.
         act_err = (h - hb.float()).abs().sum(-1, keepdim=True)
@@ -333,19 +333,16 @@ class _FastGPT2:
 
 
 def _int8_screen(weight):
-    """(int8 weight, bf16-exact fp32 row scales, half scales) for `top_logits`, or None without the kernel."""
-    if not hasattr(torch, "_weight_int8pack_mm"):
+    """(int8 weight, bf16-exact fp32 row scales, half scales) for `top_logits`, or None where the int8
+    kernel failed its self-test (`quantize.kernel_ok`)."""
+    if not quantize.kernel_ok("int8"):
         return None
     with torch.no_grad():
         w = weight.detach().float()
         # Scales are rounded up to bf16 values, which the kernel takes, so no weight clips at 127.
         scale = ((w.abs().amax(1) / 127).clamp(min=1e-12) * (1 + 2**-7)).bfloat16().float()
         q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-        try:
-            torch._weight_int8pack_mm(torch.zeros(1, w.shape[1], dtype=torch.bfloat16), q, scale.bfloat16())
-        except RuntimeError:
-            return None
-    return q, scale, scale / 2
+    return quantize.aligned(q), scale, scale / 2
 
 
 def _functional_gelu(name: str):
@@ -491,11 +488,63 @@ def _sample_top(vals, idx, top_p: float, temperature: float, generator):
     return idx.gather(1, choice).squeeze(1)
 
 
+class _StopMatcher:
+    """The first of several stop strings in a text that arrives piece by piece.
+
+    Knuth-Morris-Pratt: each stop string keeps the length of its longest prefix that ends the text
+    so far, so a piece costs O(its length) per stop string, whatever the stop strings' lengths.
+    (Searching the whole text and testing every prefix of a stop string at each token cost its
+    length squared per token: one 65 KB stop string held a server's worker for a minute.)
+    """
+
+    def __init__(self, stops: list[str]):
+        self.stops = stops
+        self.fallback = [self._table(s) for s in stops]
+        self.state = [0] * len(stops)
+        self.length = 0  # characters fed so far
+
+    @staticmethod
+    def _table(s: str) -> list[int]:
+        # fallback[i]: length of the longest proper prefix of s[: i + 1] that is also its suffix
+        table, k = [0] * len(s), 0
+        for i in range(1, len(s)):
+            while k and s[i] != s[k]:
+                k = table[k - 1]
+            if s[i] == s[k]:
+                k += 1
+            table[i] = k
+        return table
+
+    def feed(self, piece: str) -> int | None:
+        """Add `piece` to the text; the index where the earliest stop string now in it starts, or None."""
+        found = None
+        for j, s in enumerate(self.stops):
+            k, table = self.state[j], self.fallback[j]
+            for i, ch in enumerate(piece):
+                while k and s[k] != ch:
+                    k = table[k - 1]
+                if s[k] == ch:
+                    k += 1
+                if k == len(s):
+                    start = self.length + i + 1 - k
+                    found = start if found is None else min(found, start)
+                    k = table[k - 1]
+                    break
+            self.state[j] = k
+        self.length += len(piece)
+        return found
+
+    def pending(self) -> int:
+        """How many characters at the end of the text may be the start of a stop string."""
+        return max(self.state, default=0)
+
+
 class _RowText:
     """Decoded completion of one row: applies stop strings and yields printable increments."""
 
     def __init__(self, tokenizer, stop: list[str]):
         self.tokenizer, self.stop = tokenizer, stop
+        self.matcher = _StopMatcher(stop)
         self.ids: list[int] = []
         self.text = ""
         self.emitted = 0
@@ -506,15 +555,17 @@ class _RowText:
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         if text.endswith("\ufffd"):
             return ""  # a multi-byte character split across tokens: wait for its last byte
-        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
-        if cut >= 0:
+        if text.startswith(self.text):
+            cut = self.matcher.feed(text[len(self.text) :])
+        else:  # decoding changed earlier text (not seen with byte-level BPE): match all of it again
+            self.matcher = _StopMatcher(self.stop)
+            cut = self.matcher.feed(text)
+        if cut is not None:
             self.text, self.stopped = text[:cut], True
             safe = cut
         else:
             self.text = text
-            # Hold back a tail that may be the start of a stop string, so it is never printed.
-            hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-            safe = len(text) - hold
+            safe = len(text) - self.matcher.pending()  # a possible start of a stop string is never printed
         out = self.text[self.emitted : safe]
         self.emitted = max(self.emitted, safe)
         return out
@@ -677,16 +728,18 @@ def generate_once(tokenizer, model, device, prompt, max_new_tokens=50, top_k=50,
     return c.text
 
 
-def generate_batch(tokenizer, model, device, prompt, max_length=100, num_return_sequences=3, top_p=0.9, **kwargs) -> list[str]:
-    """`num_return_sequences` continuations of `prompt` (a str, or a list of str: prompt-major).
+def generate_batch(tokenizer, model, device, prompt, max_length=100, num_return_sequences=3, top_p=0.9, **kwargs) -> list[dict]:
+    """`num_return_sequences` continuations of `prompt`, as the original's text-generation pipeline
+    returned them: a list of `{"generated_text": prompt + completion}` dicts, or for a list of
+    prompts one such list per prompt.
 
-    As the original pipeline version, `max_length` counts the prompt tokens too (of the longest
-    prompt); pass `max_new_tokens=N` instead to ask for N new tokens. All sequences run as one
-    left-padded batch. Other keyword arguments as in `generate` (top_k defaults to 50 as in HF).
+    As the original, `max_length` counts the prompt tokens too (of the longest prompt); pass
+    `max_new_tokens=N` instead to ask for N new tokens. All sequences run as one left-padded batch.
+    Other keyword arguments as in `generate` (top_k defaults to 50 as in HF).
     """
     max_new_tokens = kwargs.pop("max_new_tokens", None)
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if max_new_tokens is None:
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         context = _fast(model).n_positions
         longest = max((len(tokenizer.encode(p, verbose=False)) if p else 1) for p in prompts) if prompts else 0
         max_new_tokens = max_length - min(longest, context - 1)
@@ -696,8 +749,11 @@ def generate_batch(tokenizer, model, device, prompt, max_length=100, num_return_
                 f"raise max_length or pass max_new_tokens."
             )
         max_new_tokens = min(max_new_tokens, context - 1)
-    completions = generate(tokenizer, model, device, prompt, max_new_tokens, top_p=top_p, num_return_sequences=num_return_sequences, **kwargs)
-    return [c.text for c in completions]
+    completions = generate(tokenizer, model, device, prompts, max_new_tokens, top_p=top_p, num_return_sequences=num_return_sequences, **kwargs)
+    outputs = [{"generated_text": c.text} for c in completions]
+    if isinstance(prompt, str):
+        return outputs
+    return [outputs[i : i + num_return_sequences] for i in range(0, len(outputs), num_return_sequences)]
 
 
 def stream(tokenizer, model, device, prompt: str, **kwargs):

@@ -35,6 +35,7 @@ so no code from the file can run) and rebuilds the library's quantized tensors f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -108,36 +109,115 @@ def check_mode(mode: str, group_size: int | None = None) -> None:
         raise QuantizationError(f"unknown quantization mode {mode!r}: choose one of {', '.join(MODES)}.")
     if mode == "int4" and group_size is not None and group_size not in GROUP_SIZES:
         raise QuantizationError(f"int4 group size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size}.")
-    if not _kernel_works(mode):
-        if mode == "int4":
-            raise QuantizationError(
-                "int4 needs PyTorch's CPU int4 kernels (aten._convert_weight_to_int4pack_for_cpu and "
-                "_weight_int4pack_mm_for_cpu), which this torch build or CPU cannot run: use --mode int8."
-            )
+    if mode == "int4" and not kernel_ok("int4"):  # int8 has a plain-torch fallback (torchao's own F.linear)
         raise QuantizationError(
-            "int8 needs PyTorch's CPU int8 weight-only kernel (torch._weight_int8pack_mm), which this torch build "
-            "or CPU cannot run: keep the fp32 model."
+            "int4 needs PyTorch's CPU int4 kernels (aten._convert_weight_to_int4pack_for_cpu and "
+            "_weight_int4pack_mm_for_cpu), which failed their self-test on this torch build and CPU: use --mode int8."
         )
 
 
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """`t` when it is contiguous and 64-byte aligned, else an aligned contiguous copy.
+
+    PyTorch's private CPU kernels assume both. Tensors loaded from safetensors sit at any address,
+    and on AVX-512 CPUs `_weight_int8pack_mm` segfaults on an int8 weight whose address is not a
+    multiple of 16 when its row count is not a multiple of 16 (50257 vocabulary rows; measured at
+    offsets 1, 8 and 10). PyTorch's CPU allocator aligns new storage to 64 bytes.
+    """
+    if t.is_contiguous() and t.data_ptr() % 64 == 0:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (rows, K) @ (q * scale[:, None])^T with PyTorch's int8 weight-only CPU kernel (bf16 activations
+    and scales, bf16 output). Only call it where `kernel_ok("int8")`; q and scale are best aligned once
+    by the caller (this checks, and copies what is not)."""
+    return torch._weight_int8pack_mm(aligned(x.bfloat16()), aligned(q), aligned(scale.bfloat16()))
+
+
+def int4_mm(x: torch.Tensor, packed: torch.Tensor, group_size: int, scale_and_zero: torch.Tensor) -> torch.Tensor:
+    """x (rows, K) @ W^T for a tinygemm-packed int4 weight with PyTorch's CPU kernel (bf16 in and out)."""
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(aligned(x.bfloat16()), aligned(packed), group_size, aligned(scale_and_zero))
+
+
+# The kernels run once in a child process before this one uses them, on an LM head's shape (a row
+# count that is not a multiple of 16) with aligned tensors as above, and are checked against plain
+# torch: a kernel that crashes (a segfault cannot be caught) or computes wrong values on this CPU
+# costs the child, and this process takes the plain path instead.
+_PROBE = r"""
+import sys, torch
+torch.manual_seed(0)
+mode, K = sys.argv[1], 64
+with torch.no_grad():
+    x = torch.randn(3, K).bfloat16()
+    if mode == "int8":
+        N = 50257
+        scale = (torch.rand(N) / 64 + 1e-3).bfloat16()
+        q = torch.randint(-127, 128, (N, K), dtype=torch.int8)
+        w = q.float() * scale.float()[:, None]
+        for rows in (1, 3):
+            got = torch._weight_int8pack_mm(x[:rows].contiguous(), q, scale).float()
+            torch.testing.assert_close(got, x[:rows].float() @ w.t(), rtol=2e-2, atol=2e-2)
+    else:
+        N, G = 50272, 32
+        codes = torch.randint(0, 16, (N, K), dtype=torch.int32)
+        scale, zero = torch.rand(N, K // G) / 16 + 1e-3, torch.randn(N, K // G) / 16
+        scale, zero = scale.bfloat16().float(), zero.bfloat16().float()
+        w = ((codes.float().view(N, -1, G) - 8) * scale[..., None] + zero[..., None]).view(N, K)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        sz = torch.stack([scale, zero], -1).transpose(0, 1).contiguous().bfloat16()
+        for rows in (1, 3):
+            got = torch.ops.aten._weight_int4pack_mm_for_cpu(x[:rows].contiguous(), packed, G, sz).float()
+            torch.testing.assert_close(got, x[:rows].float() @ w.t(), rtol=2e-2, atol=2e-2)
+"""
 _KERNEL_OK: dict[str, bool] = {}
 
 
-def _kernel_works(mode: str) -> bool:
-    if mode not in _KERNEL_OK:
+def kernel_ok(mode: str) -> bool:
+    """Whether PyTorch's private CPU kernel for `mode` ("int8", "int4") runs correctly here.
+
+    Probed once per torch build, CPU and instruction set in a child process (about a second),
+    remembered in this process and in ~/.cache/gpt2-toolkit/kernels.json.
+    """
+    if mode in _KERNEL_OK:
+        return _KERNEL_OK[mode]
+    import platform
+    import subprocess
+
+    key = f"{mode} torch {torch.__version__} {torch.backends.cpu.get_cpu_capability()} {_cpu_name() or platform.machine()}"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpt2-toolkit" / "kernels.json"
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if not isinstance(known, dict) or not isinstance(known.get(key), bool):
         try:
-            with torch.no_grad():
-                if mode == "int8":
-                    q = torch.ones(8, 32, dtype=torch.int8)
-                    torch._weight_int8pack_mm(torch.ones(1, 32, dtype=torch.bfloat16), q, torch.ones(8, dtype=torch.bfloat16))
-                else:
-                    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.full((16, 32), 8, dtype=torch.int32), 1)
-                    sz = torch.zeros(1, 16, 2, dtype=torch.bfloat16)
-                    torch.ops.aten._weight_int4pack_mm_for_cpu(torch.ones(1, 32, dtype=torch.bfloat16), packed, 32, sz)
-            _KERNEL_OK[mode] = True
-        except (AttributeError, RuntimeError, NotImplementedError):
-            _KERNEL_OK[mode] = False
-    return _KERNEL_OK[mode]
+            done = subprocess.run([sys.executable, "-c", _PROBE, mode], capture_output=True, timeout=300)
+            ok = done.returncode == 0
+        except (OSError, subprocess.TimeoutExpired):
+            done, ok = None, False
+        if not ok:
+            why = "timed out" if done is None else (f"died with signal {-done.returncode}" if done.returncode < 0 else
+                                                    (done.stderr.decode(errors="replace").strip().splitlines() or ["failed"])[-1])
+            logging.getLogger(__name__).warning("PyTorch's %s CPU kernel failed its self-test (%s): using plain torch ops instead.", mode, why)
+        known = known if isinstance(known, dict) else {}
+        known[key] = ok
+        with contextlib.suppress(OSError):
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
+            tmp.write_text(json.dumps(known, indent=1) + "\n")
+            tmp.replace(cache)
+    _KERNEL_OK[mode] = known[key]
+    return known[key]
+
+
+def _cpu_name() -> str | None:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return None
 
 
 # ----------------------------------------------------------------------------- weights <-> plain tensors
@@ -195,7 +275,7 @@ def _library_weight(plain: dict, mode: str, group_size: int, shape) -> torch.Ten
         codes = torch.cat([codes, torch.full((pad, K), 8, dtype=torch.int32)])
         scale = torch.cat([scale, torch.ones(pad, scale.shape[1])])
         zero = torch.cat([zero, torch.zeros(pad, zero.shape[1])])
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(aligned(codes), 1)
     return Int4OpaqueTensor(packed, pack_tinygemm_scales_and_zeros(scale, zero, torch.float32), [1, group_size], torch.Size(shape))
 
 
@@ -405,7 +485,8 @@ def load_quantized(path, device="cpu"):
     if not (path / WEIGHTS_FILE).is_file():
         raise FileNotFoundError(f"{path} has {QUANT_FILE} but no {WEIGHTS_FILE}: the folder was copied partially.")
     config = GPT2Config.from_pretrained(path)
-    tensors = safetensors.torch.load_file(path / WEIGHTS_FILE, device="cpu")
+    # Copies of the tensors that safetensors placed at unaligned addresses (see `aligned`).
+    tensors = {k: aligned(t) for k, t in safetensors.torch.load_file(path / WEIGHTS_FILE, device="cpu").items()}
     with torch.device("meta"):
         model = GPT2LMHeadModel(config)
     with torch.no_grad():
@@ -447,27 +528,30 @@ def projection(lin: nn.Linear):
     """A callable x (rows, in) fp32 -> x @ W^T + b (fp32) for a quantized projection, via the CPU kernels.
 
     Activations go in as bf16: PyTorch's weight-only kernels are ~10x slower with fp32 activations
-    on CPUs without native bf16 (measured), and the output is converted back to fp32.
+    on CPUs without native bf16 (measured), and the output is converted back to fp32. Where the
+    int8 kernel failed its self-test (`kernel_ok`), torchao's own F.linear (plain torch.mm) runs.
     """
     w, b = lin.weight, lin.bias
+    bias = (lambda y: y.float()) if b is None else (lambda y: y + b)
     if "zero" not in lin.quant_plain:  # int8
-        q, s = w.qdata, lin.quant_plain["scale"]
-        return lambda x: torch._weight_int8pack_mm(x.bfloat16(), q, s) + b
-    packed, g, n = w.qdata, w.block_size[1], w.shape[0]
-    sz = w.scale_and_zero.bfloat16()
+        if not kernel_ok("int8"):
+            return lambda x: F.linear(x, w, b)
+        q, s = aligned(w.qdata), aligned(lin.quant_plain["scale"].bfloat16())
+        return lambda x: bias(int8_mm(x, q, s))
+    packed, g, n = aligned(w.qdata), w.block_size[1], w.shape[0]
+    sz = aligned(w.scale_and_zero.bfloat16())
     if n % 16:  # padded rows (the LM head)
-        return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), packed, g, sz)[:, :n].float() + (0 if b is None else b)
-    if b is None:
-        return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), packed, g, sz).float()
-    return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), packed, g, sz) + b
+        return lambda x: bias(int4_mm(x, packed, g, sz)[:, :n].float())
+    return lambda x: bias(int4_mm(x, packed, g, sz))
 
 
 def lm_head_ops(model):
     """(screen, exact_rows, approx_logits) for generate.py's top_logits on a quantized LM head.
 
-    int8: screen = (int8 weight, bf16-exact scales, zero weight-rounding error) for
-    `_weight_int8pack_mm`, exact_rows(ids) -> the fp32 rows the quantized model computes with.
-    int4: no proven screen; approx_logits(h) -> fp32 logits from the int4 kernel (bf16 activations).
+    int8: screen = (int8 weight, bf16-exact scales, zero weight-rounding error) for `int8_mm`
+    (None where the kernel failed its self-test), exact_rows(ids) -> the fp32 rows the quantized
+    model computes with. int4: no proven screen; approx_logits(h) -> fp32 logits from the int4
+    kernel (bf16 activations).
     """
     lin = model.lm_head
     plain, mode, g = lin.quant_plain, model.quantization["mode"], model.quantization["group_size"]
@@ -477,7 +561,8 @@ def lm_head_ops(model):
 
     if mode == "int8":
         scale = plain["scale"].float()
-        return (plain["qdata"], scale, torch.zeros_like(scale)), exact_rows, None
+        screen = (aligned(plain["qdata"]), scale, torch.zeros_like(scale)) if kernel_ok("int8") else None
+        return screen, exact_rows, None
     return None, exact_rows, projection(lin)
 
 

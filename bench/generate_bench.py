@@ -56,8 +56,7 @@ def original_generate_batch(tokenizer, model, device, prompt, max_length=100, nu
     from transformers import pipeline
 
     generator = pipeline("text-generation", model=model, tokenizer=tokenizer, device=device)
-    outputs = generator(prompt, max_length=max_length, num_return_sequences=num_return_sequences, do_sample=True, top_p=top_p)
-    return [o["generated_text"] for o in outputs]
+    return generator(prompt, max_length=max_length, num_return_sequences=num_return_sequences, do_sample=True, top_p=top_p)
 
 
 # ----------------------------------------------------------------------------- stand-in model
@@ -99,8 +98,10 @@ def train_standin(out_dir: Path, seconds: float = 60.0) -> Path:
 # ----------------------------------------------------------------------------- measuring
 
 
-def new_tokens(tokenizer, prompt, texts):
+def new_tokens(tokenizer, prompt, outputs):
+    """New tokens in `outputs`: texts, or the pipeline's {"generated_text": ...} dicts (generate_batch's too)."""
     n_prompt = len(tokenizer.encode(prompt))
+    texts = [o["generated_text"] if isinstance(o, dict) else o for o in outputs]
     return sum(max(len(tokenizer.encode(t)) - n_prompt, 0) for t in texts)
 
 
@@ -236,7 +237,7 @@ def explore(args, path, tokenizer, model, device, once, batch):
 
     def cached_pipe():
         out = pipe(PROMPT, max_length=100, num_return_sequences=3, do_sample=True, top_p=0.9)
-        return new_tokens(tokenizer, PROMPT, [o["generated_text"] for o in out])
+        return new_tokens(tokenizer, PROMPT, out)
 
     def ours_sequential():
         return new_tokens(tokenizer, PROMPT, [G.generate_once(tokenizer, model, device, PROMPT, max_new_tokens=100 - len(tokenizer.encode(PROMPT)), top_p=0.9) for _ in range(3)])

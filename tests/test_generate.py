@@ -50,10 +50,12 @@ def test_return_types(loaded):
     assert dev == CPU and not model.training
     once = G.generate_once(tok, model, dev, "Hello there", max_new_tokens=5)
     assert isinstance(once, str) and once.startswith("Hello there")
+    # generate_batch returns what the original's text-generation pipeline returned: {"generated_text": ...} dicts
     batch = G.generate_batch(tok, model, dev, "Hello there", max_length=10)
-    assert isinstance(batch, list) and len(batch) == 3 and all(isinstance(t, str) and t.startswith("Hello there") for t in batch)
+    assert isinstance(batch, list) and len(batch) == 3
+    assert all(list(o) == ["generated_text"] and o["generated_text"].startswith("Hello there") for o in batch)
     many = G.generate_batch(tok, model, dev, ["a", "b c"], max_new_tokens=3, num_return_sequences=2)
-    assert [t[0] for t in many] == ["a", "a", "b", "b"]  # prompt-major
+    assert [[o["generated_text"][0] for o in per_prompt] for per_prompt in many] == [["a", "a"], ["b", "b"]]  # one list per prompt
 
 
 def test_matches_hf_greedy(loaded):
@@ -80,7 +82,7 @@ def test_left_padded_batch_equals_single_prompt_greedy(loaded):
     tok, model, dev = loaded
     prompts = ["Hi", "Once upon a time there was", "The"]
     batch = G.generate_batch(tok, model, dev, prompts, num_return_sequences=1, max_new_tokens=12, temperature=0)
-    assert batch == [G.generate_once(tok, model, dev, p, max_new_tokens=12, temperature=0) for p in prompts]
+    assert [o["generated_text"] for (o,) in batch] == [G.generate_once(tok, model, dev, p, max_new_tokens=12, temperature=0) for p in prompts]
 
 
 def test_sampling_options_run(loaded):
@@ -102,6 +104,49 @@ def test_stop_strings_cut_and_stream_never_shows_them(loaded):
     assert c.completion == expected and c.finish_reason == "stop"
     assert G.generate_once(tok, model, dev, "Hello", max_new_tokens=20, temperature=0, stop=stop) == "Hello" + expected
     assert "".join(G.stream(tok, model, dev, "Hello", max_new_tokens=20, temperature=0, stop=stop)) == expected
+
+
+def _naive_stop(text, stops):
+    """The first stop string's start and the held-back tail, by brute force (what _StopMatcher must equal)."""
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=None)
+    hold = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    return cut, hold
+
+
+def test_stop_matcher_equals_brute_force():
+    import random
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        stops = ["".join(rng.choice("ab") for _ in range(rng.randint(1, 5))) for _ in range(rng.randint(1, 3))]
+        matcher, text = G._StopMatcher(stops), ""
+        while len(text) < 40:
+            piece = "".join(rng.choice("abc") for _ in range(rng.randint(0, 4)))
+            text += piece
+            cut, hold = _naive_stop(text, stops)
+            assert matcher.feed(piece) == cut, (stops, text)
+            if cut is not None:
+                break
+            assert matcher.pending() == hold, (stops, text)
+
+
+def test_a_long_stop_string_costs_no_more_than_new_text(loaded):
+    # Each token used to test every prefix of every stop string against the text: quadratic in the stop
+    # string's length (one 65 KB stop string held the web demo's only worker for a minute).
+    import time
+
+    tok, model, dev = loaded
+    kw = dict(max_new_tokens=40, temperature=0)
+    G.generate(tok, model, dev, "Hello", **kw)  # warm-up
+    t0 = time.perf_counter()
+    (plain,) = G.generate(tok, model, dev, "Hello", stop=["zz"], **kw)
+    short = time.perf_counter() - t0
+    long_stop = plain.completion[-5:] + "q" * 65536  # shares a prefix with the text, so matching does work
+    t0 = time.perf_counter()
+    (c,) = G.generate(tok, model, dev, "Hello", stop=[long_stop], **kw)
+    long = time.perf_counter() - t0
+    assert c.completion == plain.completion and c.finish_reason == plain.finish_reason
+    assert long < 5 * short + 1.0, (long, short)
 
 
 def test_stream_equals_generate(loaded):
@@ -252,13 +297,54 @@ def test_cli_stream_prints_the_same_text(model_dir, loaded, capsys):
     assert capsys.readouterr().out == G.generate_once(*loaded, "Hi", 8, seed=2) + "\n"
 
 
-def test_int8_screened_top_logits_equal_the_exact_top_k(loaded):
+def _hidden(fast, tok, text):
+    ids = torch.tensor([tok.encode(text)])
+    return fast.hidden(ids, torch.arange(ids.shape[1])[None], fast.new_cache(1, ids.shape[1]), 0)[0]
+
+
+def test_lm_head_path_follows_the_cpu(loaded):
+    # On CPUs with native bf16 matmul (AVX-512 BF16, AMX) the LM head runs in bf16 without the int8
+    # screen; elsewhere in fp32 with it (where the int8 kernel passed its self-test).
     tok, model, dev = loaded
-    fast = G._fast(model)
-    assert fast.screen is not None, "torch._weight_int8pack_mm should be available on CPU"
+    fast = G._FastGPT2(model)
+    native_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert fast.lm_head_dtype == (torch.bfloat16 if native_bf16 else torch.float32)
+    assert (fast.screen is not None) == (fast.lm_head_dtype == torch.float32 and G.quantize.kernel_ok("int8"))
+
+
+def test_bf16_lm_head_is_fp32_within_bf16_rounding(loaded):
+    # What the bf16 path promises, forced so that it runs on every CPU.
+    tok, model, dev = loaded
+    fp32, bf16 = G._FastGPT2(model, lm_head_dtype=torch.float32), G._FastGPT2(model, lm_head_dtype=torch.bfloat16)
+    assert bf16.screen is None
+    with torch.inference_mode():
+        h = _hidden(fp32, tok, "The quick brown fox jumps over the lazy dog")
+        exact, approx = fp32.logits(h), bf16.logits(h)
+        assert approx.dtype == torch.float32
+        bound = (h.abs().sum(-1, keepdim=True) * model.lm_head.weight.abs().amax()) * 2**-7  # bf16 inputs, fp32 sums
+        assert ((approx - exact).abs() <= bound).all()
+        vals, idx = bf16.top_logits(h, 5)
+        assert torch.equal(vals, torch.topk(approx, 5).values)
+
+
+@pytest.fixture
+def fp32_head(loaded, monkeypatch):
+    """generate.py's sampler on the fp32 LM head with the int8 screen, the path of CPUs without native bf16."""
+    tok, model, dev = loaded
+    if not G.quantize.kernel_ok("int8"):
+        pytest.skip("PyTorch's int8 kernel failed its self-test on this CPU: no screen to test")
+    fast = G._FastGPT2(model, lm_head_dtype=torch.float32)
+    monkeypatch.setitem(G._FAST, model, fast)
+    return fast
+
+
+def test_int8_screened_top_logits_equal_the_exact_top_k(loaded, fp32_head):
+    tok, model, dev = loaded
+    fast = fp32_head
+    assert fast.screen is not None
     ids = torch.tensor([tok.encode("The quick brown fox jumps over the lazy dog, and then")])
     with torch.inference_mode():
-        h = fast.hidden(ids, torch.arange(ids.shape[1])[None], fast.new_cache(1, ids.shape[1]), 0)[0]
+        h = _hidden(fast, tok, "The quick brown fox jumps over the lazy dog, and then")
         seen = torch.zeros(h.shape[0], model.config.vocab_size, dtype=torch.bool)
         seen[:, ids[0]] = True
         banned = torch.zeros_like(seen)
@@ -277,10 +363,10 @@ def test_int8_screened_top_logits_equal_the_exact_top_k(loaded):
                 torch.testing.assert_close(vals, want_vals, rtol=1e-5, atol=1e-5)
 
 
-def test_screen_does_not_change_sampled_text(loaded, monkeypatch):
+def test_screen_does_not_change_sampled_text(loaded, fp32_head, monkeypatch):
     tok, model, dev = loaded
     kw = dict(max_new_tokens=20, seed=3, top_k=50, top_p=0.9, repetition_penalty=1.2)
     with_screen = G.generate(tok, model, dev, ["Once upon", "a time"], **kw)
-    monkeypatch.setattr(G._fast(model), "screen", None)
+    monkeypatch.setattr(fp32_head, "screen", None)
     without = G.generate(tok, model, dev, ["Once upon", "a time"], **kw)
     assert [c.completion for c in with_screen] == [c.completion for c in without]

@@ -108,8 +108,89 @@ def test_generate_loads_and_samples(quantized, mode, monkeypatch):
     assert G.generate(tok, model, dev, PROMPT, max_new_tokens=12, temperature=0)[0].completion == expected
     a = G.generate_batch(tok, model, dev, ["a", "b c"], max_new_tokens=6, num_return_sequences=2, seed=3)
     assert a == G.generate_batch(tok, model, dev, ["a", "b c"], max_new_tokens=6, num_return_sequences=2, seed=3)
-    assert len(a) == 4 and a[2].startswith("b c")
+    assert [len(per_prompt) for per_prompt in a] == [2, 2] and a[1][0]["generated_text"].startswith("b c")
     assert G.generate_once(tok, model, dev, PROMPT, max_new_tokens=5, top_k=0, seed=1).startswith(PROMPT)  # full-logits path
+
+
+# Where safetensors leaves a tensor: not 16-byte aligned (measured offsets mod 64 were 10 and 26). On
+# AVX-512 CPUs torch._weight_int8pack_mm read out of bounds and segfaulted on such an int8 weight
+# with 50257 rows; quantize.int8_mm must hand the kernel aligned copies on every CPU.
+UNALIGNED_INT8_MM = r"""
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+import quantize as Q
+torch.manual_seed(0)
+N, K = 50257, 64
+buf = torch.empty(N * K + 64, dtype=torch.int8)
+q = buf[10 : 10 + N * K].view(N, K)
+q.copy_(torch.randint(-127, 128, (N, K), dtype=torch.int8))
+scale = (torch.rand(N) / 64).bfloat16()
+x = torch.randn(3, K)
+assert q.data_ptr() % 16
+for rows in (1, 3):
+    got = Q.int8_mm(x[:rows], q, scale).float()
+    want = x[:rows].bfloat16().float() @ (q.float() * scale.float()[:, None]).t()
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+"""
+
+
+@pytest.mark.parametrize("isa", ["native", "avx2"])
+def test_int8_kernel_on_unaligned_tensors_does_not_crash(isa):
+    env = {**os.environ}
+    if isa == "avx2":  # torch's AVX2 kernels, also on an AVX-512 machine
+        env["ATEN_CPU_CAPABILITY"] = "avx2"
+    r = subprocess.run([sys.executable, "-c", UNALIGNED_INT8_MM, str(ROOT)], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, f"exit {r.returncode}: {r.stderr[-2000:]}"
+
+
+def test_private_kernels_only_see_contiguous_aligned_tensors(quantized, monkeypatch):
+    # Every tensor that reaches a private kernel, from a folder loaded from disk, on every path:
+    # projections, the int8 screen, int4's approximate logits, the full-logits path.
+    seen = []
+
+    def spy(real):
+        def kernel(*args):
+            seen.extend(a.is_contiguous() and a.data_ptr() % 64 == 0 for a in args if isinstance(a, torch.Tensor))
+            return real(*args)
+
+        return kernel
+
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", spy(torch._weight_int8pack_mm))
+    monkeypatch.setattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", spy(torch.ops.aten._weight_int4pack_mm_for_cpu))
+    monkeypatch.setattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu", spy(torch.ops.aten._convert_weight_to_int4pack_for_cpu))
+    for mode in Q.MODES:
+        tok, model, dev = G.load_model(quantized[mode][0])
+        G.generate(tok, model, dev, [PROMPT, "Hi"], max_new_tokens=4, seed=0)
+        G.generate(tok, model, dev, PROMPT, max_new_tokens=4, top_k=0, seed=0)
+        with torch.no_grad():
+            model(torch.tensor([tok.encode(PROMPT)]))
+    assert seen and all(seen), f"{seen.count(False)} of {len(seen)} tensors were unaligned or not contiguous"
+
+
+def test_a_kernel_that_fails_its_self_test_is_never_used(quantized, tmp_path, monkeypatch, caplog):
+    # A private kernel is probed in a child process: one that crashes there (here: the probe
+    # segfaults) is never run in ours, and int8 falls back to plain torch ops.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(Q, "_KERNEL_OK", {})
+    monkeypatch.setattr(Q, "_PROBE", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+    with caplog.at_level("WARNING", logger="quantize"):
+        assert not Q.kernel_ok("int8")
+    assert "signal 11" in caplog.text and "plain torch" in caplog.text
+    assert False in json.loads((tmp_path / "gpt2-toolkit" / "kernels.json").read_text()).values()
+
+    def refuse(*a, **k):
+        raise AssertionError("a kernel that failed its self-test was called")
+
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", refuse)
+    tok, model, dev = G.load_model(quantized["int8"][0])
+    fast = G._fast(model)
+    assert fast.screen is None
+    enc = tok(PROMPT, return_tensors="pt")
+    ref = model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id)
+    assert G.generate(tok, model, dev, PROMPT, max_new_tokens=8, temperature=0)[0].completion == tok.decode(ref[0, enc.input_ids.shape[1]:]).split(tok.eos_token)[0]
+    assert G._FastGPT2(G.load_model(quantized["int8"][0].parent / "final_model")[1], lm_head_dtype=torch.float32).screen is None
+    with pytest.raises(Q.QuantizationError, match="self-test"):
+        Q.check_mode("int4")
 
 
 def test_int8_top_logits_exact(quantized):
