@@ -28,6 +28,8 @@ Folders written by quantize.py (int8/int4) load and sample the same way, on the 
 import contextlib
 import functools
 import json
+import math
+import numbers
 import os
 import sys
 import warnings
@@ -75,17 +77,61 @@ def _looks_local(path: str) -> bool:
     return path == DEFAULT_MODEL_PATH or path.startswith((".", "/", "~")) or (os.sep in path.rstrip(os.sep) and p.parent.exists())
 
 
-def _quiet_from_pretrained(cls, name, dtype):
+class ModelLoadError(ValueError):
+    """A model folder that cannot be loaded; the message names the broken file and what to do."""
+
+
+def _first_line(e: BaseException, limit: int = 240) -> str:
+    """A library error's message on one line, cut at `limit` characters."""
+    text = " ".join(str(e).split())
+    return (text[:limit] + " ..." if len(text) > limit else text) or type(e).__name__
+
+
+def _quiet_from_pretrained(cls, name, dtype, **kwargs):
     # A "Loading weights" progress bar on stderr is noise in a CLI whose output may be piped.
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        return cls.from_pretrained(name, dtype=dtype)
+        return cls.from_pretrained(name, dtype=dtype, **kwargs)
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()
+
+
+def load_folder(cls, path: Path, dtype):
+    """`cls.from_pretrained(path)` for a local model folder, with each way the folder can be broken
+    (a corrupt config.json, truncated or garbage weights, a pickle torch's safe loader refuses,
+    weights of another model) raised as ModelLoadError naming the file, instead of a library traceback."""
+    import pickle
+
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as e:  # OSError (bad JSON), ValueError (unknown model type, wrong field types), ...
+        raise ModelLoadError(f"{path / 'config.json'} is not a valid model config ({_first_line(e)}): restore it "
+                             "from the training run's folder, or point --model_path at a complete model.") from None
+    weights = next((path / f for f in WEIGHT_FILES if (path / f).is_file()), path)
+    try:
+        model, info = _quiet_from_pretrained(cls, str(path), dtype, config=config, output_loading_info=True)
+    except pickle.UnpicklingError:
+        raise ModelLoadError(
+            f"{weights} was refused by torch's safe loader (weights_only): it holds Python objects besides tensors, "
+            "and unpickling them could run code. Use a safetensors copy of the model; if you trust where the file "
+            "came from, convert it once (README, Generate: a pickled model)."
+        ) from None
+    except Exception as e:  # SafetensorError, shape mismatches (RuntimeError), OSError ...
+        raise ModelLoadError(f"{weights} cannot be loaded ({type(e).__name__}: {_first_line(e)}): it is truncated, corrupt "
+                             "or from another model; copy it again or point --model_path at a complete model "
+                             "(e.g. a checkpoint-N folder).") from None
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    missing = [k for k in info["missing_keys"] if k not in tied]
+    if missing:  # transformers would fill them with random values
+        raise ModelLoadError(f"{weights} lacks {len(missing)} of the weights config.json describes ({', '.join(sorted(missing)[:3])}, ...): "
+                             "the weights and config.json come from different models; copy the whole folder again.")
+    return model
 
 
 def load_model(model_dir: str | os.PathLike = DEFAULT_MODEL_PATH, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
@@ -99,8 +145,6 @@ def load_model(model_dir: str | os.PathLike = DEFAULT_MODEL_PATH, device: str | 
     quantize.load_quantized, on the CPU.
     """
     from transformers import AutoTokenizer, GPT2LMHeadModel
-
-    from gpt2_tokenizer import load_tokenizer
 
     name = str(model_dir)
     path = Path(name).expanduser()
@@ -119,9 +163,8 @@ def load_model(model_dir: str | os.PathLike = DEFAULT_MODEL_PATH, device: str | 
                 f"{path} has a config.json but no weights ({' or '.join(WEIGHT_FILES[::2])}): "
                 f"the save was interrupted or the folder was copied partially; point --model_path at a complete model."
             )
-        has_tokenizer = any((path / f).is_file() for f in TOKENIZER_FILES)
-        tokenizer = load_tokenizer(path if has_tokenizer else None)
-        model = _quiet_from_pretrained(GPT2LMHeadModel, str(path), dtype)
+        model = load_folder(GPT2LMHeadModel, path, dtype)
+        tokenizer = _folder_tokenizer(path)
     elif path.exists():
         raise FileNotFoundError(f"{path} is a file, not a model folder: pass the folder holding config.json and the weights.")
     elif _looks_local(name):
@@ -145,14 +188,24 @@ def load_model(model_dir: str | os.PathLike = DEFAULT_MODEL_PATH, device: str | 
 
 
 def _load_quantized(path: Path, device, dtype):
-    from gpt2_tokenizer import load_tokenizer
-
     device = torch.device(device) if device is not None else torch.device("cpu")
     if dtype not in (None, torch.float32):
         raise ValueError(f"{path} is quantized: it computes in float32, not {dtype}.")
     model = quantize.load_quantized(path, device)  # QuantizationError is a ValueError
-    has_tokenizer = any((path / f).is_file() for f in TOKENIZER_FILES)
-    return load_tokenizer(path if has_tokenizer else None), model, device
+    return _folder_tokenizer(path), model, device
+
+
+def _folder_tokenizer(path: Path):
+    """The folder's own tokenizer, else (a checkpoint-N folder has none) the official GPT-2 one."""
+    from gpt2_tokenizer import load_tokenizer
+
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        return load_tokenizer(None)
+    try:
+        return load_tokenizer(path)
+    except Exception as e:  # a corrupt tokenizer.json / vocab.json
+        raise ModelLoadError(f"the tokenizer files in {path} cannot be loaded ({_first_line(e)}): copy them again "
+                             "(tokenizer.json, vocab.json, merges.txt) or delete them to use the official GPT-2 tokenizer.") from None
 
 
 # ----------------------------------------------------------------------------- model forward
@@ -421,15 +474,20 @@ def check_sampling_args(max_new_tokens=50, top_k=50, top_p=1.0, temperature=1.0,
     def bad(name, value, want):
         raise ValueError(f"{name} must be {want}, got {value!r}")
 
+    def number(name, value, want):  # NaN passes every comparison, so non-finite values are refused first
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            bad(name, value, want)
+        return float(value)
+
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         bad("max_new_tokens (--length)", max_new_tokens, "a positive integer")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         bad("top_k", top_k, "an integer >= 0 (0 disables top-k)")
-    if not 0.0 < float(top_p) <= 1.0:
+    if not 0.0 < number("top_p", top_p, "in (0, 1]") <= 1.0:
         bad("top_p", top_p, "in (0, 1] (1 disables nucleus sampling)")
-    if float(temperature) < 0.0:
+    if number("temperature", temperature, "a finite number >= 0") < 0.0:
         bad("temperature", temperature, ">= 0 (0 means greedy decoding)")
-    if float(repetition_penalty) <= 0.0:
+    if number("repetition_penalty", repetition_penalty, "a finite number > 0") <= 0.0:
         bad("repetition_penalty", repetition_penalty, "> 0 (1 disables it)")
     if isinstance(no_repeat_ngram_size, bool) or not isinstance(no_repeat_ngram_size, int) or no_repeat_ngram_size < 0:
         bad("no_repeat_ngram_size", no_repeat_ngram_size, "an integer >= 0 (0 disables it)")
@@ -818,14 +876,20 @@ def read_prompts(args: GenerateArguments, stdin=None) -> list[str]:
     if args.prompt is not None:
         return [args.prompt]
     if args.prompt_file == "-" or (args.prompt_file is None and not stdin.isatty()):
-        lines = stdin.read().splitlines()
+        source, data = "stdin", stdin.buffer.read() if hasattr(stdin, "buffer") else stdin.read().encode("utf-8", "surrogateescape")
     elif args.prompt_file is not None:
         path = Path(args.prompt_file)
+        if path.is_dir():
+            raise ValueError(f"prompt file {path} is a directory: pass a text file with one prompt per line")
         if not path.is_file():
             raise FileNotFoundError(f"prompt file {path} does not exist")
-        lines = path.read_text(encoding="utf-8").splitlines()
+        try:
+            source, data = f"prompt file {path}", path.read_bytes()
+        except OSError as e:
+            raise ValueError(f"prompt file {path} cannot be read: {e.strerror or e}") from None
     else:
         return [""]
+    lines = _decode_prompts(data, source).splitlines()
     prompts = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -834,13 +898,27 @@ def read_prompts(args: GenerateArguments, stdin=None) -> list[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"line {n} of the prompts looks like JSON but does not parse: {e}") from e
+                raise ValueError(f"{source}, line {n}: looks like JSON but does not parse ({e})") from None
             if not isinstance(record, dict) or not isinstance(record.get("prompt", record.get("text")), str):
-                raise ValueError(f"line {n} of the prompts is JSON without a string 'prompt' or 'text' field")
+                raise ValueError(f"{source}, line {n}: JSON without a string 'prompt' or 'text' field")
             prompts.append(record.get("prompt", record.get("text")))
         else:
             prompts.append(line)
     return prompts or [""]
+
+
+def _decode_prompts(data: bytes, source: str) -> str:
+    """UTF-8 text (a BOM is dropped), or a ValueError naming `source` and where it is not text."""
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        raise ValueError(f"{source} holds NUL bytes (at byte {nul}): it is binary or UTF-16, not UTF-8 text; "
+                         "pass a text file (convert with `iconv -f UTF-16 -t UTF-8`)")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ValueError(f"{source} is not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}): "
+                         "pass UTF-8 text (convert with `iconv -f <its encoding> -t UTF-8`)") from None
 
 
 def parse_args(argv=None) -> GenerateArguments:

@@ -456,11 +456,16 @@ def read_info(path) -> dict:
         info = json.loads((path / QUANT_FILE).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise QuantizationError(f"{path / QUANT_FILE} cannot be read: {e}") from e
+    if not isinstance(info, dict):
+        raise QuantizationError(f"{path / QUANT_FILE} is not a JSON object: copy the folder again, or quantize the fp32 model again.")
     if info.get("format") != FORMAT or info.get("format_version", 0) > FORMAT_VERSION:
         raise QuantizationError(f"{path / QUANT_FILE} is not a format this quantize.py reads "
                                 f"(format {info.get('format')!r} version {info.get('format_version')!r}).")
     if info.get("mode") not in MODES:
         raise QuantizationError(f"{path / QUANT_FILE}: unknown quantization mode {info.get('mode')!r}.")
+    if info["mode"] == "int4" and info.get("group_size") not in GROUP_SIZES:
+        raise QuantizationError(f"{path / QUANT_FILE}: int4 group size {info.get('group_size')!r} is not one of "
+                                f"{', '.join(map(str, GROUP_SIZES))}; quantize the fp32 model again.")
     return info
 
 
@@ -484,18 +489,32 @@ def load_quantized(path, device="cpu"):
     check_mode(mode, group_size)
     if not (path / WEIGHTS_FILE).is_file():
         raise FileNotFoundError(f"{path} has {QUANT_FILE} but no {WEIGHTS_FILE}: the folder was copied partially.")
-    config = GPT2Config.from_pretrained(path)
-    # Copies of the tensors that safetensors placed at unaligned addresses (see `aligned`).
-    tensors = {k: aligned(t) for k, t in safetensors.torch.load_file(path / WEIGHTS_FILE, device="cpu").items()}
-    with torch.device("meta"):
-        model = GPT2LMHeadModel(config)
+    try:
+        config = GPT2Config.from_pretrained(path)
+        with torch.device("meta"):
+            model = GPT2LMHeadModel(config)
+    except Exception as e:  # bad JSON, wrong field types, impossible shapes
+        raise QuantizationError(f"{path / 'config.json'} is not a valid GPT-2 config ({' '.join(str(e).split())[:240]}): "
+                                "copy the folder again, or quantize the fp32 model again.") from None
+    try:
+        # Copies of the tensors that safetensors placed at unaligned addresses (see `aligned`).
+        tensors = {k: aligned(t) for k, t in safetensors.torch.load_file(path / WEIGHTS_FILE, device="cpu").items()}
+    except Exception as e:  # SafetensorError: truncated, garbage
+        raise QuantizationError(f"{path / WEIGHTS_FILE} cannot be read ({' '.join(str(e).split())[:240]}): it is truncated "
+                                "or corrupt; copy it again or quantize the fp32 model again.") from None
     with torch.no_grad():
         for name, owner, attr, w, _ in _projection_weights(model):
-            plain = _take(tensors, f"{name}.weight", path)
+            plain = _take(tensors, f"{name}.weight", path, mode, group_size, tuple(w.shape))
             bias = tensors.pop(f"{name}.bias", None)
+            if bias is not None and tuple(bias.shape) != (w.shape[0],):
+                raise QuantizationError(f"{path / WEIGHTS_FILE}: {name}.bias has shape {tuple(bias.shape)}, config.json says ({w.shape[0]},).")
             setattr(owner, attr, _quantized_linear(plain, mode, group_size, tuple(w.shape), bias))
-        _install_head(model, _take(tensors, LM_HEAD, path), mode, group_size)
-        missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+        shape = (config.vocab_size, config.n_embd)
+        _install_head(model, _take(tensors, LM_HEAD, path, mode, group_size, shape), mode, group_size)
+        try:
+            missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+        except RuntimeError as e:  # shape mismatches
+            raise QuantizationError(f"{path / WEIGHTS_FILE} does not match config.json: {' '.join(str(e).split())[:240]}") from None
     missing = [k for k in missing if k.rsplit(".", 1)[0] not in _quantized_names(model)]  # those are set above
     if missing or unexpected:
         raise QuantizationError(f"{path / WEIGHTS_FILE} does not match config.json: missing {missing[:5]}, unexpected {unexpected[:5]}.")
@@ -504,11 +523,26 @@ def load_quantized(path, device="cpu"):
     return model.eval()
 
 
-def _take(tensors: dict, name: str, path) -> dict:
-    keys = [k for k in list(tensors) if k.startswith(name + ".") and k[len(name) + 1 :] in ("qdata", "scale", "zero")]
-    if not keys:
-        raise QuantizationError(f"{path / WEIGHTS_FILE} lacks the quantized weight {name}.")
-    return {k[len(name) + 1 :]: tensors.pop(k) for k in keys}
+def _take(tensors: dict, name: str, path, mode: str, group_size: int, shape) -> dict:
+    """The saved tensors of quantized weight `name` (out, in), checked against the mode and shape that
+    quantization.json and config.json announce (a mismatch is a QuantizationError, not a library crash)."""
+    n, k = shape
+    if mode == "int8":
+        want = {"qdata": (torch.int8, (n, k)), "scale": (torch.bfloat16, (n,))}
+    else:
+        groups = k // group_size if k % group_size == 0 else None
+        want = {"qdata": (torch.uint8, (n, k // 2)), "scale": (torch.bfloat16, (n, groups)), "zero": (torch.bfloat16, (n, groups))}
+    plain = {}
+    for key, (dtype, dims) in want.items():
+        t = tensors.pop(f"{name}.{key}", None)
+        if t is None or t.dtype != dtype or tuple(t.shape) != dims:
+            found = "missing" if t is None else f"{t.dtype} {tuple(t.shape)}"
+            raise QuantizationError(
+                f"{path / WEIGHTS_FILE} does not match {QUANT_FILE} ({mode}" + (f", groups of {group_size}" if mode == "int4" else "")
+                + f") and config.json: {name}.{key} is {found}, expected {dtype} {dims}. Quantize the fp32 model again."
+            )
+        plain[key] = t
+    return plain
 
 
 def _quantized_names(model) -> set:

@@ -370,3 +370,98 @@ def test_screen_does_not_change_sampled_text(loaded, fp32_head, monkeypatch):
     monkeypatch.setattr(fp32_head, "screen", None)
     without = G.generate(tok, model, dev, ["Once upon", "a time"], **kw)
     assert [c.completion for c in with_screen] == [c.completion for c in without]
+
+
+# ----------------------------------------------------------------------------- bad input: one line, never a traceback
+
+
+@pytest.mark.parametrize("flag,value", [("--temperature", "nan"), ("--repetition_penalty", "nan"), ("--top_p", "nan"),
+                                        ("--temperature", "inf"), ("--repetition_penalty", "inf")])
+def test_non_finite_sampling_numbers_are_refused(loaded, model_dir, flag, value, capsys):
+    # NaN passes every comparison, so `temperature < 0` let it through (and it sampled garbage or crashed)
+    assert G.main(["--model_path", str(model_dir), "--prompt", "x", flag, value]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {flag[2:]} must be") and err.count("\n") == 1
+    with pytest.raises(ValueError, match=flag[2:]):
+        G.generate(*loaded, "x", max_new_tokens=2, **{flag[2:]: float(value)})
+
+
+def _cli_with_stdin(model_dir, data: bytes, *args):
+    return subprocess.run([sys.executable, str(ROOT / "generate.py"), "--model_path", str(model_dir), "--length", "2", *args],
+                          input=data, capture_output=True, cwd=ROOT, timeout=240,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+
+
+def test_binary_prompts_are_named_not_a_traceback(model_dir, tmp_path, capsys):
+    binary = b"PK\x03\x04\x14\x00\x00\x00\x08\x00" + bytes(range(256))
+    out = _cli_with_stdin(model_dir, binary)
+    assert out.returncode == 2 and out.stderr.decode().startswith("error: stdin holds NUL bytes"), out.stderr
+    assert out.stderr.decode().count("\n") == 1
+    latin1 = tmp_path / "prompts.txt"
+    latin1.write_bytes("first\ncaf\xe9\n".encode("latin-1"))
+    assert G.main(["--model_path", str(model_dir), "--prompt_file", str(latin1)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: prompt file {latin1} is not UTF-8 text (byte 0xe9 on line 2)") and err.count("\n") == 1
+    assert G.main(["--model_path", str(model_dir), "--prompt_file", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    bad_json = tmp_path / "p.jsonl"
+    bad_json.write_text('{"prompt": "a"}\n{"prompt": \n')
+    assert G.main(["--model_path", str(model_dir), "--prompt_file", str(bad_json)]) == 2
+    assert f"{bad_json}, line 2: looks like JSON" in capsys.readouterr().err
+
+
+def test_utf8_bom_on_stdin_is_not_part_of_the_prompt(model_dir, loaded):
+    out = _cli_with_stdin(model_dir, "\ufeffHello\n".encode(), "--temperature", "0", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["prompt"] == "Hello"
+
+
+def _break_folder(kind, folder, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    weights = folder / "model.safetensors"
+    if kind == "garbage weights":
+        weights.write_bytes(os.urandom(4096))
+    elif kind == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif kind == "bad config json":
+        (folder / "config.json").write_text("{not json")
+    elif kind == "wrong config type":
+        cfg = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**cfg, "n_layer": "two"}))
+    elif kind in ("weights of a shallower model", "weights of a narrower model"):
+        wide = 32 if "narrower" in kind else 64
+        other = GPT2LMHeadModel(GPT2Config(n_layer=1 if "shallower" in kind else 2, n_embd=wide, n_head=2, n_positions=128))
+        other.save_pretrained(tmp_path / "other")
+        weights.write_bytes((tmp_path / "other" / "model.safetensors").read_bytes())
+    elif kind == "refused pickle":
+        import pickle
+
+        class Evil:
+            def __reduce__(self):
+                return (os.system, ("echo pwned",))
+
+        weights.unlink()
+        (folder / "pytorch_model.bin").write_bytes(pickle.dumps(Evil()))
+        return "pytorch_model.bin"
+    elif kind == "corrupt tokenizer":
+        (folder / "tokenizer.json").write_text("{garbage")
+        return "tokenizer"
+    return "config.json" if "config" in kind else "model.safetensors"
+
+
+@pytest.mark.parametrize("kind", ["garbage weights", "truncated weights", "bad config json", "wrong config type",
+                                  "weights of a shallower model", "weights of a narrower model", "refused pickle", "corrupt tokenizer"])
+def test_broken_model_folders_are_one_line_errors(model_dir, tmp_path, kind, capsys):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    named = _break_folder(kind, folder, tmp_path)
+    with pytest.raises(G.ModelLoadError, match=named):
+        G.load_model(folder)
+    assert G.main(["--model_path", str(folder), "--prompt", "x", "--length", "2"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("error: ") and named in err[-1] and "Traceback" not in "\n".join(err)
+    if kind == "refused pickle":
+        assert "could run code" in err[-1]

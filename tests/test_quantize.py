@@ -289,3 +289,44 @@ def test_errors(fp32_dir, quantized, tmp_path, capsys, monkeypatch):
     (broken / "quantization.json").write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(ValueError, match="not a format"):
         G.load_model(broken)
+
+
+def _edit_json(path, **changes):
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+@pytest.mark.parametrize("kind,named", [
+    ("int8 tensors, quantization.json says int4", "transformer.h.0.attn.c_attn.weight.qdata"),
+    ("int4 tensors, quantization.json says int8", "transformer.h.0.attn.c_attn.weight.qdata"),
+    ("int4 tensors, another group size", "transformer.h.0.attn.c_attn.weight.scale"),
+    ("int4 group size not a number", "quantization.json"),
+    ("quantization.json not an object", "quantization.json"),
+    ("config.json wider than the tensors", "transformer.h.0.attn.c_attn.weight.qdata"),
+    ("config.json not JSON", "config.json"),
+    ("truncated weights", "model.safetensors"),
+])
+def test_a_folder_that_does_not_match_its_quantization_json_is_one_error(quantized, tmp_path, kind, named, capsys):
+    # These were KeyError / IndexError / library tracebacks: now QuantizationError naming the file and tensor.
+    folder = tmp_path / "q"
+    shutil.copytree(quantized["int4" if kind.startswith("int4") else "int8"][0], folder)
+    if "says int4" in kind:
+        _edit_json(folder / "quantization.json", mode="int4", group_size=32)
+    elif "says int8" in kind:
+        _edit_json(folder / "quantization.json", mode="int8", group_size=None)
+    elif "another group size" in kind:
+        _edit_json(folder / "quantization.json", group_size=64)
+    elif "not a number" in kind:
+        _edit_json(folder / "quantization.json", group_size="x")
+    elif "not an object" in kind:
+        (folder / "quantization.json").write_text("[]")
+    elif "wider" in kind:
+        _edit_json(folder / "config.json", n_embd=128)
+    elif "not JSON" in kind:
+        (folder / "config.json").write_text("[1, 2")
+    else:
+        (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:1000])
+    with pytest.raises(Q.QuantizationError, match=named.replace(".", r"\.")):
+        Q.load_quantized(folder)
+    assert G.main(["--model_path", str(folder), "--prompt", "x", "--length", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and named in err
