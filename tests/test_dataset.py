@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pyarrow as pa
@@ -251,7 +252,7 @@ def test_cli_reports_and_errors_without_traceback(tmp_path, cache):
     assert json.loads(ok.stdout)["tokenized"]["train"]["documents"] == len(DOCS)
     bad = subprocess.run([sys.executable, "dataset.py", "--dataset_path", str(tmp_path / "none.txt")],
                          capture_output=True, text=True, cwd=dataset.REPO_DIR)
-    assert bad.returncode != 0 and "error:" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and "error:" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_real_corpus_token_count(shared_data, cache, tokenizer):
@@ -271,3 +272,304 @@ def test_real_latin1_and_crlf_books(shared_data, cache):
     info = dataset_info(train)
     assert info["tokenized"]["train"]["documents"] == 13 and info["split_method"] == "documents"
     assert np.all(np.asarray(train[:5]["input_ids"]) < 50257)
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 13: bad inputs and faults give one DataError naming the file (and line), never a traceback
+
+
+def documents(train):
+    return dataset_info(train)["tokenized"]["train"]["documents"]
+
+
+def test_links_read_each_file_once_and_say_what_was_skipped(tmp_path, cache):
+    d = tmp_path / "d"
+    (d / "sub").mkdir(parents=True)
+    for i in range(3):
+        (d / f"f{i}.txt").write_text(f"file {i} " * 30)
+    (d / "sub" / "loop").symlink_to("..")  # a link back into the tree: followed, it repeats every file 41 times
+    (d / "same.txt").symlink_to("f0.txt")  # two names of one file
+    (d / "also_same.txt").symlink_to(d / "f0.txt")
+    (d / "dangling.txt").symlink_to("no_such_file.txt")
+    with pytest.warns(UserWarning, match=r"skipped .*sub/loop \(a link to a folder read already\).*"
+                                         r"same.txt \(the same file as .*f0.txt\).*dangling.txt \(a link to nothing\)"):
+        _, train, val = get_dataset_and_tokenizer(dataset_path=str(d), block_size=4, val_split=0, cache_dir=cache)
+    assert documents(train) == 3
+    for pattern in ("**/*.txt", "[fs]*.txt"):  # a recursive glob through the loop; a glob that names f0 twice
+        with pytest.warns(UserWarning, match=r"skipped .*same.txt \(the same file as"):
+            _, train, _ = get_dataset_and_tokenizer(dataset_path=str(d / pattern), block_size=4, val_split=0,
+                                                    cache_dir=cache)
+        assert documents(train) == 3
+
+
+def test_recursive_glob_matches_like_glob(tmp_path):
+    d = tmp_path / "g"
+    (d / "a" / "b").mkdir(parents=True)
+    (d / ".hidden").mkdir()
+    for p in ("top.txt", "a/x.jsonl", "a/b/y.txt", "a/b/z.csv", ".hidden/h.txt", "a/.h.txt"):
+        (d / p).write_text("x")
+    for pattern in ("**/*.txt", "**", "a/**/*.txt", "**/b/*", "a/**/b/**/*.csv", "**/*.[jt]*"):
+        assert dataset.expand_path(str(d / pattern)) == sorted(
+            p for p in __import__("glob").glob(str(d / pattern), recursive=True) if dataset.file_format(p))
+
+
+def test_unreadable_subfolder_is_an_error_not_skipped(tmp_path, cache, monkeypatch):
+    (tmp_path / "d" / "locked").mkdir(parents=True)
+    (tmp_path / "d" / "a.txt").write_text("readable " * 20)
+    (tmp_path / "d" / "locked" / "b.txt").write_text("not readable " * 20)
+    real_scandir = dataset.os.scandir
+
+    def scandir(path="."):  # root can read any folder: simulate chmod 000
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(dataset.os, "scandir", scandir)
+    with pytest.raises(DataError, match=r"locked: cannot read this folder \(Permission denied\)"):
+        get_dataset_and_tokenizer(dataset_path=str(tmp_path / "d"), cache_dir=cache)
+
+
+def stray_quote_csv(path):
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        f.write("id,text\n1,first row\n2,\"a stray quote opens here\n")
+        f.writelines(f"{i},row {i} would vanish into row 2\n" for i in range(3, 200))
+
+
+def test_csv_stray_quote_names_the_line(tmp_path, cache):
+    stray_quote_csv(tmp_path / "q.csv")
+    with pytest.raises(DataError, match=r"q.csv, line 3: a quoted field opens here and never closes.*\.txt or \.jsonl"):
+        get_dataset_and_tokenizer(dataset_path=str(tmp_path / "q.csv"), block_size=4, cache_dir=cache)
+    (tmp_path / "q2.csv").write_text('id,text\n1,"closed" then text\n2,fine\n')
+    with pytest.raises(DataError, match=r"q2.csv, line 2: text follows a closing quote"):
+        get_dataset_and_tokenizer(dataset_path=str(tmp_path / "q2.csv"), block_size=4, cache_dir=cache)
+
+
+def test_csv_row_with_extra_fields_is_not_cut(tmp_path, cache):
+    (tmp_path / "c.csv").write_text("id,text\n" + "".join(f'{i},"row {i}, quoted"\n' for i in range(30))
+                                    + "30,unquoted, the rest would be dropped\n31,\n")
+    with pytest.raises(DataError, match=r"c.csv, line 32: 3 fields where the header has 2. Quote a field"):
+        get_dataset_and_tokenizer(dataset_path=str(tmp_path / "c.csv"), block_size=4, cache_dir=cache)
+    _, train, _ = get_dataset_and_tokenizer(dataset_path=str(tmp_path / "c.csv"), block_size=4, cache_dir=cache,
+                                            skip_bad_lines=True)
+    assert documents(train) == 30 and dataset_info(train)["tokenized"]["train"]["skipped_bad_lines"] == 1
+
+
+@pytest.mark.parametrize("name,data,encoding", [
+    ("bom16.txt", "Hello world, this is UTF-16 text.\n" * 20, "utf-16"),
+    ("le16.txt", "Hello world, this is UTF-16 text.\n" * 20, "utf-16-le"),
+    ("bom32.jsonl", json.dumps({"text": "hello"}) + "\n", "utf-32"),
+    ("be16.csv.gz", "text\nhello world\n", "utf-16-be"),
+])
+def test_utf16_and_utf32_files_are_refused(tmp_path, cache, name, data, encoding):
+    raw = data.encode(encoding)
+    (tmp_path / name).write_bytes(gzip.compress(raw) if name.endswith(".gz") else raw)
+    with pytest.raises(DataError, match=rf"{name} is not UTF-8 text: .*UTF-(16|32).*iconv -f UTF-"):
+        get_dataset_and_tokenizer(dataset_path=str(tmp_path / name), block_size=4, cache_dir=cache)
+
+
+def test_utf8_bom_is_skipped_in_every_text_format(tmp_path, cache, tokenizer):
+    bom = b"\xef\xbb\xbf"
+    text = "Hello world, a text with a byte-order mark.\n" * 10
+    (tmp_path / "b.txt").write_bytes(bom + text.encode())
+    _, train, _ = get_dataset_and_tokenizer(dataset_path=str(tmp_path / "b.txt"), block_size=4, val_split=0, cache_dir=cache)
+    ids = tokenizer.encode(text) + [tokenizer.eos_token_id]
+    assert all_tokens(train) == ids[: len(ids) // 4 * 4]
+    docs = [f"document {i} with some words" for i in range(20)]
+    (tmp_path / "b.jsonl").write_bytes(bom + "".join(json.dumps({"text": d}) + "\n" for d in docs).encode())
+    (tmp_path / "b.json").write_bytes(bom + json.dumps([{"text": d} for d in docs]).encode())
+    (tmp_path / "b.csv").write_bytes(bom + ("text\n" + "\n".join(docs) + "\n").encode())
+    for name in ("b.jsonl", "b.json", "b.csv"):
+        _, train, val = get_dataset_and_tokenizer(dataset_path=str(tmp_path / name), block_size=4, cache_dir=cache)
+        assert documents(train) == 20
+        assert_nothing_lost([train, val], dataset_info(train), expected_count(tokenizer, docs), 4)
+
+
+def test_pretty_printed_json_is_one_document_or_one_per_item(tmp_path, cache, tokenizer):
+    doc = "One pretty-printed record.\nIt spans lines."
+    (tmp_path / "one.json").write_text(json.dumps({"id": 7, "text": doc}, indent=2))
+    _, train, _ = get_dataset_and_tokenizer(dataset_path=str(tmp_path / "one.json"), block_size=2, val_split=0, cache_dir=cache)
+    assert documents(train) == 1 and tokenizer.decode(all_tokens(train)).startswith(doc)
+    (tmp_path / "items.json").write_text("\n\n" + json.dumps(DOCS, indent=2))
+    _, train, _ = get_dataset_and_tokenizer(dataset_path=str(tmp_path / "items.json"), block_size=2, cache_dir=cache)
+    assert documents(train) == len(DOCS)
+    write_jsonl(tmp_path / "lines.json", DOCS)  # JSON lines in a .json file still stream line by line
+    _, train, _ = get_dataset_and_tokenizer(dataset_path=str(tmp_path / "lines.json"), block_size=2, cache_dir=cache)
+    assert documents(train) == len(DOCS)
+    (tmp_path / "bad.json").write_text('{\n  "text": "unterminated\n}\n')
+    with pytest.raises(DataError, match=r"bad.json, line 2: invalid JSON"):
+        get_dataset_and_tokenizer(dataset_path=str(tmp_path / "bad.json"), cache_dir=cache)
+    (tmp_path / "badfirst.json").write_text('{"text": broken\n' + '{"text": "fine words here"}\n' * 20)
+    _, train, _ = get_dataset_and_tokenizer(dataset_path=str(tmp_path / "badfirst.json"), block_size=2, cache_dir=cache,
+                                            skip_bad_lines=True)
+    assert documents(train) == 20 and dataset_info(train)["tokenized"]["train"]["skipped_bad_lines"] == 1
+
+
+def _jsonl_bytes():
+    return "".join(json.dumps({"text": f"document {i} " * 10}) + "\n" for i in range(50)).encode()
+
+
+def _corrupt_gzip():
+    data = bytearray(gzip.compress(_jsonl_bytes()))
+    data[30:50] = b"\xff" * 20
+    return bytes(data)
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("cut.jsonl.gz", lambda: gzip.compress(_jsonl_bytes())[:-30], "gzip data is truncated or corrupt"),
+    ("bad.jsonl.gz", _corrupt_gzip, "gzip data is truncated or corrupt"),
+    ("plain.txt.gz", lambda: b"plain text, not gzip " * 20, r"is not gzip-compressed.*rename it without \.gz"),
+    ("empty.parquet", lambda: b"", r"is not a readable Parquet file"),
+    ("junk.parquet", lambda: b"not parquet " * 20, r"is not a readable Parquet file"),
+    ("ints.parquet", lambda: _parquet_bytes(pa.table({"text": list(range(20))})), r"column 'text' holds int64, not text"),
+    ("nul.txt", lambda: b"\x00\x01\x02binary\x00\x00" * 30, r"is not UTF-8 text: \d+ of its first \d+ bytes are NUL"),
+])
+def test_corrupt_files_raise_one_data_error(tmp_path, cache, name, content, message):
+    (tmp_path / name).write_bytes(content())
+    with pytest.raises(DataError, match=rf"{name}:? .*{message}"):
+        get_dataset_and_tokenizer(dataset_path=str(tmp_path / name), block_size=4, cache_dir=cache)
+
+
+def _parquet_bytes(table):
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+def test_unreadable_file_names_it(tmp_path, cache, monkeypatch):
+    (tmp_path / "locked.txt").write_text("some words " * 20)
+
+    def locked_open(path, *args, **kwargs):  # tests run as root, where chmod 000 does not stop reading
+        if str(path).endswith("locked.txt"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return open(path, *args, **kwargs)
+
+    monkeypatch.setattr(dataset, "open", locked_open, raising=False)
+    with pytest.raises(DataError, match=r"locked.txt: cannot read it \(Permission denied\)"):
+        get_dataset_and_tokenizer(dataset_path=str(tmp_path / "locked.txt"), cache_dir=cache)
+
+
+def test_cache_dir_that_is_a_file_or_read_only(tmp_path, monkeypatch):
+    write_jsonl(tmp_path / "d.jsonl", DOCS)
+    (tmp_path / "a_file").write_text("x")
+    for bad in (tmp_path / "a_file", tmp_path / "a_file" / "sub"):
+        with pytest.raises(DataError, match=rf"cache_dir {bad}: cannot write the token cache there.*--cache_dir"):
+            get_dataset_and_tokenizer(dataset_path=str(tmp_path / "d.jsonl"), cache_dir=str(bad))
+
+    def read_only(*args, **kwargs):  # tests run as root, which may write into a chmod 555 folder
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(dataset.tempfile, "mkdtemp", read_only)
+    with pytest.raises(DataError, match=r"cannot write the token cache there \(Read-only file system\)"):
+        get_dataset_and_tokenizer(dataset_path=str(tmp_path / "d.jsonl"), cache_dir=str(tmp_path / "ro"))
+
+
+def test_disk_full_while_caching_names_the_cache_and_leaves_no_entry(tmp_path, cache, monkeypatch):
+    write_jsonl(tmp_path / "d.jsonl", DOCS)
+    real = dataset.split_and_pack
+
+    def full_disk(tok_dir, tok_meta, out_dir, *args):
+        real(tok_dir, tok_meta, out_dir, *args)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(dataset, "split_and_pack", full_disk)
+    with pytest.raises(DataError, match=rf"disk holding cache_dir {cache} is full.*--cache_dir"):
+        get_dataset_and_tokenizer(dataset_path=str(tmp_path / "d.jsonl"), block_size=8, cache_dir=cache)
+    entries = [p.name for p in (tmp_path / "cache").iterdir()]
+    assert len(entries) == 1 and entries[0].startswith("tokens-")  # the tokens are complete; no partial blocks entry
+    monkeypatch.setattr(dataset, "split_and_pack", real)
+    _, train, _ = get_dataset_and_tokenizer(dataset_path=str(tmp_path / "d.jsonl"), block_size=8, cache_dir=cache)
+    assert documents(train) == len(DOCS)
+
+
+def test_damaged_cache_entry_is_rebuilt_not_trusted(tmp_path, cache, tokenizer):
+    write_jsonl(tmp_path / "d.jsonl", DOCS * 5)
+    _, train, val = get_dataset_and_tokenizer(dataset_path=str(tmp_path / "d.jsonl"), block_size=8, cache_dir=cache)
+    n_train, n_val = len(train), len(val)
+    arrow = train.cache_files[0]["filename"]
+    del train, val
+    with open(arrow, "r+b") as f:  # a copy cut short, or a crash before the data reached the disk
+        f.truncate(__import__("os").path.getsize(arrow) // 2)
+    with pytest.warns(UserWarning, match=r"is damaged \(train.arrow has \d+ bytes, not \d+\): rebuilding it"):
+        _, train, val = get_dataset_and_tokenizer(dataset_path=str(tmp_path / "d.jsonl"), block_size=8, cache_dir=cache)
+    assert (len(train), len(val)) == (n_train, n_val)
+
+
+def test_split_error_names_the_file_passed_not_a_cached_copy(tmp_path, cache):
+    (tmp_path / "A").mkdir()
+    (tmp_path / "B").mkdir()
+    (tmp_path / "A" / "small.txt").write_text("tiny text")
+    (tmp_path / "B" / "small.txt").write_text("tiny text")
+    with pytest.raises(DataError, match=r"A/small.txt has \d+ tokens"):
+        get_dataset_and_tokenizer(dataset_path=str(tmp_path / "A" / "small.txt"), block_size=512, cache_dir=cache)
+    with pytest.raises(DataError, match=r"B/small.txt has \d+ tokens"):
+        get_dataset_and_tokenizer(dataset_path=str(tmp_path / "B" / "small.txt"), block_size=512, cache_dir=cache)
+
+
+def test_non_utf8_file_name(tmp_path, cache):
+    import os
+
+    folder = tmp_path / "names"
+    folder.mkdir()
+    with open(os.path.join(os.fsencode(folder), b"caf\xe9.txt"), "wb") as f:  # a Latin-1 name on a UTF-8 system
+        f.write(b"words in a file with a Latin-1 name " * 10)
+    _, train, _ = get_dataset_and_tokenizer(dataset_path=str(folder), block_size=4, val_split=0, cache_dir=cache)
+    assert documents(train) == 1
+
+
+def test_file_changed_while_read_is_an_error(tmp_path, cache, monkeypatch):
+    path = tmp_path / "growing.txt"
+    path.write_text("first words of a log still being written\n" * 20)
+    real = dataset.read_txt
+
+    def read_then_append(stream):
+        yield from real(stream)
+        with open(path, "a") as f:  # another program appends while we tokenize
+            f.write("a late line\n")
+
+    monkeypatch.setattr(dataset, "read_txt", read_then_append)
+    with pytest.raises(DataError, match=r"growing.txt changed while it was read"):
+        get_dataset_and_tokenizer(dataset_path=str(path), block_size=4, cache_dir=cache)
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_huge_line_is_cut_between_characters(tmp_path, cache, monkeypatch):
+    monkeypatch.setattr(dataset, "TXT_CHUNK_BYTES", 300)  # a run with no newline is cut every 16 chunks (4800 bytes)
+    # 3-byte characters, where a cut at 4796 bytes falls inside one; a CRLF where that cut falls between \r and \n
+    for i, text in enumerate(["中" * 3000 + "文" * 2000, "a" * 4795 + "\r\n" + "字" * 2000]):
+        (tmp_path / f"{i}.txt").write_text(text, encoding="utf-8", newline="")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no "byte sequences replaced" warning: nothing was broken
+            tok, train, _ = get_dataset_and_tokenizer(dataset_path=str(tmp_path / f"{i}.txt"), block_size=2,
+                                                      val_split=0, cache_dir=cache)
+        assert tok.decode(all_tokens(train)).startswith(text.replace("\r\n", "\n"))
+
+
+@pytest.mark.parametrize("official", [True, False])
+def test_lone_surrogate_escape_in_json_is_replaced_and_counted(tmp_path, cache, tokenizer, monkeypatch, official):
+    import gpt2_tokenizer
+
+    if not official:  # the Hugging Face tokenizer raised a TypeError on it; tiktoken dropped it in silence
+        monkeypatch.setattr(gpt2_tokenizer, "is_official_gpt2", lambda tok: False)
+        monkeypatch.setattr(dataset, "PIPELINE_VERSION", -1)
+    (tmp_path / "s.jsonl").write_text("".join(json.dumps({"text": f"doc {i} caf\u00e9 \ud800 end"}) + "\n" for i in range(20)))
+    with pytest.warns(UserWarning, match=r"s.jsonl: 20 byte sequence\(s\) are not valid UTF-8"):
+        _, train, _ = get_dataset_and_tokenizer(dataset_path=str(tmp_path / "s.jsonl"), block_size=4, val_split=0,
+                                                cache_dir=cache)
+    assert tokenizer.decode(all_tokens(train)).startswith("doc 0 caf\u00e9 \ufffd end<|endoftext|>doc 1")
+
+
+def test_reader_stopped_early_lets_go_of_the_file(tmp_path, monkeypatch):
+    import gc
+
+    from tqdm.auto import tqdm
+
+    (tmp_path / "c.csv").write_text("text\n" + "a row\n" * 100)
+    errors = []
+    monkeypatch.setattr(sys, "unraisablehook", errors.append)
+    pieces = dataset.iter_pieces(dataset.Source("files", [str(tmp_path / "c.csv")]), dataset.DataArguments(),
+                                 tqdm(disable=True), str(tmp_path))
+    assert next(pieces) == ("a row", True)
+    pieces.close()  # as evaluation.py does after --max_documents
+    del pieces
+    gc.collect()
+    assert errors == []
