@@ -10,10 +10,15 @@ From Python (a notebook, train.py):
     paths = download(datasets=["webtext"], splits=["valid"], out_dir="data")
 
 Every file is `{dataset}.{split}.jsonl`, fetched from `{base_url}/{dataset}.{split}.jsonl`.
-A download goes to `{name}.part` first; an interrupted one resumes from where it stopped
-(HTTP Range), transient failures (connection errors, timeouts, HTTP 5xx) are retried with
-exponential backoff, and the file is checked (every line JSON with a string "text") before
-it is renamed into place. Files already in place are skipped without touching the network.
+A download goes to `{name}.part` first, with `{name}.part.meta` beside it recording the URL, the
+server's ETag / Last-Modified and the size it announced. An interrupted download resumes from where
+it stopped (HTTP Range with If-Range, so a file that changed on the server is fetched again from the
+start rather than spliced); transient failures (connection errors, timeouts, HTTP 5xx) are retried
+with exponential backoff. Before a file is renamed into place it must have exactly the size the
+server announced (Content-Length, Content-Range or, failing both, HEAD), be non-empty, and have
+every line JSON with a string "text". Files already in place are skipped without touching the
+network, except empty ones, which are fetched again; --verify_existing checks them against the
+server's size and their lines.
 """
 
 from __future__ import annotations
@@ -88,8 +93,9 @@ class DownloadArguments:
     verify_existing: bool = field(
         default=False,
         metadata={
-            "help": "For files already downloaded, ask the server (HEAD) for their size and warn when it "
-            "differs. They are never downloaded again; delete a file to fetch it anew."
+            "help": "For files already downloaded, ask the server (HEAD) for their size and check every line; "
+            "a file of another size or with a bad line is an error (it is left alone: delete it and rerun "
+            "to fetch it anew). Empty files are always fetched again."
         },
     )
 
@@ -130,10 +136,10 @@ def _check_names(given: Iterable[str], valid: tuple[str, ...], kind: str) -> lis
 
 def _no_space(path: Path, needed: int | None, have: int | None = None) -> DownloadError:
     free = f" ({human_size(have)} free)" if have is not None else ""
+    need = f"{path.name} needs {human_size(needed)} more" if needed is not None else f"writing {path.name} failed"
     return DownloadError(
-        f"no space left on the device holding {path.parent}{free}: {path.name} needs "
-        f"{human_size(needed)} more; free some space or choose another --out_dir "
-        f"(the partial download is kept and resumes on the next run)"
+        f"no space left on the device holding {path.parent}{free}: {need}; free some space or choose "
+        f"another --out_dir (the partial download is kept and resumes on the next run)"
     )
 
 
@@ -149,13 +155,18 @@ def _parse_content_range(value: str | None) -> tuple[int | None, int | None]:
 
 def _int_header(value: str | None) -> int | None:
     try:
-        return int(value) if value is not None else None
+        n = int(value) if value is not None else None
     except ValueError:
         return None
+    return n if n is None or n >= 0 else None
+
+
+def _one_line(text) -> str:
+    return " ".join(str(text).split())
 
 
 def validate_jsonl(path: Path, name: str | None = None) -> int:
-    """Check that every line of `path` is a JSON object with a string "text". Returns the line count.
+    """Check that `path` is not empty and every line is a JSON object with a string "text". Returns the line count.
 
     Raises DownloadError naming the file (`name`, default the path) and the 1-based line number.
     """
@@ -164,6 +175,11 @@ def validate_jsonl(path: Path, name: str | None = None) -> int:
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             count = lineno
+            if lineno == 1 and raw.lstrip()[:1] == b"<":
+                raise DownloadError(
+                    f"{name} line 1: an HTML page, not JSON lines (an error or sign-in page?); "
+                    f"check --base_url points at the dataset files"
+                )
             try:
                 record = json.loads(raw.decode("utf-8"))
             except UnicodeDecodeError as e:
@@ -172,6 +188,8 @@ def validate_jsonl(path: Path, name: str | None = None) -> int:
                 raise DownloadError(f"{name} line {lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 raise DownloadError(f'{name} line {lineno}: expected a JSON object with a string "text" field')
+    if count == 0:
+        raise DownloadError(f"{name} is empty")
     return count
 
 
@@ -182,10 +200,12 @@ class _Retryable(Exception):
     """A transient failure: retry after a backoff."""
 
 
-def _open(url: str, offset: int, timeout: float, method: str = "GET"):
+def _open(url: str, offset: int, timeout: float, method: str = "GET", if_range: str | None = None):
     headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
+        if if_range:
+            headers["If-Range"] = if_range
     request = urllib.request.Request(url, headers=headers, method=method)
     return urllib.request.urlopen(request, timeout=timeout)
 
@@ -199,13 +219,74 @@ def _remote_size(url: str, timeout: float) -> int | None:
         return None
 
 
-def _fetch_once(url: str, part: Path, timeout: float, progress: bool) -> None:
-    """One attempt at getting `part` complete. Raises _Retryable on transient failures."""
+# A .part file is only worth resuming if we know which file and which version of it it holds:
+# `{name}.part.meta` records the URL, the validators the server sent and the size it announced.
+# It is written after the .part is emptied and before any byte goes in, so a torn or missing
+# record means "start again", never "splice".
+
+
+def _meta_path(part: Path) -> Path:
+    return part.with_name(part.name + ".meta")
+
+
+def _read_meta(part: Path) -> dict | None:
+    try:
+        meta = json.loads(_meta_path(part).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _discard_part(part: Path) -> None:
+    part.unlink(missing_ok=True)
+    _meta_path(part).unlink(missing_ok=True)
+
+
+def _validators(headers) -> dict:
+    return {"etag": headers.get("ETag"), "last_modified": headers.get("Last-Modified")}
+
+
+def _if_range(meta: dict) -> str | None:
+    """The validator to resume with: a strong ETag, else Last-Modified (If-Range refuses weak ETags)."""
+    etag = meta.get("etag")
+    return etag if etag and not etag.startswith("W/") else meta.get("last_modified")
+
+
+def _why_not_resume(meta: dict | None, url: str) -> str | None:
+    if meta is None:
+        return "no record of which file it holds"
+    if meta.get("url") != url:
+        return f"it was started from another URL ({meta.get('url')})"
+    if not _if_range(meta) and meta.get("size") is None:
+        return "the server gave no ETag, Last-Modified or size to check a resumed download against"
+    return None
+
+
+def _changed(meta: dict, headers, total: int | None) -> str | None:
+    """Why a 206 answer is for another version of the file than the .part holds, or None."""
+    for key, value in _validators(headers).items():
+        if meta.get(key) and value and meta[key] != value:
+            return f"the file changed on the server ({key} {meta[key]} is now {value})"
+    if meta.get("size") is not None and total is not None and meta["size"] != total:
+        return f"the file changed on the server (it had {meta['size']} bytes, now {total})"
+    return None
+
+
+def _fetch_once(url: str, part: Path, timeout: float, progress: bool) -> int | None:
+    """One attempt at getting `part` complete; returns the size the server announced (None: unknown).
+
+    Raises _Retryable on transient failures (the .part is kept when it can be resumed).
+    """
     from tqdm import tqdm
 
     offset = part.stat().st_size if part.exists() else 0
+    meta = _read_meta(part) if offset else None
+    if offset and (why := _why_not_resume(meta, url)):
+        _log(f"{part.name}: not resuming: {why}; starting again")
+        _discard_part(part)
+        offset, meta = 0, None
     try:
-        resp = _open(url, offset, timeout)
+        resp = _open(url, offset, timeout, if_range=_if_range(meta) if meta else None)
     except urllib.error.HTTPError as e:
         with e:
             if e.code == 404:
@@ -213,17 +294,22 @@ def _fetch_once(url: str, part: Path, timeout: float, progress: bool) -> None:
             if e.code == 416 and offset:
                 # The .part file already reaches (or passes) the end of the remote file.
                 _, total = _parse_content_range(e.headers.get("Content-Range"))
-                if total == offset:
-                    return  # complete already
+                if total == offset and meta.get("size") in (None, total):
+                    return total  # complete already
                 _log(f"{part.name}: partial file does not match the server's copy; starting again")
-                part.unlink()
+                _discard_part(part)
                 raise _Retryable(f"HTTP 416 for a {human_size(offset)} partial file") from None
             if e.code >= 500 or e.code in (408, 429):
-                raise _Retryable(f"HTTP {e.code} {e.reason}") from None
-            raise DownloadError(f"HTTP {e.code} {e.reason}: {url}") from None
+                raise _Retryable(f"HTTP {e.code} {_one_line(e.reason)}") from None
+            if 300 <= e.code < 400:  # urllib follows redirects; one it gives up on is a loop or a bad target
+                raise DownloadError(
+                    f"too many redirects, or a redirect that cannot be followed (HTTP {e.code}), for {url}; "
+                    f"check --base_url"
+                ) from None
+            raise DownloadError(f"HTTP {e.code} {_one_line(e.reason)}: {url}") from None
     except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError, socket.timeout) as e:
         reason = getattr(e, "reason", None) or e
-        raise _Retryable(f"could not reach {url}: {reason}") from None
+        raise _Retryable(f"could not reach {url}: {_one_line(reason)}") from None
     except ValueError as e:  # e.g. "unknown url type"
         raise DownloadError(f"bad URL {url}: {e}") from None
 
@@ -231,16 +317,30 @@ def _fetch_once(url: str, part: Path, timeout: float, progress: bool) -> None:
         length = _int_header(resp.headers.get("Content-Length"))
         if resp.status == 206:
             start, total = _parse_content_range(resp.headers.get("Content-Range"))
-            if start is not None and start != offset:
-                part.unlink()
-                raise _Retryable(f"server resumed at byte {start} instead of {offset}")
+            if start is None:
+                why = "the server's partial answer does not say where it starts (no Content-Range)"
+            elif start != offset:
+                why = f"the server resumed at byte {start} instead of {offset}"
+            else:
+                why = _changed(meta or {}, resp.headers, total)
+            if why:
+                _discard_part(part)
+                raise _Retryable(f"{why}; starting again")
             if total is None and length is not None:
                 total = offset + length
             mode = "ab"
         else:
             if offset:
-                _log(f"{part.name}: server ignored the Range request; restarting from the beginning")
+                # With If-Range a 200 means the file changed; without, the server can't resume.
+                _log(f"{part.name}: the server sent the whole file (it changed, or the server does not "
+                     f"resume downloads); restarting from the beginning")
             offset, total, mode = 0, length, "wb"
+        if total is None:  # no Content-Length: ask for the size, else an early end would look complete
+            total = _remote_size(url, timeout)
+        if offset == 0:
+            _discard_part(part)
+            with open(_meta_path(part), "w", encoding="utf-8") as f:
+                json.dump({"url": url, **_validators(resp.headers), "size": total}, f)
 
         if total is not None:
             try:
@@ -251,39 +351,65 @@ def _fetch_once(url: str, part: Path, timeout: float, progress: bool) -> None:
                 raise _no_space(part, total - offset, free)
 
         received = 0
-        with open(part, mode) as f, tqdm(
-            total=total,
-            initial=offset,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            desc=part.name[: -len(".part")],
-            disable=not progress,
-            leave=True,
-        ) as bar:
-            while True:
-                try:
-                    chunk = resp.read(CHUNK_SIZE)
-                except (http.client.HTTPException, ConnectionError, TimeoutError, socket.timeout, OSError) as e:
-                    raise _Retryable(f"connection lost after {human_size(offset + received)}: {e!r}") from None
-                if not chunk:
-                    break
-                try:
+        try:
+            with open(part, mode) as f, tqdm(
+                total=total,
+                initial=offset,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=part.name[: -len(".part")],
+                disable=not progress,
+                leave=True,
+            ) as bar:
+                while True:
+                    try:
+                        chunk = resp.read(CHUNK_SIZE)
+                    except (http.client.HTTPException, ConnectionError, TimeoutError, socket.timeout, OSError) as e:
+                        raise _Retryable(f"connection lost after {human_size(offset + received)}: {e!r}") from None
+                    if not chunk:
+                        break
                     f.write(chunk)
-                except OSError as e:
-                    if e.errno == errno.ENOSPC:
-                        needed = total - offset - received if total is not None else None
-                        raise _no_space(part, needed) from None
-                    raise
-                received += len(chunk)
-                bar.update(len(chunk))
+                    received += len(chunk)
+                    bar.update(len(chunk))
+        except OSError as e:  # a write, or the flush on close
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise _no_space(part, total - offset - received if total is not None else None) from None
+            raise
 
     size = part.stat().st_size
     if total is not None and size < total:
         raise _Retryable(f"connection closed after {human_size(size)} of {human_size(total)}")
     if total is not None and size > total:
-        part.unlink()
+        _discard_part(part)
         raise _Retryable(f"got {size} bytes but the server announced {total}")
+    if total is None and size and not _ends_with_newline(part):
+        # Every dataset file ends with a newline: without a size, a body that stops mid-line was cut.
+        raise _Retryable(f"connection closed mid-line after {human_size(size)} (the server gave no size)")
+    return total
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
+def _verify_existing(url: str, dest: Path, timeout: float) -> None:
+    """Raise DownloadError when `dest` differs in size from the server's copy or has a bad line."""
+    local = dest.stat().st_size
+    remote = _remote_size(url, timeout)
+    if remote is not None and remote != local:
+        raise DownloadError(
+            f"{dest} has {local} bytes but the server's copy has {remote}: it is incomplete or another "
+            f"version; delete it and rerun to download it again"
+        )
+    try:
+        validate_jsonl(dest, name=dest.name)
+    except DownloadError as e:
+        raise DownloadError(f"{e}; delete {dest} and rerun to download it again") from None
+    if remote is None:
+        _log(f"{dest.name}: the server gave no size for {url}; checked its lines only")
 
 
 def download_file(
@@ -298,17 +424,27 @@ def download_file(
 ) -> Path:
     """Download `url` to `dest` (via `dest.part`), resuming, retrying and validating it as GPT-2 JSONL."""
     dest = Path(dest)
+    try:
+        return _download_file(url, dest, retries, backoff, timeout, verify_existing, progress)
+    except OSError as e:  # the network's OSErrors are handled inside: this is the local disk
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise _no_space(Path(e.filename or dest), None) from None
+        where = e.filename or dest.parent
+        raise DownloadError(
+            f"cannot use {where}: {e.strerror or e}; make --out_dir a folder you can read and write (or choose another)"
+        ) from None
+
+
+def _download_file(url, dest: Path, retries, backoff, timeout, verify_existing, progress) -> Path:
     if dest.exists():
-        if verify_existing:
-            remote = _remote_size(url, timeout)
-            local = dest.stat().st_size
-            if remote is not None and remote != local:
-                _log(
-                    f"warning: {dest} has {local} bytes but the server's copy has {remote}; "
-                    f"delete it and rerun to download it again"
-                )
-        _log(f"{dest.name}: already downloaded, skipping")
-        return dest
+        if dest.stat().st_size == 0:  # never a finished download: an older version installed empty bodies
+            _log(f"{dest.name}: the file in place is empty; downloading it again")
+            dest.unlink()
+        else:
+            if verify_existing:
+                _verify_existing(url, dest, timeout)
+            _log(f"{dest.name}: already downloaded, skipping")
+            return dest
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
@@ -316,24 +452,38 @@ def download_file(
     while True:
         before = part.stat().st_size if part.exists() else 0
         try:
-            _fetch_once(url, part, timeout, progress)
+            total = _fetch_once(url, part, timeout, progress)
             break
         except _Retryable as e:
             after = part.stat().st_size if part.exists() else 0
             failures = 1 if after > before else failures + 1  # progress resets the count
             if failures > retries:
-                raise DownloadError(f"giving up on {url} after {failures} failed attempts: {e}") from None
+                raise DownloadError(
+                    f"giving up on {url} after {failures} failed attempts: {e}; rerun later "
+                    f"(a partial download resumes where it can)"
+                ) from None
             delay = backoff * 2 ** (failures - 1)
             _log(f"{dest.name}: {e}; retrying in {delay:.2g}s ({failures}/{retries})")
             time.sleep(delay)
 
     try:
-        validate_jsonl(part, name=dest.name)
+        lines = validate_jsonl(part, name=dest.name)
     except DownloadError as e:
         bad = dest.with_name(dest.name + ".invalid")
         os.replace(part, bad)
-        raise DownloadError(f"{e} (downloaded from {url}; not installed, kept as {bad})") from None
+        _meta_path(part).unlink(missing_ok=True)
+        raise DownloadError(
+            f"{e} (downloaded from {url}; not installed, kept as {bad}); rerun to download it again, "
+            f"or check --base_url"
+        ) from None
     os.replace(part, dest)
+    _meta_path(part).unlink(missing_ok=True)
+    if total is None:
+        _log(
+            f"warning: {url} gave no size, so a download cut short at a line boundary cannot be told from a "
+            f"complete one; {dest.name} has {lines} lines ({human_size(dest.stat().st_size)}): compare with "
+            f"the source, or use a --base_url that sends Content-Length"
+        )
     return dest
 
 
@@ -401,11 +551,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     except DownloadError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:  # e.g. out_dir not writable
-        where = f": {e.filename}" if e.filename else ""
-        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
-        return 1
+        return 2
     except KeyboardInterrupt:
         print("error: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
