@@ -51,9 +51,20 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
-    """The given device, else CUDA, then Apple MPS, then CPU."""
+    """The given device, else CUDA, then Apple MPS, then CPU. A device that is not there is a ValueError."""
     if device is not None:
-        return torch.device(device)
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device {device!r} is not a device: use cpu, cuda, cuda:N or mps") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device} asked for, but this torch sees no CUDA GPU "
+                             f"(torch {torch.__version__}): use --device cpu, or install a CUDA build of torch")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device} asked for, but there are {torch.cuda.device_count()} CUDA GPU(s)")
+        if device.type == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+            raise ValueError(f"device {device} asked for, but Apple MPS is not available here: use --device cpu")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -433,6 +444,8 @@ def _cpu_threads(device: torch.device, n: int | None):
     OpenMP threads saves nothing and costs a team sync per op, which turns into scheduler
     waits when the cores are shared (measured 10x slower with 2 threads on a busy 2-core box).
     """
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+        raise ValueError(f"threads must be an integer >= 0 (0 keeps torch's setting), got {n!r}")
     if device.type != "cpu" or n == 0:
         yield
         return
@@ -497,6 +510,11 @@ def check_sampling_args(max_new_tokens=50, top_k=50, top_p=1.0, temperature=1.0,
 
 def _encode_prompt(tokenizer, prompt: str, context: int, max_new_tokens: int) -> list[int]:
     keep = context - max_new_tokens
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate is not text: the tokenizer would fail deep inside
+        raise ValueError(f"the prompt holds a lone surrogate ({prompt[e.start]!r} at character {e.start}), which is not "
+                         "text: pass valid Unicode (UTF-8)") from None
     # verbose=False: the tokenizer's "longer than the maximum sequence length" notice is moot, we cut below.
     ids = tokenizer.encode(prompt, verbose=False) if prompt else []
     if not ids:  # an empty prompt samples unconditionally, as GPT-2 was trained: after <|endoftext|>
@@ -672,6 +690,8 @@ def generate(
 def _generate(tokenizer, model, device, prompts, max_new_tokens, top_k, top_p, temperature, repetition_penalty,
               no_repeat_ngram_size, num_return_sequences, seed, stop, on_text) -> list[Completion]:
     check_sampling_args(max_new_tokens, top_k, top_p, temperature, repetition_penalty, no_repeat_ngram_size, num_return_sequences)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64):
+        raise ValueError(f"seed must be an integer from -2**63 to 2**64-1, got {seed!r}")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise ValueError("no prompts given")
@@ -873,8 +893,8 @@ class GenerateArguments:
 def read_prompts(args: GenerateArguments, stdin=None) -> list[str]:
     """Prompts from --prompt, --prompt_file or piped stdin; [''] (one unconditional sample) if none."""
     stdin = stdin or sys.stdin
-    if args.prompt is not None:
-        return [args.prompt]
+    if args.prompt is not None:  # bytes that are not UTF-8 arrive as surrogate escapes
+        return [_decode_prompts(args.prompt.encode("utf-8", "surrogateescape"), "--prompt")]
     if args.prompt_file == "-" or (args.prompt_file is None and not stdin.isatty()):
         source, data = "stdin", stdin.buffer.read() if hasattr(stdin, "buffer") else stdin.read().encode("utf-8", "surrogateescape")
     elif args.prompt_file is not None:
@@ -981,6 +1001,9 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit-time flush cannot fail again
+        return 141
     return 0
 
 

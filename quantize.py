@@ -36,6 +36,7 @@ so no code from the file can run) and rebuilds the library's quantized tensors f
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -402,6 +403,10 @@ def save_quantized(model, tokenizer, out_dir, source_dir=None) -> Path:
     if not recipe:
         raise QuantizationError("the model is not quantized: call quantize_model(model, mode) first.")
     out = Path(out_dir).expanduser()
+    if out.exists() and not (is_quantized_folder(out) or (out.is_dir() and not any(out.iterdir()))):
+        # It would be replaced: never anything but an earlier quantize.py output (or an empty folder).
+        raise QuantizationError(f"{out} exists and is not a folder written by quantize.py, which would replace it: "
+                                "choose another --out, or move it away first.")
     tensors, quantized = {}, []
     quantized_modules = {name: mod for name, mod in model.named_modules() if hasattr(mod, "quant_plain")}
     for name, mod in quantized_modules.items():
@@ -654,8 +659,12 @@ def main(argv=None) -> int:
             print(f"{src}: {before / 1e6:.1f} MB -> {out}: {after / 1e6:.1f} MB ({what}, {after / before:.1%} of the original)")
         else:
             print(f"{out}: {after / 1e6:.1f} MB ({what})")
-    except (QuantizationError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # QuantizationError, generate.ModelLoadError
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # writing the output: a full disk, a file where a folder should be, no permission
+        print(f"error: cannot write {e.filename or args.out or 'the output'}: {e.strerror or e}"
+              + (" (free some space, or pass --out on another disk)" if e.errno == errno.ENOSPC else ""), file=sys.stderr)
         return 2
     return 0
 

@@ -465,3 +465,36 @@ def test_broken_model_folders_are_one_line_errors(model_dir, tmp_path, kind, cap
     assert err[-1].startswith("error: ") and named in err[-1] and "Traceback" not in "\n".join(err)
     if kind == "refused pickle":
         assert "could run code" in err[-1]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--device", "banana"], "error: device 'banana' is not a device"),
+    (["--device", "cuda:7" if torch.cuda.is_available() else "cuda"], "error: device cuda"),
+    (["--seed", str(10**30)], "error: seed must be an integer"),
+    (["--threads", "-1"], "error: threads must be an integer >= 0"),
+])
+def test_cli_bad_device_seed_threads_are_one_line(model_dir, args, message, capsys):
+    assert G.main(["--model_path", str(model_dir), "--prompt", "x", "--length", "2", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1
+
+
+def test_prompts_that_are_not_text_are_refused(loaded, model_dir):
+    with pytest.raises(ValueError, match="lone surrogate"):  # was a TypeError from inside the tokenizer
+        G.generate_once(*loaded, "a\ud800b", 3)
+    out = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--model_path", str(model_dir), "--prompt", b"caf\xe9"],
+                         capture_output=True, cwd=ROOT, timeout=240, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 2 and out.stderr.decode().startswith("error: --prompt is not UTF-8 text"), out.stderr
+
+
+def test_a_reader_that_goes_away_is_not_a_traceback(model_dir, tmp_path):
+    # `python generate.py ... | head -1`: the pipe closes while completions are still printed
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a\nb\n" * 100)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "generate.py"), "--model_path", str(model_dir), "--prompt_file", str(prompts),
+                             "--length", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc.stdout.readline()
+    proc.stdout.close()
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=240) == 141 and "Traceback" not in stderr and "Broken pipe" not in stderr, stderr

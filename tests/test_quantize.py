@@ -330,3 +330,25 @@ def test_a_folder_that_does_not_match_its_quantization_json_is_one_error(quantiz
     assert G.main(["--model_path", str(folder), "--prompt", "x", "--length", "2"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and named in err
+
+
+def test_out_never_replaces_a_folder_quantize_did_not_write(fp32_dir, tmp_path, capsys):
+    # --out used to be renamed away and deleted whatever it was (e.g. --out ~/Documents)
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    assert Q.main(["--model_path", str(fp32_dir), "--mode", "int8", "--out", str(precious)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {precious} exists and is not a folder written by quantize.py") and err.count("\n") == 1
+    assert [p.name for p in precious.iterdir()] == ["notes.txt"]
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert Q.main(["--model_path", str(fp32_dir), "--mode", "int8", "--out", str(blocker / "q")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot write") and err.count("\n") == 1
+    broken = tmp_path / "broken"
+    shutil.copytree(fp32_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"\0" * 100)
+    assert Q.main(["--model_path", str(broken), "--mode", "int8", "--out", str(tmp_path / "q2")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {broken / 'model.safetensors'} cannot be loaded") and err.count("\n") == 1
