@@ -194,8 +194,17 @@ def load_model(model_dir: str | os.PathLike = DEFAULT_MODEL_PATH, device: str | 
             ) from e
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
+    _check_vocab(tokenizer, model, name)
     model.to(device).eval()
     return tokenizer, model, device
+
+
+def _check_vocab(tokenizer, model, name: str) -> None:
+    # A token id beyond the embedding table is an IndexError deep inside the first forward.
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > vocab:
+        raise ModelLoadError(f"{name}: the tokenizer has {len(tokenizer)} tokens but the model only {vocab} (vocab_size in "
+                             "config.json): the tokenizer files do not belong to this model; copy the model's own.")
 
 
 def _load_quantized(path: Path, device, dtype):
@@ -203,7 +212,9 @@ def _load_quantized(path: Path, device, dtype):
     if dtype not in (None, torch.float32):
         raise ValueError(f"{path} is quantized: it computes in float32, not {dtype}.")
     model = quantize.load_quantized(path, device)  # QuantizationError is a ValueError
-    return _folder_tokenizer(path), model, device
+    tokenizer = _folder_tokenizer(path)
+    _check_vocab(tokenizer, model, str(path))
+    return tokenizer, model, device
 
 
 def _folder_tokenizer(path: Path):

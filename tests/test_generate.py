@@ -447,11 +447,15 @@ def _break_folder(kind, folder, tmp_path):
     elif kind == "corrupt tokenizer":
         (folder / "tokenizer.json").write_text("{garbage")
         return "tokenizer"
+    elif kind == "tokenizer larger than the vocabulary":  # token ids past the embedding: an IndexError before
+        GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=64, vocab_size=1000)).save_pretrained(folder)
+        return "the tokenizer has 50257 tokens but the model only 1000"
     return "config.json" if "config" in kind else "model.safetensors"
 
 
 @pytest.mark.parametrize("kind", ["garbage weights", "truncated weights", "bad config json", "wrong config type",
-                                  "weights of a shallower model", "weights of a narrower model", "refused pickle", "corrupt tokenizer"])
+                                  "weights of a shallower model", "weights of a narrower model", "refused pickle", "corrupt tokenizer",
+                                  "tokenizer larger than the vocabulary"])
 def test_broken_model_folders_are_one_line_errors(model_dir, tmp_path, kind, capsys):
     import shutil
 
