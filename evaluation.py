@@ -14,12 +14,13 @@ compare side by side):
     training, and a start token is put in front so that every token of the text is scored;
   - bits per byte: the total negative log-likelihood in bits over the UTF-8 bytes of the text, which
     compares models with different tokenizers fairly;
-  - with --num_samples N: the first --prompt_tokens tokens of N documents are the prompt, the next
-    --reference_tokens the reference; a continuation of as many tokens is sampled (--temperature,
-    --top_k, --top_p, --seed, or --greedy) and scored with BLEU (sacrebleu, corpus level, 0-100) and
-    ROUGE-1/2/L (rouge-score, mean F1, 0-1), plus distinct-1/2, the 4-gram repetition rate and the
-    mean length; with --train_data, the share of generated 8-grams of token ids that occur verbatim
-    in the training data (the copy rate).
+  - the generation metrics, only with --num_samples N (default 0: perplexity and bits per byte only):
+    the first --prompt_tokens tokens of N documents are the prompt, the next --reference_tokens the
+    reference; a continuation of as many tokens is sampled (--temperature, --top_k, --top_p, --seed,
+    or --greedy) and scored with BLEU (sacrebleu, corpus level, 0-100) and ROUGE-1/2/L (rouge-score,
+    mean F1, 0-1), plus distinct-1/2, the 4-gram repetition rate and the mean length; with
+    --train_data, the share of generated 8-grams of token ids that occur verbatim in the training
+    data (the copy rate).
 
 As a library (train.py calls `evaluate_perplexity` on its validation blocks):
 
@@ -37,6 +38,7 @@ import math
 import os
 import sys
 import tempfile
+import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+import generate
 import quantize  # keeps torchao's import-time warnings off stderr (quantize.quiet_torchao_import)
 
 LN2 = math.log(2)
@@ -109,6 +112,7 @@ def load_model(model_path: str, device: Optional[str] = None, precision: str = "
     dtype = pick_dtype(precision, device)
     name = str(model_path)
     path = Path(name).expanduser()
+    quantized = path.is_dir() and (path / "quantization.json").is_file()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise EvaluationError(f"{path} has no config.json, so it is not a model folder: pass the folder train.py "
@@ -125,16 +129,20 @@ def load_model(model_path: str, device: Optional[str] = None, precision: str = "
     else:
         source = name  # a Hub name such as "gpt2"
     try:
-        if path.is_dir() and (path / "quantization.json").is_file():
+        if quantized:
             model = _load_quantized(path, device, dtype)
+        elif path.is_dir():  # generate.load_folder names the broken file (weights, config.json, a refused pickle)
+            model = generate.load_folder(AutoModelForCausalLM, path, dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except generate.ModelLoadError as e:
+        raise EvaluationError(str(e)) from None
     except EvaluationError:
         raise
     except (OSError, ValueError, KeyError) as e:
-        where = "model folder" if path.is_dir() else "local folder nor a Hub model that could be loaded (offline or no such repo)"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise EvaluationError(f"{name!r} is not a loadable {where}: {first}") from None
+        raise EvaluationError(f"{name!r} is neither a local folder nor a Hub model that could be loaded "
+                              f"(offline or no such repo): {first}") from None
     has_tokenizer = path.is_dir() and any((path / f).is_file() for f in TOKENIZER_FILES)
     tok_source = tokenizer_name or (str(path) if has_tokenizer else (None if path.is_dir() else source))
     try:
@@ -142,11 +150,22 @@ def load_model(model_path: str, device: Optional[str] = None, precision: str = "
     except (OSError, ValueError) as e:
         raise EvaluationError(f"could not load the tokenizer {tok_source or 'gpt2_tokenizer'!r} for {name}: "
                               f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+    if not quantized:  # quantized weights are integers
+        _check_finite_weights(model, name)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         raise EvaluationError(f"the tokenizer of {name} has {len(tokenizer)} tokens but the model only "
                               f"{model.get_input_embeddings().num_embeddings}: pass the matching --tokenizer_name.")
     model.to(device).eval()
     return model, tokenizer
+
+
+def _check_finite_weights(model, name: str) -> None:
+    """Refuse weights holding NaN or inf: every score would be NaN and sampling would crash."""
+    with torch.no_grad():
+        for key, weight in model.named_parameters():
+            if weight.is_floating_point() and not torch.isfinite(weight).all():
+                raise EvaluationError(f"{name}: the weight {key} holds NaN or inf values (a diverged training run?): "
+                                      "evaluate an earlier checkpoint-N folder, or retrain with a lower --learning_rate.")
 
 
 def _load_quantized(path: Path, device: torch.device, dtype: torch.dtype):
@@ -257,7 +276,11 @@ class WindowScorer:
         total = torch.zeros((), dtype=torch.float64, device=x.device)
         for row in range(x.shape[0]):  # one row at a time bounds the float32 copy of half-precision logits
             total += F.cross_entropy(logits[row].float(), targets[row], reduction="sum").double()
-        self.nll += total.item()  # one device sync per batch
+        total = total.item()  # one device sync per batch
+        if math.isnan(total):  # NaN would silently turn every result into nan
+            raise EvaluationError("the model's loss is NaN on this data: its activations overflow (with --precision fp16 "
+                                  "use bf16 or fp32) or its weights hold NaN/inf (use an earlier checkpoint).")
+        self.nll += total
         self.tokens += targets.numel()
         self.windows += x.shape[0]
         if self.byte_lengths is not None:
@@ -610,10 +633,12 @@ def repetition_rate(texts: Iterable[Sequence], n: int = 4) -> Optional[float]:
     return repeated / total if total else None
 
 
-def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
-    """Corpus BLEU (sacrebleu defaults: 13a tokenization, 4-grams), 0-100."""
+def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> Optional[float]:
+    """Corpus BLEU (sacrebleu defaults: 13a tokenization, 4-grams), 0-100; None without hypotheses."""
     import sacrebleu
 
+    if not hypotheses:
+        return None
     return float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score)
 
 
@@ -873,7 +898,10 @@ class EvalArguments:
         default=True, metadata={"help": "Put <|endoftext|> in front of the text so that its first token is scored too "
                                 "(False: as the Hugging Face perplexity guide does)."})
     skip_perplexity: bool = field(default=False, metadata={"help": "Only the generation metrics."})
-    num_samples: int = field(default=0, metadata={"help": "Documents to prompt for the generation metrics (0: none)."})
+    num_samples: int = field(
+        default=0, metadata={"help": "Documents to prompt for the generation metrics: BLEU, ROUGE-1/2/L, distinct-1/2, "
+                             "4-gram repetition and length of the sampled continuations, and with --train_data the copy "
+                             "rate (0: none, only perplexity and bits per byte)."})
     prompt_tokens: int = field(default=32, metadata={"help": "Prompt: the first N tokens of each document."})
     reference_tokens: int = field(
         default=32, metadata={"help": "Reference: the next M tokens; as many tokens are generated (fewer if <|endoftext|> comes first)."})
@@ -958,6 +986,11 @@ def evaluate(args: EvalArguments) -> dict:
                 raise EvaluationError(f"no document of {source.describe()} has the {settings.prompt_tokens} + "
                                       f"{settings.reference_tokens} tokens a prompt and its reference need: lower "
                                       "--prompt_tokens / --reference_tokens.")
+            if len(pairs) < args.num_samples:  # fewer samples than asked: say so, the table would not
+                warnings.warn(f"--num_samples {args.num_samples}: {source.describe()} has only {len(pairs)} document(s) "
+                              f"with the {settings.prompt_tokens} + {settings.reference_tokens} tokens a prompt and its "
+                              f"reference need ({skipped} shorter one(s) skipped): the generation metrics of {path} use "
+                              f"{len(pairs)} samples.", stacklevel=2)
             metrics, samples = generation_metrics(model, tokenizer, pairs, settings, args.progress, f"Generating {path}")
             metrics["skipped_short_documents"] = skipped
             row["generation"], row["samples"] = metrics, samples
@@ -1020,7 +1053,8 @@ def _settings(args: EvalArguments) -> dict:
 def parse_args(argv: Optional[list[str]] = None) -> EvalArguments:
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(EvalArguments, description=__doc__.split("\n\n")[0],
+    # The docstring up to the library part: the examples and what each metric is (--help is where users look).
+    parser = HfArgumentParser(EvalArguments, description=__doc__.split("\nAs a library")[0],
                               formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
     (args,) = parser.parse_args_into_dataclasses(args=argv)
     return args
@@ -1036,24 +1070,56 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # "Loading weights" bars: ours say what is going on
+    warnings.formatwarning = lambda message, category, *a, **k: f"warning: {message}\n"
     try:
+        outputs = [(_prepare_output(p, kind), kind) for p, kind in
+                   ((args.output_json, "json"), (args.output_md, "md")) if p]  # now, not after an hour of evaluation
         results = evaluate(args)
     except (EvaluationError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2  # bad input, as every CLI of the toolkit says it
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
     except torch.cuda.OutOfMemoryError:
         print("error: out of GPU memory: lower --batch_size / --gen_batch_size, or use --precision bf16.", file=sys.stderr)
-        return 1
+        return 2
     table = markdown_table(results)
-    if args.output_json:
-        Path(args.output_json).write_text(json.dumps(results, indent=2) + "\n")
-    if args.output_md:
-        Path(args.output_md).write_text(table + "\n")
-    print(table)
+    print(table)  # first: if a file cannot be written (a full disk), the results are still on screen
+    for path, kind in outputs:
+        try:
+            _write_atomic(path, json.dumps(results, indent=2) + "\n" if kind == "json" else table + "\n")
+        except OSError as e:
+            print(f"error: {path} could not be written ({e.strerror or e}): free some space or choose another "
+                  f"--output_{kind}; the table above has the results.", file=sys.stderr)
+            return 2
     return 0
+
+
+def _prepare_output(path: str, kind: str) -> Path:
+    """The --output_{kind} file's path, its folder created; an EvaluationError if it cannot be written."""
+    out, flag = Path(path).expanduser(), f"--output_{kind}"
+    if out.is_dir():
+        raise EvaluationError(f"{flag} {out} is a folder: pass a file name, e.g. {out / f'eval.{kind}'}.")
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise EvaluationError(f"{flag} {out}: {blocking} is a file, not a folder: choose another path.")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}."):
+            pass
+    except OSError as e:
+        raise EvaluationError(f"{flag} {out} cannot be written ({e.strerror or e}): choose another path.") from None
+    return out
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)  # a kill or a full disk mid-write leaves the previous file, never half of one
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ import difflib
 import functools
 import gc
 import glob
+import io
 import itertools
 import json
 import math
@@ -55,6 +56,7 @@ import struct
 import sys
 import time
 import traceback
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +65,7 @@ DEFAULT_SWEEPS_DIR = "logs/sweeps"
 DEFAULT_COMPARE_DIR = "logs/comparison"
 RECORD = "experiment.json"  # per run folder: arguments and sessions, written by this module
 SWEEP_KEYS = ("name", "output_dir", "base", "grid", "runs")
+MAX_NAME_BYTES = 255  # the longest folder name ext4, APFS and NTFS take
 # Set per run by the sweep itself: a run's folder is its identity, and rerunning relies on --resume auto.
 MANAGED = {
     "output_dir": "each run trains in the sweep's output_dir/RUN_NAME; set the sweep's output_dir instead",
@@ -97,19 +100,55 @@ class Run:
 def load_sweep(path: str | Path) -> list[Run]:
     """The runs of a YAML or JSON sweep file, in order (grid first); names and structure checked."""
     path = Path(path)
+    if path.is_dir():
+        raise SweepError(f"{path} is a folder: pass the sweep's YAML or JSON file (e.g. sweeps/example.yaml).")
     if not path.is_file():
         raise SweepError(f"Sweep file {path} does not exist.")
-    text = path.read_text(encoding="utf-8")
     try:
-        if path.suffix == ".json":
-            spec = json.loads(text)
-        else:
-            import yaml
-
-            spec = yaml.safe_load(text)
+        text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is not part of the text
+    except UnicodeDecodeError as e:
+        raise SweepError(f"{path}: byte {e.start} is not UTF-8 text: save the sweep file as UTF-8.") from None
+    except OSError as e:
+        raise SweepError(f"{path} cannot be read: {e.strerror or e}.") from None
+    try:
+        spec = json.loads(text, object_pairs_hook=_unique_json_keys) if path.suffix == ".json" else _load_yaml(text)
+    except SweepError as e:
+        raise SweepError(f"{path}: {e}") from None
     except Exception as e:  # the parsers' messages carry the line and column
         raise SweepError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}") from None
     return expand(spec, source=str(path), default_name=path.stem)
+
+
+def _load_yaml(text: str) -> Any:
+    """yaml.safe_load, except that a key given twice is an error: YAML keeps the last one silently,
+    which drops a whole grid or a setting without a word."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *defaults` then overriding a key is what merge keys are for
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, (list, dict)):
+                    continue  # unhashable: the parser's own error says so
+                if key in seen:
+                    raise SweepError(f"line {key_node.start_mark.line + 1}: key {key!r} is given twice in the same "
+                                     "mapping (only the last would count); merge them into one.")
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return yaml.load(text, Loader=UniqueKeyLoader)
+
+
+def _unique_json_keys(pairs: list[tuple[str, Any]]) -> dict:
+    keys = [k for k, _ in pairs]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise SweepError(f"key(s) {', '.join(map(repr, twice))} given twice in the same object (only the last would "
+                         "count); merge them into one.")
+    return dict(pairs)
 
 
 def expand(spec: Any, source: str = "<sweep>", default_name: str = "sweep") -> list[Run]:
@@ -145,8 +184,12 @@ def expand(spec: Any, source: str = "<sweep>", default_name: str = "sweep") -> l
     runs, seen = [], {}
     for i, (label, overrides) in enumerate(entries):
         label = label or run_name(overrides) or f"run{i + 1}"
-        if "/" in label or "\\" in label or label in (".", ".."):
+        if "/" in label or "\\" in label or label in (".", "..") or "\0" in label:
             raise SweepError(f"{source}: run name {label!r} cannot be a folder name; choose one without slashes.")
+        if len(label.encode("utf-8")) > MAX_NAME_BYTES:  # the file system's limit for one folder name
+            raise SweepError(f"{source}: run name {label[:60]!r}... is {len(label.encode('utf-8'))} bytes, longer than "
+                             f"a folder name may be ({MAX_NAME_BYTES}); give the run a shorter name (grid runs: list "
+                             "them under runs with a name).")
         if label in seen:
             raise SweepError(f"{source}: two runs are named {label!r}; give them distinct names.")
         seen[label] = True
@@ -247,6 +290,10 @@ def validate(runs: list[Run]) -> dict[str, dict[str, Any]]:
             elif key not in known:
                 report(f"unknown argument {key!r}{_suggest(key, known)}; see `python train.py --help`.")
                 bad = True
+        blocking = _file_in_the_way(run.output_dir)
+        if blocking is not None:  # else a traceback when the run starts, possibly hours into the sweep
+            report(f"its folder {run.output_dir} cannot be made: {blocking} is a file; move it away or set the sweep's output_dir.")
+            bad = True
         if bad:
             continue
         try:
@@ -285,6 +332,18 @@ def _check_consistency(model_args, data_args) -> None:
         raise ValueError(f"dataset_path={data_args.dataset_path}: no such file or folder.")
 
 
+def _file_in_the_way(folder: str | Path) -> Path | None:
+    """The file at `folder` or above it that keeps the folder from being made, if any."""
+    folder = Path(folder)
+    return next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+
+
+def _check_out(out_dir: Path) -> None:
+    blocking = _file_in_the_way(out_dir)
+    if blocking is not None:
+        raise SweepError(f"--out {out_dir}: {blocking} is a file, not a folder; choose another --out.")
+
+
 def _culprit(run: Run) -> str:
     """The key(s) whose value fails on its own, so the message names them even when the error does not."""
     failing = []
@@ -307,7 +366,7 @@ def _one_line(e: BaseException) -> str:
 def run_state(run_dir: str | Path) -> str:
     """finished, interrupted (started, not finished), or new."""
     run_dir = Path(run_dir)
-    if (run_dir / "final_model" / "eval_results.json").is_file():
+    if _read_json(run_dir / "final_model" / "eval_results.json"):  # a damaged one is no proof: resume the run
         return "finished"
     if run_dir.is_dir() and any(run_dir.iterdir()):
         return "interrupted"
@@ -326,6 +385,7 @@ def run_sweep(sweep: str | Path | list[Run], *, only: list[str] | None = None, f
     resolved = validate(selected)
     group = group or os.environ.get("WANDB_RUN_GROUP") or (runs[0].sweep if runs else "sweep")
     sweep_dir = Path(out) if out else Path(runs[0].output_dir).parent
+    _check_out(sweep_dir)  # now, not when the comparison is written after the last run
 
     outcomes = {}
     for i, run in enumerate(selected, 1):
@@ -432,17 +492,32 @@ def _clear(out: Path) -> None:
 
 def read_record(run_dir: Path) -> dict[str, Any]:
     path = Path(run_dir) / RECORD
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+    if not path.is_file():
         return {}
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        problem = None if isinstance(record, dict) else "not a JSON object"
+    except (OSError, ValueError) as e:
+        problem = _one_line(e)
+    if problem:  # write_record is atomic: only damage from outside leads here
+        warnings.warn(f"{path} is damaged ({problem}): the run's earlier sessions are not known; a rerun starts a "
+                      "new record.", stacklevel=2)
+        return {}
+    return record
 
 
 def write_record(run_dir: Path, record: dict[str, Any]) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / (RECORD + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    os.replace(tmp, run_dir / RECORD)  # a kill mid-write leaves the previous record
+    _write_atomic(run_dir / RECORD, json.dumps(record, indent=2, default=str) + "\n")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text, newline="")
+        os.replace(tmp, path)  # a kill or a full disk mid-write leaves the previous file, never half of one
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -458,25 +533,29 @@ COLUMNS = [  # (key, Markdown header); the CSV uses the keys
 
 def compare(run_dirs: list[str | Path], out_dir: str | Path = DEFAULT_COMPARE_DIR, x_axis: str = "auto") -> list[dict[str, Any]]:
     """Summarise run folders (finished or not) into out_dir/comparison.{md,csv,png}; returns the rows."""
-    summaries = []
+    run_dirs = [Path(d) for d in run_dirs]
     for d in run_dirs:
-        d = Path(d)
         if not ((d / "metrics.jsonl").is_file() or (d / "final_model").is_dir() or (d / RECORD).is_file()):
             raise SweepError(f"{d} is not a run folder (no metrics.jsonl, final_model/ or {RECORD}).")
-        summaries.append(summarize(d))
+    out_dir = Path(out_dir)
+    _check_out(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # no permission, a read-only disk
+        raise SweepError(f"--out {out_dir}: cannot make the folder ({e.strerror or e}); choose another --out.") from None
+    summaries = [summarize(d) for d in run_dirs]
     names = [s["row"]["run"] for s in summaries]
     for s in summaries:  # two folders with the same name (logs/a/x, logs/b/x): show their paths
         if names.count(s["row"]["run"]) > 1:
             s["row"]["run"] = str(s["dir"])
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     rows = [s["row"] for s in summaries]
-    (out_dir / "comparison.md").write_text(markdown_table(rows))
-    with open(out_dir / "comparison.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[k for k, _ in COLUMNS] + ["run_dir"])
-        writer.writeheader()
-        for s in summaries:
-            writer.writerow({**{k: s["row"].get(k) for k, _ in COLUMNS}, "run_dir": str(s["dir"])})
+    _write_atomic(out_dir / "comparison.md", markdown_table(rows))
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=[k for k, _ in COLUMNS] + ["run_dir"])
+    writer.writeheader()
+    for s in summaries:
+        writer.writerow({**{k: s["row"].get(k) for k, _ in COLUMNS}, "run_dir": str(s["dir"])})
+    _write_atomic(out_dir / "comparison.csv", table.getvalue())
     plot_comparison(summaries, out_dir / "comparison.png", x_axis=x_axis)
     print(markdown_table(rows), end="")
     return rows
@@ -559,9 +638,16 @@ def count_parameters(model_dir: Path | None) -> int | None:
     path = Path(model_dir) / "model.safetensors"
     if not path.is_file():
         return None
-    with open(path, "rb") as f:
-        header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
-    return sum(math.prod(t["shape"]) for name, t in header.items() if name != "__metadata__")
+    try:
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            if size > path.stat().st_size - 8:  # garbage or truncated: do not try to read 2**63 bytes
+                raise ValueError(f"its header claims {size} bytes")
+            header = json.loads(f.read(size))
+        return sum(math.prod(t["shape"]) for name, t in header.items() if name != "__metadata__")
+    except (OSError, ValueError, struct.error, TypeError, KeyError, AttributeError) as e:
+        warnings.warn(f"{path} is damaged ({_one_line(e)}): its parameter count is left out.", stacklevel=2)
+        return None
 
 
 def _tokens_per_step(manifest: dict) -> int | None:
@@ -682,6 +768,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     opts = parser.parse_args(argv)
+    warnings.formatwarning = lambda message, category, *a, **k: f"warning: {message}\n"
     if bool(opts.sweep) == bool(opts.compare):
         parser.error("give either a sweep file or --compare RUN_DIR...")
     try:
@@ -699,7 +786,7 @@ def main(argv: list[str] | None = None) -> int:
                          stop_on_error=opts.stop_on_error, out=opts.out, x_axis=opts.x_axis)
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2  # bad input, as every CLI of the toolkit says it
     outcomes = [r["outcome"] for r in rows]
     if "interrupted" in outcomes:
         return 130

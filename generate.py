@@ -126,7 +126,9 @@ def load_folder(cls, path: Path, dtype):
                              "from the training run's folder, or point --model_path at a complete model.") from None
     weights = next((path / f for f in WEIGHT_FILES if (path / f).is_file()), path)
     try:
-        model, info = _quiet_from_pretrained(cls, str(path), dtype, config=config, output_loading_info=True)
+        with warnings.catch_warnings():  # torch's note on the pickle protocol would precede our one-line error
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            model, info = _quiet_from_pretrained(cls, str(path), dtype, config=config, output_loading_info=True)
     except pickle.UnpicklingError:
         raise ModelLoadError(
             f"{weights} was refused by torch's safe loader (weights_only): it holds Python objects besides tensors, "

@@ -354,7 +354,7 @@ def test_cli_help_documents_every_flag():
 
 def test_cli_missing_model_is_one_line_error(tmp_path, text_file):
     r = _cli("--model_path", tmp_path / "nope", "--dataset_path", text_file)
-    assert r.returncode == 1
+    assert r.returncode == 2
     assert r.stderr.strip().startswith("error: model folder") and len(r.stderr.strip().splitlines()) == 1
     assert "Traceback" not in r.stderr
 
@@ -383,7 +383,7 @@ def test_cli_bad_input(case, tiny_model_dir, tmp_path, text_file, capsys):
                 "stride": "larger than the window", "not a model": "no config.json", "bad json": "line 2: invalid JSON",
                 "not downloaded": "webtext.valid.jsonl not found: run `python download_dataset.py --datasets webtext --splits valid",
                 "hub offline": "nor a loadable Hugging Face dataset", "bad device": "not a device name"}[case]
-    assert ev.main(["--model_path", str(model), *map(str, argv), "--no_progress"]) == 1
+    assert ev.main(["--model_path", str(model), *map(str, argv), "--no_progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and expected in err and len(err.splitlines()) == 1, err
 
@@ -399,3 +399,136 @@ def test_worked_example_on_webtext_sample(shared_data, tiny_model_dir):
     assert row["generation"]["samples"] == 3
     assert results["reference"]["copy_rate"] == 1.0  # test documents scanned as "training data" contain the references
     assert 0 <= row["generation"]["copy_rate"] <= 1
+
+
+def test_help_names_the_generation_metrics():
+    """Issue 13, item 12: --help says what --num_samples computes, and the module docstring too."""
+    r = _cli("--help", timeout=120)
+    assert r.returncode == 0, r.stderr
+    text = " ".join(r.stdout.split())
+    for name in ("BLEU", "ROUGE", "distinct-1/2", "copy rate", "perplexity", "bits per byte"):
+        assert name in text, name
+    flag = text[text.rindex("--num_samples NUM_SAMPLES"):]  # the flag's own help, after the usage line
+    flag = flag[:flag.index("--prompt_tokens")]
+    for name in ("BLEU", "ROUGE", "distinct", "copy rate"):
+        assert name in flag, (name, flag)
+    doc = " ".join(ev.__doc__.split())
+    assert "--num_samples" in doc and all(n in doc for n in ("BLEU", "ROUGE", "distinct-1/2", "copy rate"))
+
+
+def _break_folder(kind, folder):
+    weights = folder / "model.safetensors"
+    if kind == "garbage weights":
+        weights.write_bytes(os.urandom(4096))
+    elif kind == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif kind == "bad config json":
+        (folder / "config.json").write_text("{not json")
+        return "config.json"
+    elif kind == "weights of another model":
+        other = _tiny_model(vocab_size=1000)
+        other.save_pretrained(folder.parent / "other")
+        weights.write_bytes((folder.parent / "other" / "model.safetensors").read_bytes())
+    elif kind == "refused pickle":
+        import pickle
+
+        class Evil:
+            def __reduce__(self):
+                return (os.system, ("echo pwned",))
+
+        weights.unlink()
+        (folder / "pytorch_model.bin").write_bytes(pickle.dumps(Evil()))
+        return "pytorch_model.bin"
+    return "model.safetensors"
+
+
+@pytest.mark.parametrize("kind", ["garbage weights", "truncated weights", "bad config json", "weights of another model",
+                                  "refused pickle"])
+def test_broken_model_folders_are_one_line_errors(tiny_gpt2_dir, tmp_path, text_file, kind, capsys):
+    """Issue 13, item 11: a broken model folder is an EvaluationError naming the broken file (generate.load_folder)."""
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_gpt2_dir, folder)
+    named = folder / _break_folder(kind, folder)
+    with pytest.raises(ev.EvaluationError) as e:
+        ev.load_model(str(folder), device="cpu")
+    assert str(e.value).startswith(str(named))  # the broken file first, then what is wrong with it
+    assert ev.main(["--model_path", str(folder), "--dataset_path", str(text_file), "--no_progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {named}") and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    if kind == "refused pickle":
+        assert "could run code" in err
+
+
+# ----------------------------------------------------------------------------------------------
+# More bad inputs (issue 13: faults, not only values)
+
+
+def test_unwritable_outputs_fail_before_evaluating(tiny_gpt2_dir, tmp_path, text_file, monkeypatch, capsys):
+    """An --output_json that cannot be written used to be a traceback after the whole evaluation, its results lost."""
+    (tmp_path / "afile").write_text("x")
+    real_evaluate = ev.evaluate
+    monkeypatch.setattr(ev, "evaluate", lambda args: pytest.fail("evaluated although the output cannot be written"))
+    base = ["--model_path", str(tiny_gpt2_dir), "--dataset_path", str(text_file), "--no_progress"]
+    for flag, path, expected in [("--output_json", tmp_path / "afile" / "r.json", f"{tmp_path / 'afile'} is a file"),
+                                 ("--output_md", tmp_path, "is a folder: pass a file name")]:
+        assert ev.main([*base, flag, str(path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {flag} ") and expected in err and len(err.splitlines()) == 1, err
+    monkeypatch.setattr(ev, "evaluate", real_evaluate)
+    out = tmp_path / "new" / "folder" / "r.json"  # a missing folder is created
+    assert ev.main([*base, "--output_json", str(out)]) == 0
+    assert json.loads(out.read_text())["models"][0]["perplexity"]["documents"] == 6
+    assert [p.name for p in out.parent.iterdir()] == ["r.json"]  # no temporary file left behind
+
+
+def test_non_finite_weights_and_nan_losses_are_errors(tiny_gpt2_dir, tmp_path, tokenizer):
+    """Weights with inf gave a table of nan (and a multinomial traceback when sampling)."""
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir)
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight[0, 0] = float("inf")
+    model.save_pretrained(tmp_path / "diverged")
+    with pytest.raises(ev.EvaluationError, match=r"diverged: the weight transformer\.h\.0\.mlp\.c_fc\.weight holds NaN or inf"):
+        ev.load_model(str(tmp_path / "diverged"), device="cpu")
+    with pytest.raises(ev.EvaluationError, match="loss is NaN"):  # a model handed to the library directly
+        ev.evaluate_texts(model, tokenizer, ["some text to score"], progress=False)
+
+
+def test_fewer_documents_than_num_samples_is_said(tiny_gpt2_dir, text_file):
+    args = ev.EvalArguments(model_path=[str(tiny_gpt2_dir)], dataset_path=str(text_file), skip_perplexity=True,
+                            num_samples=50, prompt_tokens=8, reference_tokens=8, greedy=True, progress=False)
+    with pytest.warns(UserWarning, match=r"--num_samples 50: .*docs\.jsonl has only 6 document\(s\)"):
+        results = ev.evaluate(args)
+    assert results["models"][0]["generation"]["samples"] == 6
+
+
+def test_text_metrics_of_no_samples_are_none():
+    assert ev.text_metrics([], []) == {"bleu": None, "rouge1": None, "rouge2": None, "rougeL": None, "distinct_1": None,
+                                       "distinct_2": None, "repetition_4": None, "mean_length_words": None}
+    empty = ev.text_metrics([""], [""])  # an empty reference and an empty continuation: zeros, no crash
+    assert empty["bleu"] == 0.0 and empty["rouge1"] == 0.0
+
+
+def test_a_full_disk_at_the_end_keeps_the_previous_file_and_the_results(tmp_path, monkeypatch, capsys):
+    import errno
+
+    results = {"models": [{"model": "m", "parameters": 1000, "perplexity": {"tokens": 10, "loss": 2.0, "perplexity": 7.39}}]}
+    monkeypatch.setattr(ev, "evaluate", lambda args: results)
+    out = tmp_path / "r.json"
+    out.write_text('{"previous": "results"}\n')
+    real_write_text = Path.write_text
+
+    def disk_fills_up(self, data, *args, **kwargs):
+        real_write_text(self, data[:len(data) // 2], *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_fills_up)
+    assert ev.main(["--model_path", "m", "--dataset_path", "d", "--output_json", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert "| m | 0.0M | 10 | 2.0000 | 7.39 |" in captured.out  # the results are still shown
+    assert captured.err.startswith(f"error: {out} could not be written (No space left on device)")
+    assert out.read_text() == '{"previous": "results"}\n'  # not half of the new one
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
