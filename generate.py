@@ -99,14 +99,17 @@ def _first_line(e: BaseException, limit: int = 240) -> str:
 
 
 def _quiet_from_pretrained(cls, name, dtype, **kwargs):
-    # A "Loading weights" progress bar on stderr is noise in a CLI whose output may be piped.
+    # A "Loading weights" progress bar on stderr is noise in a CLI whose output may be piped, and so is
+    # the load report: what it warns of (missing weights) load_folder turns into an error of its own.
     from transformers.utils import logging as hf_logging
 
-    was_enabled = hf_logging.is_progress_bar_enabled()
+    was_enabled, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     try:
         return cls.from_pretrained(name, dtype=dtype, **kwargs)
     finally:
+        hf_logging.set_verbosity(verbosity)
         if was_enabled:
             hf_logging.enable_progress_bar()
 
