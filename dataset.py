@@ -862,18 +862,22 @@ def get_dataset_and_tokenizer(
     val_split: float = 0.05,
     block_size: int = 128,
     seed: int = 42,
+    *,
+    context: Optional[int] = None,
     **kwargs,
 ):
     """Return (tokenizer, train_dataset, val_dataset) of `block_size`-token blocks with input_ids and labels.
 
-    `seed` fixes which documents go to validation. Keyword arguments are the other fields of
+    `seed` fixes which documents go to validation. `context` is the model's context length, which block_size
+    must fit in (default: the tokenizer's model_max_length, 1024 for GPT-2). Keyword arguments are the other fields of
     `DataArguments` (tokenizer_name, text_field, data_dir, cache_dir, skip_bad_lines, dataset_config). val_dataset is None when val_split is 0 and the
     data has no official validation split.
     """
     args = DataArguments(dataset_name=dataset_name, dataset_path=dataset_path, val_split=val_split,
                          block_size=block_size, **kwargs)
     tokenizer = load_tokenizer(args.tokenizer_name)
-    context = tokenizer.model_max_length if tokenizer.model_max_length < 1e9 else None
+    if context is None:
+        context = tokenizer.model_max_length if tokenizer.model_max_length < 1e9 else None
     if block_size < 2 or (context and block_size > context):
         raise DataError(f"block_size={block_size} must be between 2 and the model's context length"
                         f"{f' ({context} tokens)' if context else ''}.")

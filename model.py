@@ -30,6 +30,10 @@ GPT2_VOCAB_SIZE = 50257
 GPT2_CONTEXT = 1024
 
 
+class ModelError(ValueError):
+    """A model shape or folder that cannot be used; the message names it and says what to do."""
+
+
 def count_parameters(model, non_embedding: bool = False) -> int:
     """Number of parameters; non_embedding leaves out the position embedding, as nanoGPT reports it.
 
@@ -38,6 +42,18 @@ def count_parameters(model, non_embedding: bool = False) -> int:
     if non_embedding:
         n -= model.transformer.wpe.weight.numel()
     return n
+
+
+def check_shape(n_embd: int | None = None, n_layer: int | None = None, n_head: int | None = None,
+                n_positions: int | None = None, dropout: float | None = None) -> None:
+    """Raise ModelError unless the given values make a GPT-2 (train.py checks them before it tokenizes anything)."""
+    for name, value in (("n_embd", n_embd), ("n_layer", n_layer), ("n_head", n_head), ("n_positions", n_positions)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ModelError(f"{name}={value!r} must be a whole number of at least 1.")
+    if n_embd is not None and n_head is not None and n_embd % n_head != 0:
+        raise ModelError(f"n_embd ({n_embd}) must be a multiple of n_head ({n_head}): each head gets n_embd / n_head dims.")
+    if dropout is not None and not 0 <= dropout < 1:  # also refuses nan
+        raise ModelError(f"dropout={dropout} must be in [0, 1).")
 
 
 def get_model(
@@ -64,34 +80,45 @@ def get_model(
 
     With `init_from` (a local Hugging Face model folder or a Hub name) the pretrained weights and
     shape are loaded instead, to fine-tune; only `dropout` and `config_kwargs` are applied on top.
+
+    Raises ModelError (a ValueError) for a bad shape, or a folder that holds no usable GPT-2.
     """
     import quantize  # noqa: F401, I001  (first: transformers imports torchao, whose import-time warnings it hides)
     from transformers import GPT2Config, GPT2LMHeadModel
 
     if init_from is not None:
+        from safetensors import SafetensorError
+
+        check_shape(dropout=dropout)
         overrides = dict(config_kwargs)
         if dropout is not None:
             overrides.update(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
+        advice = ("Pass a folder saved with save_pretrained (it holds config.json and model.safetensors), "
+                  "or a Hub name such as 'gpt2' (needs the network the first time, or HF_HUB_OFFLINE=0).")
         try:
-            model = GPT2LMHeadModel.from_pretrained(
-                str(init_from), attn_implementation=attn_implementation, **overrides
+            model, info = GPT2LMHeadModel.from_pretrained(
+                str(init_from), attn_implementation=attn_implementation, output_loading_info=True, **overrides
             )
-        except OSError as e:
+        except (OSError, SafetensorError) as e:
+            # SafetensorError: a garbage or truncated model.safetensors (transformers lets it through unexplained).
             where = "folder" if Path(init_from).exists() else "folder or Hub model name"
-            raise ValueError(
-                f"Could not load a model from init_from={str(init_from)!r} ({where}): {e}\n"
-                "Pass a folder saved with save_pretrained (it holds config.json and model.safetensors), "
-                "or a Hub name such as 'gpt2' (needs the network the first time, or HF_HUB_OFFLINE=0)."
-            ) from None
+            raise ModelError(f"Could not load a model from init_from={str(init_from)!r} ({where}): {e}\n{advice}") from None
+        if info["missing_keys"]:
+            # transformers would start these weights from random values and only log a report: a model that
+            # is not GPT-2 (or a renamed state dict) would then be "fine-tuned" from scratch without a word.
+            missing = sorted(info["missing_keys"])
+            raise ModelError(
+                f"init_from={str(init_from)!r} is not a GPT-2 model: {len(missing)} of its weights are missing "
+                f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}).\n{advice}"
+            )
         if verbose:
             print(f"Loaded pretrained weights from {init_from}")
     else:
         if preset is not None:
             if preset not in PRESETS:
-                raise ValueError(f"Unknown model preset {preset!r}; choose one of {', '.join(PRESETS)}.")
+                raise ModelError(f"Unknown model preset {preset!r}; choose one of {', '.join(PRESETS)}.")
             n_layer, n_head, n_embd = (PRESETS[preset][k] for k in ("n_layer", "n_head", "n_embd"))
-        if n_embd % n_head != 0:
-            raise ValueError(f"n_embd ({n_embd}) must be a multiple of n_head ({n_head}): each head gets n_embd / n_head dims.")
+        check_shape(n_embd, n_layer, n_head, n_positions, dropout)
         p = 0.1 if dropout is None else dropout
         config = GPT2Config(
             vocab_size=vocab_size,

@@ -20,6 +20,8 @@ model folder with eval_results.json and manifest.json.
 
 Resuming: rerunning the same command continues from the latest complete checkpoint (--resume auto).
 A checkpoint is complete once its COMPLETE file exists, written last; Ctrl-C saves one and exits.
+A complete checkpoint whose files were damaged later is named, set aside as checkpoint-N.damaged, and
+the one before it is used.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -46,7 +49,7 @@ import quantize  # noqa: F401, I001  (before transformers: keeps torchao's impor
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
 import dataset
-from model import PRESETS, lm_head_loss
+from model import PRESETS, ModelError, check_shape, lm_head_loss
 
 REPO_DIR = Path(__file__).resolve().parent
 COMPLETE = "COMPLETE"  # marker file: the checkpoint folder holds everything needed to resume
@@ -109,6 +112,11 @@ class TrainArguments(TrainingArguments):
     num_train_epochs: float | None = field(
         default=None, metadata={"help": f"Epochs (default 3 on GPU; on CPU the default is a budget of {CPU_MAX_STEPS} steps)."}
     )
+    max_steps: int | None = field(
+        default=None,
+        metadata={"help": f"Optimizer steps to train; wins over --num_train_epochs. Default {CPU_MAX_STEPS} on CPU unless "
+                  "--num_train_epochs is given; -1 (the default on GPU): train for --num_train_epochs."},
+    )
     learning_rate: float | None = field(
         default=None,
         metadata={"help": "Peak learning rate (default from scratch: by width, 1e-3 up to 512 wide, 6e-4 at 768 (GPT-2 "
@@ -135,7 +143,7 @@ class TrainArguments(TrainingArguments):
     )
     resume: str = field(
         default="auto",
-        metadata={"help": "auto: continue from the latest complete checkpoint in --output_dir if any; never: start "
+        metadata={"help": "auto: continue from the latest complete, undamaged checkpoint in --output_dir if any; never: start "
                   "fresh (old checkpoints are kept until rotated out); or a checkpoint folder. "
                   "--resume_from_checkpoint PATH also works and wins."},
     )
@@ -143,7 +151,8 @@ class TrainArguments(TrainingArguments):
         default=None, metadata={"help": "Stop after N evaluations without a better validation loss, and keep the best model."}
     )
     precision: str = field(
-        default="auto", metadata={"help": "auto (bf16 on GPUs that support it, else fp16 on GPU; fp32 on CPU), fp32, fp16 or bf16."}
+        default="auto", metadata={"help": "auto (bf16 on GPUs that support it, else fp16 on GPU; fp32 on CPU), fp32, fp16 or bf16 "
+                                          "(without a GPU, bf16 trains on the CPU)."}
     )
     fused_loss: str = field(
         default="auto",
@@ -158,23 +167,35 @@ class TrainArguments(TrainingArguments):
     sample_max_new_tokens: int = field(default=40, metadata={"help": "Tokens to generate per sample."})
 
     def __post_init__(self):
+        if self.precision not in ("auto", "fp32", "fp16", "bf16"):
+            raise UserError(f"--precision {self.precision!r}: choose auto, fp32, fp16 or bf16.")
+        if self.precision != "auto":
+            self.fp16, self.bf16 = self.precision == "fp16", self.precision == "bf16"
+        if self.bf16 and not self.use_cpu and not torch.accelerator.is_available():
+            # Without a GPU, bf16 can only mean the CPU (native bf16 on AMX/AVX-512 CPUs, emulated elsewhere),
+            # and transformers refuses it unless --use_cpu says so.
+            self.use_cpu = True
         on_gpu = torch.cuda.is_available() and not self.use_cpu
+        if self.precision == "auto" and not (self.fp16 or self.bf16) and on_gpu:
+            self.bf16 = torch.cuda.is_bf16_supported()
+            self.fp16 = not self.bf16
         if self.per_device_train_batch_size is None:
             self.per_device_train_batch_size = GPU_BATCH_SIZE if on_gpu else CPU_BATCH_SIZE
+        if self.max_steps is None:
+            # On CPU the default is a step budget, unless epochs are asked for; -1 is the Trainer's "count epochs".
+            self.max_steps = CPU_MAX_STEPS if not on_gpu and self.num_train_epochs is None else -1
         if self.num_train_epochs is None:
             self.num_train_epochs = 3.0
-            if not on_gpu and self.max_steps <= 0:
-                self.max_steps = CPU_MAX_STEPS
-        if self.learning_rate is None:
-            self.learning_rate = 0.0  # placeholder until resolve_defaults knows about --init_from
-        if self.precision == "auto":
-            if not (self.fp16 or self.bf16) and on_gpu:
-                self.bf16 = torch.cuda.is_bf16_supported()
-                self.fp16 = not self.bf16
-        elif self.precision in ("fp16", "bf16", "fp32"):
-            self.fp16, self.bf16 = self.precision == "fp16", self.precision == "bf16"
-        else:
-            raise UserError(f"--precision {self.precision!r}: choose auto, fp32, fp16 or bf16.")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} {getattr(self, name)}: must be at least 1.")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise UserError(f"--max_steps {self.max_steps}: give a positive number of optimizer steps, "
+                            "or -1 to train for --num_train_epochs.")
+        if self.max_steps == -1 and not self.num_train_epochs > 0:
+            raise UserError(f"--num_train_epochs {self.num_train_epochs}: must be more than 0 (or give --max_steps).")
+        if not 0 <= self.max_warmup_fraction <= 1:
+            raise UserError(f"--max_warmup_fraction {self.max_warmup_fraction}: must be between 0 and 1.")
         if self.ddp_find_unused_parameters is None:
             self.ddp_find_unused_parameters = False  # every GPT-2 parameter is used; searching costs a graph walk
         if not on_gpu:
@@ -186,7 +207,10 @@ class TrainArguments(TrainingArguments):
         if self.early_stopping_patience:
             # Early stopping means the best model is the one to keep.
             self.load_best_model_at_end = True
-        super().__post_init__()
+        try:
+            super().__post_init__()
+        except ValueError as e:  # transformers' own checks of its flags: a message for the user, not a traceback
+            raise UserError(str(e)) from None
 
     def get_warmup_steps(self, num_training_steps: int) -> int:
         return min(super().get_warmup_steps(num_training_steps), math.ceil(self.max_warmup_fraction * num_training_steps))
@@ -202,6 +226,15 @@ def scratch_learning_rate(n_embd: int) -> float:
     return 2e-4
 
 
+def check_block_size(block_size: int, context: int | None) -> None:
+    """--block_size against the model's context (None: not known yet, e.g. a pretrained model not loaded)."""
+    if block_size < 2:
+        raise UserError(f"--block_size {block_size}: must be at least 2 (each block predicts its tokens from the ones before).")
+    if context is not None and block_size > context:
+        raise UserError(f"--block_size {block_size} exceeds the model's context of {context} tokens; "
+                        f"use --block_size {context} or less (or a larger --n_positions for a new model).")
+
+
 def resolve_defaults(model_args: ModelArguments, data_args: DataArguments, args: TrainArguments) -> None:
     """Fill in what depends on the hardware or on fine-tuning."""
     on_gpu = args.device.type == "cuda"
@@ -214,12 +247,23 @@ def resolve_defaults(model_args: ModelArguments, data_args: DataArguments, args:
             setattr(model_args, dim, value)
     if data_args.block_size is None:
         data_args.block_size = 1024 if on_gpu else 128
-    if not args.learning_rate:
-        args.learning_rate = 5e-5 if model_args.init_from else scratch_learning_rate(model_args.n_embd)
     if model_args.dropout is None and not model_args.init_from:
         # Pretraining sees each token about once, so dropout only slows learning (nanoGPT's default too):
         # val loss after 150 steps x 2048 WebText tokens 7.30 with GPT-2's 0.1, 7.27 with 0 (measured).
         model_args.dropout = 0.0
+    try:  # a new model's shape now, before anything is tokenized; a pretrained one's comes with it
+        if model_args.init_from:
+            check_shape(dropout=model_args.dropout)
+        else:
+            check_shape(model_args.n_embd, model_args.n_layer, model_args.n_head, model_args.n_positions, model_args.dropout)
+    except ModelError as e:
+        raise UserError(str(e)) from None
+    check_block_size(data_args.block_size, None if model_args.init_from else model_args.n_positions)
+    if args.learning_rate is None:
+        args.learning_rate = 5e-5 if model_args.init_from else scratch_learning_rate(model_args.n_embd)
+    elif not 0 < args.learning_rate < math.inf:  # also refuses nan; 0 would train nothing
+        raise UserError(f"--learning_rate {args.learning_rate:g}: must be a positive number "
+                        "(e.g. 1e-3 from scratch, 5e-5 to fine-tune; leave it out for the default).")
     if "tensorboard" in args.report_to and not _tensorboard_installed():
         raise UserError("--report_to tensorboard needs the tensorboard package: `pip install tensorboard`, "
                         "or use --report_to wandb / none.")
@@ -230,16 +274,43 @@ def resolve_defaults(model_args: ModelArguments, data_args: DataArguments, args:
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainArguments]:
     """Command-line flags, or a single .json/.yaml config file holding the same names."""
     argv = sys.argv[1:] if argv is None else argv
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainArguments))
     if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
-        if not Path(argv[0]).is_file():
-            raise UserError(f"Config file {argv[0]} does not exist.")
-        load = parser.parse_json_file if argv[0].endswith(".json") else parser.parse_yaml_file
-        try:
-            return load(os.path.abspath(argv[0]), allow_extra_keys=False)
-        except ValueError as e:
-            raise UserError(f"{argv[0]}: {e}") from None
-    return parser.parse_args_into_dataclasses(args=argv)
+        return parse_config_file(argv[0])
+    return HfArgumentParser((ModelArguments, DataArguments, TrainArguments)).parse_args_into_dataclasses(args=argv)
+
+
+def parse_config_file(path: str) -> tuple[ModelArguments, DataArguments, TrainArguments]:
+    """A .json/.yaml mapping of flag names to values, read as the same flags on the command line would be: values are
+    converted by the flag's type (YAML reads 1e-3 as a string), null keeps the default; mistakes raise UserError."""
+    import yaml
+
+    class Parser(HfArgumentParser):
+        def error(self, message):  # argparse would print the usage and exit
+            raise UserError(f"{path}: {message}")
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
+    except FileNotFoundError:
+        raise UserError(f"Config file {path} does not exist.") from None
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as e:
+        raise UserError(f"{path}: cannot read it as {'JSON' if path.endswith('.json') else 'YAML'}: {e}") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: expected a mapping of flag names to values (max_steps: 100, ...), "
+                        f"not a {type(config).__name__}.")
+    known = {f.name for cls in (ModelArguments, DataArguments, TrainArguments) for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(str(k) for k in config if k not in known)
+    if unknown:
+        raise UserError(f"{path}: unknown key(s) {', '.join(unknown)}; see `python train.py --help`.")
+    argv = []
+    for key, value in config.items():
+        if value is None:
+            continue
+        if isinstance(value, list):
+            argv += [f"--{key}", *map(str, value)]
+        else:
+            argv.append(f"--{key}={json.dumps(value) if isinstance(value, dict) else value}")
+    return Parser((ModelArguments, DataArguments, TrainArguments)).parse_args_into_dataclasses(args=argv)
 
 
 def split_kwargs(kwargs: dict[str, Any]) -> tuple[ModelArguments, DataArguments, TrainArguments]:
@@ -325,33 +396,124 @@ def rotate_checkpoints(output_dir: str | Path, keep: int | None, best: str | Non
         shutil.rmtree(c, ignore_errors=True)
 
 
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """What makes this checkpoint unusable (the file and why), or None. A COMPLETE checkpoint was whole when it
+    was written; a file can still be cut short or overwritten later (a copy that stopped, a failing disk).
+    Checked here, before the Trainer's deep tracebacks: JSON parses, safetensors headers cover their files,
+    torch's zip archives (optimizer.pt, scheduler.pt, rng_state.pth) are whole and match their checksums."""
+    import zipfile
+
+    from safetensors import SafetensorError, safe_open
+
+    if not (checkpoint / "trainer_state.json").is_file():
+        return "trainer_state.json is missing"
+    if not any(any(checkpoint.glob(weights)) for weights in ("model*.safetensors", "pytorch_model*", "adapter_model*", "global_step*")):
+        return "it holds no model weights (model.safetensors)"
+    try:
+        for path in sorted(p for p in checkpoint.iterdir() if p.is_file()):
+            try:
+                if path.suffix == ".json":
+                    json.loads(path.read_text(encoding="utf-8"))
+                elif path.suffix == ".safetensors":
+                    with safe_open(str(path), "pt"):
+                        pass
+                elif path.suffix in (".pt", ".pth", ".bin"):
+                    with zipfile.ZipFile(path) as archive:
+                        for entry in archive.infolist():
+                            if entry.CRC or not entry.file_size:  # torch can be told not to write checksums (then 0)
+                                with archive.open(entry) as f:  # reading to the end checks the CRC-32
+                                    while f.read(1 << 24):
+                                        pass
+            except (ValueError, zipfile.BadZipFile, SafetensorError, EOFError) as e:  # ValueError: JSON, UTF-8
+                return f"{path.name} is damaged ({e})"
+    except OSError as e:
+        return f"{e.filename or checkpoint} cannot be read ({e.strerror or e})"
+    return None
+
+
 def choose_checkpoint(args: TrainArguments) -> str | None:
-    """The checkpoint to resume from, per --resume_from_checkpoint / --resume, or None to start fresh."""
+    """The checkpoint to resume from, per --resume_from_checkpoint / --resume, or None to start fresh.
+
+    With auto, a damaged latest checkpoint is named and set aside (renamed *.damaged, by the main process),
+    and the one before it is used."""
     wanted = args.resume_from_checkpoint or args.resume
     if wanted in ("never", "no", "false", "False"):
         return None
     if wanted in ("auto", "true", "True", "last"):
-        partial = [c for c in list_checkpoints(args.output_dir) if not is_complete(c)]
-        latest = latest_complete_checkpoint(args.output_dir)
+        checkpoints = list_checkpoints(args.output_dir)
         if args.should_log:
-            for c in partial:
-                print(f"Ignoring incomplete checkpoint {c} (no {COMPLETE} marker: the run stopped while saving it).")
-        if latest is None:
-            if wanted != "auto":
-                raise UserError(f"--resume {wanted}: no complete checkpoint in {args.output_dir}.")
-            return None
-        return str(latest)
+            for c in checkpoints:
+                if not is_complete(c):
+                    print(f"Ignoring incomplete checkpoint {c} (no {COMPLETE} marker: the run stopped while saving it).")
+        damaged = []
+        for c in reversed([c for c in checkpoints if is_complete(c)]):
+            problem = checkpoint_problem(c)
+            if problem is None:
+                for bad in damaged:
+                    set_aside(bad, args)
+                return str(c)
+            damaged.append(c)
+            if args.should_log:
+                print(f"Checkpoint {c} cannot be resumed from: {problem}.")
+        if damaged:
+            raise UserError(f"No usable checkpoint in {args.output_dir}: every complete one is damaged (see above). "
+                            "Start fresh with --resume never, or resume from a copy with --resume PATH.")
+        if wanted != "auto":
+            raise UserError(f"--resume {wanted}: no complete checkpoint in {args.output_dir}.")
+        return None
     path = Path(wanted)
     if not path.is_dir():
         raise UserError(f"Checkpoint {wanted} does not exist; use --resume auto, never or an existing checkpoint folder.")
     if not is_complete(path) and not (path / "trainer_state.json").is_file():
         raise UserError(f"{wanted} is not a complete checkpoint (no {COMPLETE} marker or trainer_state.json).")
+    problem = checkpoint_problem(path)
+    if problem:
+        raise UserError(f"Checkpoint {wanted} cannot be resumed from: {problem}. Resume from another checkpoint (--resume auto "
+                        "takes the latest usable one) or start fresh with --resume never.")
     return str(path)
+
+
+def set_aside(checkpoint: Path, args: TrainArguments) -> None:
+    """Rename a damaged checkpoint out of the way: never resumed from or rotated, but its files are kept."""
+    aside = checkpoint.with_name(checkpoint.name + ".damaged")
+    if args.should_save:
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(checkpoint, aside)
+    if args.should_log:
+        print(f"Moved the damaged {checkpoint} to {aside} (delete it when you no longer need it); "
+              "resuming from the checkpoint before it.")
+
+
+def make_output_dir(out: Path) -> None:
+    """Create the run folder, or say why it cannot be one, before anything is tokenized or trained."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output_dir {out} is a file, not a folder; choose another --output_dir.")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):  # writable? (a read-only disk, someone else's folder)
+            pass
+    except OSError as e:
+        raise UserError(f"Cannot write to --output_dir {out}: {e.strerror or e}; choose a folder you can write to.") from None
+
+
+def check_checkpoint_fits(checkpoint: Path, model) -> None:
+    """A checkpoint of another model shape (the model arguments changed, same --output_dir) would fail deep in
+    load_state_dict; say which arguments differ instead."""
+    try:
+        saved = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return  # sharded layouts (FSDP, DeepSpeed) keep no config.json here; the Trainer checks those itself
+    names = ("n_embd", "n_layer", "n_head", "n_positions", "vocab_size")
+    differ = [f"{n} {saved.get(n)} (this run: {getattr(model.config, n)})" for n in names if saved.get(n) != getattr(model.config, n)]
+    if differ:
+        raise UserError(f"Checkpoint {checkpoint} holds another model: {', '.join(differ)}. Rerun with the arguments it was "
+                        "trained with, or start a new model with --resume never or another --output_dir.")
 
 
 def remove_partial_checkpoints(output_dir: str | Path, resume_from: str | None) -> None:
     """Partial checkpoints newer than the one we resume from would be written again; clear them first."""
-    start = checkpoint_step(Path(resume_from)) if resume_from else -1
+    # The step from its state, not its name: --resume may name any folder.
+    start = json.loads((Path(resume_from) / "trainer_state.json").read_text())["global_step"] if resume_from else -1
     for c in list_checkpoints(output_dir):
         if not is_complete(c) and checkpoint_step(c) > start:
             shutil.rmtree(c, ignore_errors=True)
@@ -371,19 +533,32 @@ class GPT2Trainer(Trainer):
     max_skipped_steps = 20  # fp16 loss scaling skips a few overflowing steps by design; many mean divergence
 
     def _save_checkpoint(self, model, trial):
+        checkpoint = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
+        if self.args.should_save and (checkpoint / COMPLETE).exists():
+            # A folder left by an earlier run (--resume from an older checkpoint) is about to be overwritten:
+            # it must not look complete while it holds a mix of old and new files.
+            (checkpoint / COMPLETE).unlink()
+            fsync_dir(checkpoint)
         # Rotate only after the new checkpoint is complete, so a crash mid-save always leaves the previous one.
         limit, self.args.save_total_limit = self.args.save_total_limit, None
         try:
             super()._save_checkpoint(model, trial)
         finally:
             self.args.save_total_limit = limit
-        checkpoint = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
         if os.environ.get("GPT2_DEBUG_KILL_IN_SAVE") == str(self.state.global_step):
             os.kill(os.getpid(), signal.SIGKILL)  # test hook: die with the files written but no marker
         self.accelerator.wait_for_everyone()  # every rank's RNG state is on disk
         if self.args.should_save:
             mark_complete(checkpoint)
             rotate_checkpoints(self.args.output_dir, limit, self.state.best_model_checkpoint)
+
+    def _run_epoch(self, *args, **kwargs):
+        if 0 < self.state.max_steps <= self.state.global_step:
+            # Resumed from the last step's checkpoint (the run stopped during its final evaluation or save):
+            # transformers would train one step past --max_steps before its check, and change the final model.
+            self.control.should_training_stop = True
+            return
+        return super()._run_epoch(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if isinstance(self.compute_loss_func, FusedCausalLMLoss) and "labels" in inputs:
@@ -472,11 +647,13 @@ class LocalMetricsCallback(TrainerCallback):
         self.plot_path = Path(output_dir) / "loss_curve.png"
 
     def on_train_begin(self, args, state, control, **kwargs):
-        # A resumed run drops the lines the interrupted run logged after its last checkpoint.
+        # A resumed run drops the lines the interrupted run logged after its last checkpoint, and a line cut
+        # short; the file is rewritten aside and renamed, so that it is whole again and never half-written.
         if state.is_world_process_zero and self.path.is_file():
-            lines = [json.loads(l) for l in self.path.read_text().splitlines() if l.strip()]
-            kept = [l for l in lines if l.get("step", 0) <= state.global_step]
-            self.path.write_text("".join(json.dumps(l) + "\n" for l in kept))
+            kept = [l for l in read_metrics(self.path, warn=True) if l.get("step", 0) <= state.global_step]
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json.dumps(l) + "\n" for l in kept))
+            os.replace(tmp, self.path)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
@@ -489,13 +666,31 @@ class LocalMetricsCallback(TrainerCallback):
             plot_losses(self.path, self.plot_path)
 
 
+def read_metrics(path: Path, warn: bool = False) -> list[dict]:
+    """metrics.jsonl's rows. A line that is not whole JSON (a kill or a full disk in the middle of an append) is
+    skipped, and named when warn is set."""
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        elif warn:
+            print(f"{path}: line {number} is cut short or not a JSON object (a run stopped while writing it?); dropped it.")
+    return rows
+
+
 def plot_losses(metrics_path: Path, png_path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()]
+    rows = read_metrics(metrics_path)
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     val = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -699,16 +894,18 @@ def run(model_args: ModelArguments, data_args: DataArguments, args: TrainArgumen
 
     resolve_defaults(model_args, data_args, args)
     out = Path(args.output_dir)
+    if args.should_save:
+        make_output_dir(out)
     resume_from = choose_checkpoint(args)
     if args.should_save:
-        out.mkdir(parents=True, exist_ok=True)
         remove_partial_checkpoints(out, resume_from)
     if resume_from and args.should_log:
         print(f"Resuming from {resume_from} (use --resume never to start fresh).")
 
     # The main process tokenizes (and caches) first; the other ranks then read its cache.
     with args.main_process_first(desc="tokenizing"):
-        tokenizer, train_ds, val_ds = dataset.get_dataset_and_tokenizer(**dataclasses.asdict(data_args), seed=args.seed)
+        tokenizer, train_ds, val_ds = dataset.get_dataset_and_tokenizer(
+            **dataclasses.asdict(data_args), seed=args.seed, context=None if model_args.init_from else model_args.n_positions)
     data = dataset.dataset_info(train_ds)
     if args.should_log:
         print(f"Data: {data.get('source', '?')}: {len(train_ds):,} training blocks of {data_args.block_size} tokens, "
@@ -721,15 +918,19 @@ def run(model_args: ModelArguments, data_args: DataArguments, args: TrainArgumen
         args.do_eval = False
 
     set_seed(args.seed)  # the same initial weights on every rank and on every rerun
-    model = get_model(
-        n_embd=model_args.n_embd, n_layer=model_args.n_layer, n_head=model_args.n_head, vocab_size=len(tokenizer),
-        n_positions=model_args.n_positions, dropout=model_args.dropout, init_from=model_args.init_from,
-        verbose=args.should_log,
-    )
-    context = model.config.n_positions
-    if data_args.block_size > context:
-        raise UserError(f"--block_size {data_args.block_size} exceeds the model's context of {context} tokens; "
-                        f"use --block_size {context} or less (or a larger --n_positions for a new model).")
+    try:
+        model = get_model(
+            n_embd=model_args.n_embd, n_layer=model_args.n_layer, n_head=model_args.n_head, vocab_size=len(tokenizer),
+            n_positions=model_args.n_positions, dropout=model_args.dropout, init_from=model_args.init_from,
+            verbose=args.should_log,
+        )
+    except ModelError as e:
+        raise UserError(str(e)) from None
+    check_block_size(data_args.block_size, model.config.n_positions)
+    # The saved tokenizer states the context the model has (pipelines truncate prompts to it), not GPT-2's 1024.
+    tokenizer.model_max_length = model.config.n_positions
+    if resume_from:
+        check_checkpoint_fits(Path(resume_from), model)
 
     config = {"model": dataclasses.asdict(model_args), "data": dataclasses.asdict(data_args), "train": args.to_dict()}
     if "wandb" in args.report_to and args.should_save:
@@ -811,13 +1012,28 @@ def _finish_wandb() -> None:
             wandb.finish()
 
 
+def disk_usage(path: str | Path):
+    """shutil.disk_usage of the disk that holds path (or would: its nearest existing folder), or None."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path)
+    except OSError:
+        return None
+
+
+def _gb(n: int) -> str:
+    return f"{n / 2**30:.2f} GB"
+
+
 def explain_error(e: BaseException, args: TrainArguments | None) -> str | None:
     """A message that says what to change, for errors the user can fix; None for real bugs."""
     out = args.output_dir if args else "logs"
     latest = latest_complete_checkpoint(out)
     resume_hint = f" The last complete checkpoint, {latest}, is intact; rerun to resume from it." if latest else ""
     text = str(e)
-    if isinstance(e, (UserError, NonFiniteLossError)):
+    if isinstance(e, (UserError, NonFiniteLossError, ModelError)):
         return text
     if e.__class__.__name__ == "DataError":
         return text
@@ -825,9 +1041,21 @@ def explain_error(e: BaseException, args: TrainArguments | None) -> str | None:
         return ("Out of memory. Use a smaller --per_device_train_batch_size (with --gradient_accumulation_steps to keep "
                 "the effective batch), a smaller --block_size, a smaller --preset, or --activation_checkpointing."
                 + resume_hint)
-    if isinstance(e, OSError) and (e.errno == errno.ENOSPC or "No space left" in text):
-        return (f"The disk is full while writing to {out}. Free space, lower --save_total_limit, or choose "
-                f"--output_dir on a larger disk." + resume_hint)
+    full_advice = "Free space, lower --save_total_limit, or choose --output_dir on a larger disk." + resume_hint
+    # ENOSPC reaches us as an OSError, or only as text: tokenizers and safetensors raise their own classes.
+    if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left" in text or "os error 28" in text:
+        return f"The disk is full while writing to {out}. " + full_advice
+    if "PytorchStreamWriter" in text or ("inline_container" in text and "unexpected pos" in text):
+        # torch.save says only that a write failed ("file write failed", "unexpected pos 704 vs 598"): ask the disk.
+        usage = disk_usage(out)
+        if usage is not None and usage.free < min(2**30, usage.total // 100):
+            return f"The disk is full while writing to {out} ({_gb(usage.free)} free). " + full_advice
+        free = f", although {_gb(usage.free)} are free there" if usage is not None else ""
+        return (f"Writing a checkpoint to {out} failed ({text.splitlines()[0] if text else e.__class__.__name__}){free}. "
+                "Check that the disk is writable and within its quota, or choose another --output_dir." + resume_hint)
+    if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return (f"Cannot write {e.filename or out}: {e.strerror}. Choose an --output_dir you can write to."
+                + resume_hint)
     return None
 
 
@@ -844,12 +1072,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model_args, data_args, args = parse_args(argv)
         result = run(model_args, data_args, args)
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (tokenizing, loading), or a second Ctrl-C
+        latest = latest_complete_checkpoint(args.output_dir if args else "logs")
+        print(f"error: interrupted; rerun the same command to {f'resume from {latest}' if latest else 'start again'}.",
+              file=sys.stderr)
+        return 130
     except Exception as e:
         message = explain_error(e, args)
         if message is None:
             raise
         print(f"error: {message}", file=sys.stderr)
-        return 1
+        return 2
     return 130 if result["interrupted"] else 0
 
 

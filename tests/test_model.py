@@ -1,5 +1,6 @@
 import inspect
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -7,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import PRESETS, count_parameters, get_model, lm_head_loss
+from model import PRESETS, ModelError, count_parameters, get_model, lm_head_loss
 
 TINY = dict(n_layer=2, n_embd=32, n_head=2)
 
@@ -65,6 +66,35 @@ def test_clear_errors(tmp_path):
         get_model(preset="gpt5", verbose=False)
     with pytest.raises(ValueError, match="Could not load a model from init_from"):
         get_model(init_from=tmp_path / "missing", verbose=False)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(n_layer=1, n_embd=32, n_head=0), "n_head=0 must be a whole number of at least 1"),  # was ZeroDivisionError
+    (dict(n_layer=0, n_embd=32, n_head=2), "n_layer=0 must be"),
+    (dict(**TINY, n_positions=0), "n_positions=0 must be"),
+    (dict(**TINY, dropout=1.5), r"dropout=1.5 must be in \[0, 1\)"),
+])
+def test_bad_shapes_are_model_errors(kwargs, message):
+    with pytest.raises(ModelError, match=message):
+        get_model(**kwargs, verbose=False)
+
+
+def test_init_from_a_broken_or_foreign_folder_is_a_model_error(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    get_model(**TINY, verbose=False).save_pretrained(tmp_path / "good")
+    weights = tmp_path / "good" / "model.safetensors"
+    shutil.copytree(tmp_path / "good", tmp_path / "cut")
+    (tmp_path / "cut" / "model.safetensors").write_bytes(weights.read_bytes()[:1000])  # a download or copy that stopped
+    with pytest.raises(ModelError, match="Could not load a model from init_from=.*cut"):
+        get_model(init_from=tmp_path / "cut", verbose=False)
+    # Weights under other names (not a GPT-2): transformers would start them from random values with only a log report.
+    shutil.copytree(tmp_path / "good", tmp_path / "foreign")
+    save_file({f"encoder.{k}": v for k, v in load_file(weights).items()}, tmp_path / "foreign" / "model.safetensors")
+    with pytest.raises(ModelError, match="is not a GPT-2 model: .* of its weights are missing"):
+        get_model(init_from=tmp_path / "foreign", verbose=False)
+    with pytest.raises(ModelError, match="dropout"):
+        get_model(init_from=tmp_path / "good", dropout=-0.1, verbose=False)
 
 
 def test_import_has_no_side_effects():

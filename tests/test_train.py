@@ -2,10 +2,13 @@
 
 Every run uses a tiny model on a small text file, so the whole file takes a minute or two on 2 cores."""
 
+import collections
 import errno
 import json
 import os
 import random
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import dataset
 import train as train_mod
 from model import lm_head_loss
 from train import COMPLETE, main, parse_args, resolve_defaults, train
@@ -170,9 +174,111 @@ def test_unknown_train_kwarg_is_refused():
 def test_user_errors_are_short_messages(tmp_path, corpus, cache_dir, capsys):
     rc = main(to_argv(tiny_kwargs(tmp_path, corpus, cache_dir, block_size=2048)))
     err = capsys.readouterr().err
-    assert rc == 1 and "block_size=2048" in err and "Traceback" not in err
+    assert rc == 2 and "--block_size 2048" in err and "Traceback" not in err
     rc = main(to_argv(tiny_kwargs(tmp_path, corpus, cache_dir, resume=str(tmp_path / "nope"))))
-    assert rc == 1 and "does not exist" in capsys.readouterr().err
+    assert rc == 2 and "does not exist" in capsys.readouterr().err
+
+
+def not_tokenized(**kwargs):
+    pytest.fail("the data was tokenized before the arguments were checked")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"learning_rate": -1}, "--learning_rate -1: must be a positive number"),
+    ({"learning_rate": 0}, "--learning_rate 0: must be a positive number"),  # was taken for "unset": 1e-3
+    ({"max_steps": 0}, "--max_steps 0: give a positive number of optimizer steps, or -1"),  # was the 80-step default
+    ({"n_embd": 65, "n_head": 2}, "n_embd (65) must be a multiple of n_head (2)"),
+    ({"n_head": 0}, "n_head=0 must be a whole number of at least 1"),
+    ({"dropout": 1.5}, "dropout=1.5 must be in [0, 1)"),
+    ({"per_device_train_batch_size": 0}, "--per_device_train_batch_size 0: must be at least 1"),
+    ({"block_size": 0}, "--block_size 0: must be at least 2"),
+    ({"n_positions": 8}, "--block_size 16 exceeds the model's context of 8 tokens"),
+    ({"warmup_steps": -3}, "Expected value warmup_steps >= 0"),  # one of transformers' own checks, as a message
+])
+def test_bad_values_are_one_line_errors_before_any_work(tmp_path, corpus, cache_dir, capsys, monkeypatch, overrides, message):
+    monkeypatch.setattr(dataset, "get_dataset_and_tokenizer", not_tokenized)
+    kwargs = tiny_kwargs(tmp_path, corpus, cache_dir, **overrides)
+    assert main(to_argv(kwargs)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+    with pytest.raises(train_mod.UserError, match=re.escape(message)):
+        train(**kwargs)
+
+
+def test_val_split_out_of_range_is_a_one_line_error(tmp_path, corpus, cache_dir, capsys):
+    assert main(to_argv(tiny_kwargs(tmp_path, corpus, cache_dir, val_split=1.5))) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "val_split=1.5 must be in [0, 1)" in err
+
+
+def test_max_steps_default_is_a_cpu_budget_and_minus_one_means_epochs():
+    cpu = ["--use_cpu", "true"]
+    assert parse_args(cpu)[2].max_steps == train_mod.CPU_MAX_STEPS
+    for argv in (["--max_steps", "-1"], ["--num_train_epochs", "2"]):
+        t = parse_args(cpu + argv)[2]
+        assert t.max_steps == -1 and t.num_train_epochs == (2 if "2" in argv else 3), argv
+    assert parse_args(cpu + ["--max_steps", "5"])[2].max_steps == 5
+    with pytest.raises(train_mod.UserError, match="--num_train_epochs 0.0: must be more than 0"):
+        parse_args(["--num_train_epochs", "0"])
+
+
+def test_config_file_values_are_read_like_flags(tmp_path):
+    # YAML reads 1e-3 as a string; a wrong type or name is a message naming the file, not a traceback.
+    (tmp_path / "c.yaml").write_text("learning_rate: 1e-3\nsample_prompts: [a, b]\nuse_cpu: true\ndropout: null\n")
+    m, d, t = parse_args([str(tmp_path / "c.yaml")])
+    assert t.learning_rate == 0.001 and t.sample_prompts == ["a", "b"] and t.use_cpu and m.dropout is None
+    for text, message in [("max_stepz: 3\n", "unknown key(s) max_stepz"), ("max_steps: abc\n", "invalid int value: 'abc'"),
+                          ("n_layer: 2.5\n", "invalid int value: '2.5'"), ("max_steps: [3\n", "cannot read it as YAML"),
+                          ("- 1\n- 2\n", "expected a mapping of flag names to values")]:
+        (tmp_path / "bad.yaml").write_text(text)
+        with pytest.raises(train_mod.UserError, match=f"^{re.escape(str(tmp_path / 'bad.yaml'))}: .*{re.escape(message)}"):
+            parse_args([str(tmp_path / "bad.yaml")])
+
+
+def test_output_dir_that_cannot_be_a_folder(tmp_path, corpus, cache_dir, capsys, monkeypatch):
+    monkeypatch.setattr(dataset, "get_dataset_and_tokenizer", not_tokenized)
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    assert main(to_argv(tiny_kwargs(afile, corpus, cache_dir))) == 2
+    assert f"--output_dir {afile} is a file, not a folder" in capsys.readouterr().err
+    assert main(to_argv(tiny_kwargs(afile / "run", corpus, cache_dir))) == 2  # cannot be created (as on a read-only disk)
+    assert f"Cannot write to --output_dir {afile / 'run'}" in capsys.readouterr().err
+
+
+def test_bf16_without_a_gpu_trains_on_the_cpu(tmp_path, corpus, cache_dir):
+    args = parse_args(["--precision", "bf16"])[2]  # transformers alone refuses bf16 without a GPU unless --use_cpu
+    assert args.bf16 and (args.use_cpu or torch.accelerator.is_available())
+    result = train(**tiny_kwargs(tmp_path, corpus, cache_dir, precision="bf16", max_steps=2, save_strategy="no"))
+    assert result["global_step"] == 2 and result["eval_metrics"]["eval_loss"] < 20
+
+
+def test_a_new_models_context_is_its_n_positions(tmp_path, corpus, cache_dir):
+    # The saved tokenizer states the model's context (pipelines truncate prompts to it), not GPT-2's 1024.
+    train(**tiny_kwargs(tmp_path, corpus, cache_dir, n_positions=64, max_steps=1, save_strategy="no"))
+    tokenizer_config = json.loads((tmp_path / "final_model" / "tokenizer_config.json").read_text())
+    assert tokenizer_config["model_max_length"] == 64
+
+
+def test_block_size_beyond_1024_with_a_larger_n_positions(tmp_path, corpus, cache_dir):
+    result = train(**tiny_kwargs(tmp_path, corpus, cache_dir, n_positions=2048, block_size=1500, per_device_train_batch_size=1,
+                                 val_split=0.2, max_steps=1, save_strategy="no"))
+    assert result["global_step"] == 1
+
+
+def test_init_from_a_folder_without_weights(tmp_path, corpus, cache_dir, capsys):
+    (tmp_path / "model").mkdir()
+    assert main(to_argv(tiny_kwargs(tmp_path / "out", corpus, cache_dir, init_from=str(tmp_path / "model")))) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: Could not load a model from init_from") and "save_pretrained" in err
+
+
+def test_ctrl_c_before_training_is_one_line(tmp_path, corpus, cache_dir, capsys, monkeypatch):
+    def interrupted(**kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dataset, "get_dataset_and_tokenizer", interrupted)  # Ctrl-C while tokenizing
+    assert main(to_argv(tiny_kwargs(tmp_path, corpus, cache_dir))) == 130
+    assert capsys.readouterr().err == "error: interrupted; rerun the same command to start again.\n"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,6 +440,123 @@ def test_resume_never_starts_fresh(tmp_path, corpus, cache_dir, capsys):
 
 
 # ----------------------------------------------------------------------------------------------
+# Damaged, foreign and overwritten checkpoints; a cut metrics line
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, corpus, cache_dir):
+    """A run of 8 steps that kept checkpoint-4 and checkpoint-8; tests copy it (run_copy) and break the copy."""
+    out = tmp_path_factory.mktemp("finished")
+    train(**tiny_kwargs(out, corpus, cache_dir, max_steps=8))
+    shutil.rmtree(out / "final_model")
+    return out
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    return out
+
+
+def cut_in_half(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def flip_a_middle_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("name, damage", [
+    ("optimizer.pt", cut_in_half), ("optimizer.pt", flip_a_middle_byte), ("scheduler.pt", lambda p: p.write_bytes(b"")),
+    ("rng_state.pth", cut_in_half), ("trainer_state.json", cut_in_half), ("model.safetensors", lambda p: p.write_bytes(b"x" * 999)),
+])
+def test_checkpoint_problem_names_the_damaged_file(run_copy, name, damage):
+    checkpoint = run_copy / "checkpoint-8"
+    assert train_mod.checkpoint_problem(checkpoint) is None
+    damage(checkpoint / name)
+    assert train_mod.checkpoint_problem(checkpoint).startswith(f"{name} is damaged (")
+
+
+def test_damaged_latest_checkpoint_resumes_from_the_one_before(run_copy, corpus, cache_dir, capsys):
+    cut_in_half(run_copy / "checkpoint-8" / "optimizer.pt")  # COMPLETE, but cut short later (a copy that stopped)
+    result = train(**tiny_kwargs(run_copy, corpus, cache_dir, max_steps=8))
+    out = capsys.readouterr().out
+    assert f"Checkpoint {run_copy / 'checkpoint-8'} cannot be resumed from: optimizer.pt is damaged" in out
+    assert f"Moved the damaged {run_copy / 'checkpoint-8'} to {run_copy / 'checkpoint-8.damaged'}" in out
+    assert f"Resuming from {run_copy / 'checkpoint-4'}" in out
+    assert result["global_step"] == 8 and (run_copy / "checkpoint-8.damaged" / "model.safetensors").is_file()
+    assert train_mod.checkpoint_problem(run_copy / "checkpoint-8") is None  # written again, whole
+
+
+def test_no_usable_checkpoint_says_what_to_do(run_copy, corpus, cache_dir, capsys, monkeypatch):
+    monkeypatch.setattr(dataset, "get_dataset_and_tokenizer", not_tokenized)
+    for step in (4, 8):
+        cut_in_half(run_copy / f"checkpoint-{step}" / "trainer_state.json")
+    assert main(to_argv(tiny_kwargs(run_copy, corpus, cache_dir))) == 2
+    captured = capsys.readouterr()
+    assert "checkpoint-4 cannot be resumed from: trainer_state.json is damaged" in captured.out
+    assert f"error: No usable checkpoint in {run_copy}" in captured.err and "--resume never" in captured.err
+    with pytest.raises(train_mod.UserError, match="cannot be resumed from: trainer_state.json is damaged"):
+        train(**tiny_kwargs(run_copy, corpus, cache_dir, resume=str(run_copy / "checkpoint-8")))
+    assert (run_copy / "checkpoint-8").is_dir()  # nothing set aside when there is nothing to resume instead
+
+
+def test_checkpoint_of_another_model_shape(run_copy, corpus, cache_dir):
+    with pytest.raises(train_mod.UserError, match=r"checkpoint-8 holds another model: n_embd 32 \(this run: 64\)"):
+        train(**tiny_kwargs(run_copy, corpus, cache_dir, n_embd=64))
+
+
+def test_resume_from_a_folder_of_any_name(run_copy, tmp_path, corpus, cache_dir):
+    (tmp_path / "state_only").mkdir()
+    shutil.copy(run_copy / "checkpoint-4" / "trainer_state.json", tmp_path / "state_only")
+    with pytest.raises(train_mod.UserError, match="state_only cannot be resumed from: it holds no model weights"):
+        train(**tiny_kwargs(tmp_path / "out", corpus, cache_dir, resume=str(tmp_path / "state_only")))
+    shutil.copytree(run_copy / "checkpoint-4", tmp_path / "saved")  # a checkpoint kept under another name
+    result = train(**tiny_kwargs(tmp_path / "out", corpus, cache_dir, max_steps=6, resume=str(tmp_path / "saved")))
+    assert result["global_step"] == 6
+
+
+def test_an_overwritten_checkpoint_is_incomplete_until_rewritten(run_copy, corpus, cache_dir, monkeypatch, capsys):
+    # Resuming from checkpoint-4 rewrites checkpoint-8 in place; a failure half way must not leave the old marker.
+    real = train_mod.Trainer._save_optimizer_and_scheduler
+
+    def disk_full_at_step_8(self, output_dir):
+        if self.state.global_step == 8:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, output_dir)
+
+    monkeypatch.setattr(train_mod.Trainer, "_save_optimizer_and_scheduler", disk_full_at_step_8)
+    assert main(to_argv(tiny_kwargs(run_copy, corpus, cache_dir, max_steps=8, resume=str(run_copy / "checkpoint-4")))) == 2
+    assert "disk is full" in capsys.readouterr().err
+    assert (run_copy / "checkpoint-8" / "model.safetensors").is_file() and not (run_copy / "checkpoint-8" / COMPLETE).exists()
+    assert train_mod.latest_complete_checkpoint(run_copy) == run_copy / "checkpoint-4"
+
+
+def test_rerun_after_the_last_checkpoint_trains_no_extra_step(run_copy, corpus, cache_dir):
+    # The run stopped after its last checkpoint, during the final evaluation or save (run_copy has no final_model).
+    result = train(**tiny_kwargs(run_copy, corpus, cache_dir, max_steps=8))
+    assert result["global_step"] == 8
+    final, last = load_file(run_copy / "final_model" / "model.safetensors"), load_file(run_copy / "checkpoint-8" / "model.safetensors")
+    assert all(torch.equal(final[name], last[name]) for name in final)  # what the uninterrupted run saved
+
+
+def test_a_cut_metrics_line_is_dropped_on_resume(run_copy, corpus, cache_dir, capsys):
+    metrics = run_copy / "metrics.jsonl"
+    whole = metrics.read_text()
+    metrics.write_text(whole + '{"step": 8, "loss": 10.6, "ti')  # killed, or the disk filled, in the middle of an append
+    result = train(**tiny_kwargs(run_copy, corpus, cache_dir, max_steps=8))
+    assert result["global_step"] == 8
+    line = len(whole.splitlines()) + 1
+    assert f"{metrics}: line {line} is cut short or not a JSON object" in capsys.readouterr().out
+    rows = [json.loads(l) for l in metrics.read_text().splitlines()]  # whole JSON lines again, appended after
+    assert len(rows) > line - 1 and rows[: line - 1] == [json.loads(l) for l in whole.splitlines()]
+
+
+# ----------------------------------------------------------------------------------------------
 # Guards
 
 
@@ -349,7 +572,7 @@ def test_nan_loss_stops_with_step_and_last_good_checkpoint(tmp_path, corpus, cac
     monkeypatch.setattr(train_mod.GPT2Trainer, "compute_loss", nan_after_step_5)
     rc = main(to_argv(tiny_kwargs(tmp_path, corpus, cache_dir)))
     err = capsys.readouterr().err
-    assert rc == 1
+    assert rc == 2
     assert "at step 6" in err and f"Last good checkpoint: {tmp_path / 'checkpoint-4'}" in err
     assert not (tmp_path / "final_model").exists()
 
@@ -361,7 +584,7 @@ def test_out_of_memory_says_what_to_change(tmp_path, corpus, cache_dir, monkeypa
     monkeypatch.setattr(train_mod.Trainer, "training_step", oom)
     rc = main(to_argv(tiny_kwargs(tmp_path, corpus, cache_dir)))
     err = capsys.readouterr().err
-    assert rc == 1 and "Out of memory" in err and "--per_device_train_batch_size" in err and "--block_size" in err
+    assert rc == 2 and "Out of memory" in err and "--per_device_train_batch_size" in err and "--block_size" in err
 
 
 def test_full_disk_keeps_the_previous_checkpoint(tmp_path, corpus, cache_dir, monkeypatch, capsys):
@@ -375,7 +598,7 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, corpus, cache_dir, mo
     monkeypatch.setattr(train_mod.Trainer, "_save_optimizer_and_scheduler", disk_full_at_step_8)
     rc = main(to_argv(tiny_kwargs(tmp_path, corpus, cache_dir)))
     err = capsys.readouterr().err
-    assert rc == 1 and "disk is full" in err and "--output_dir" in err and "checkpoint-4, is intact" in err
+    assert rc == 2 and "disk is full" in err and "--output_dir" in err and "checkpoint-4, is intact" in err
     assert (tmp_path / "checkpoint-4" / COMPLETE).is_file()
     assert not (tmp_path / "checkpoint-8" / COMPLETE).exists()
 
@@ -383,6 +606,46 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, corpus, cache_dir, mo
     assert main(to_argv(tiny_kwargs(tmp_path, corpus, cache_dir))) == 0
     out = capsys.readouterr().out
     assert "Ignoring incomplete checkpoint" in out and "checkpoint-4" in out
+
+
+def fake_disk(free):
+    """shutil.disk_usage of a 100 GB disk with `free` bytes left."""
+    usage = collections.namedtuple("usage", "total used free")
+    return lambda path: usage(100 * 2**30, 100 * 2**30 - free, free)
+
+
+TORCH_WRITE_FAILED = "[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file data/0: file write failed"
+
+
+def test_torch_write_failure_on_a_full_disk_is_explained(run_copy, corpus, cache_dir, monkeypatch, capsys):
+    real = train_mod.Trainer._save_optimizer_and_scheduler
+
+    def torch_save_fails_at_step_8(self, output_dir):
+        if self.state.global_step == 8:
+            raise RuntimeError(TORCH_WRITE_FAILED)  # what torch.save raises when the disk fills up
+        return real(self, output_dir)
+
+    shutil.rmtree(run_copy / "checkpoint-8")
+    monkeypatch.setattr(train_mod.Trainer, "_save_optimizer_and_scheduler", torch_save_fails_at_step_8)
+    monkeypatch.setattr(shutil, "disk_usage", fake_disk(2**20))
+    assert main(to_argv(tiny_kwargs(run_copy, corpus, cache_dir, max_steps=8))) == 2
+    err = capsys.readouterr().err
+    assert f"error: The disk is full while writing to {run_copy} (0.00 GB free)." in err and "--output_dir" in err
+    assert "checkpoint-4, is intact" in err
+
+
+def test_other_write_failures_are_explained():
+    args = parse_args(["--output_dir", "somewhere"])[2]
+    full = Exception("No space left on device (os error 28)")  # tokenizers' and safetensors' own exception classes
+    assert train_mod.explain_error(full, args).startswith("The disk is full while writing to somewhere.")
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(shutil, "disk_usage", fake_disk(50 * 2**30))
+        message = train_mod.explain_error(RuntimeError(TORCH_WRITE_FAILED), args)
+    assert message.startswith("Writing a checkpoint to somewhere failed ([enforce fail") and "50.00 GB are free" in message
+    assert "full" not in message
+    denied = PermissionError(errno.EACCES, "Permission denied", "somewhere/checkpoint-4/optimizer.pt")
+    assert train_mod.explain_error(denied, args).startswith("Cannot write somewhere/checkpoint-4/optimizer.pt: Permission denied.")
+    assert train_mod.explain_error(RuntimeError("a bug"), args) is None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -405,7 +668,7 @@ def test_tensorboard_needs_its_package(tmp_path, corpus, cache_dir, capsys):
         result = train(**tiny_kwargs(tmp_path, corpus, cache_dir, max_steps=2, report_to="tensorboard"))
         assert result["global_step"] == 2
     else:
-        assert main(to_argv(tiny_kwargs(tmp_path, corpus, cache_dir, report_to="tensorboard"))) == 1
+        assert main(to_argv(tiny_kwargs(tmp_path, corpus, cache_dir, report_to="tensorboard"))) == 2
         assert "pip install tensorboard" in capsys.readouterr().err
 
 
