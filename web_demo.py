@@ -19,11 +19,12 @@ returns a FastAPI app to serve with uvicorn.
 """
 
 import asyncio
+import collections
 import hmac
+import ipaddress
 import json
 import math
 import os
-import queue
 import sys
 import threading
 import time
@@ -48,12 +49,14 @@ class WebDemoArguments:
     port: int = field(default=7860, metadata={"help": "TCP port."})
     api_key: str | None = field(
         default=None,
-        metadata={"help": f"Require 'Authorization: Bearer KEY' on the API and a login on the page; also read from ${API_KEY_ENV}."},
+        metadata={"help": f"Require 'Authorization: Bearer KEY' on the API and a login on the page (the key as password); also read from "
+                          f"${API_KEY_ENV}. An empty key is an error, not 'no key'."},
     )
     model_name: str | None = field(default=None, metadata={"help": "Model id shown by /v1/models and in responses; default: the model folder's name."})
     max_prompt_tokens: int = field(default=512, metadata={"help": "Longest prompt accepted, in tokens (longer ones get a 400)."})
     max_tokens_cap: int = field(default=256, metadata={"help": "Most new tokens one sequence may ask for (max_tokens / max_new_tokens)."})
     max_sequences: int = field(default=4, metadata={"help": "Most sequences per request: prompts x n (num_return_sequences)."})
+    max_stop_chars: int = field(default=256, metadata={"help": "Longest stop string accepted, in characters (longer ones get a 400)."})
     max_body_bytes: int = field(default=65536, metadata={"help": "Largest request body accepted, in bytes (larger ones get a 413)."})
     queue_size: int = field(default=32, metadata={"help": "Requests that may wait for the model; beyond that a request gets a 503."})
     device: str | None = field(default=None, metadata={"help": "cuda, mps or cpu; when unset, the best available."})
@@ -101,15 +104,29 @@ class Engine:
 
     def __init__(self, tokenizer, model, device, queue_size: int = 32, threads: int | None = None):
         self.tokenizer, self.model, self.device, self.threads = tokenizer, model, device, threads
-        self._jobs: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.queue_size = queue_size
+        # A deque rather than a queue.Queue: a job whose client went away leaves it at once, so a
+        # crowd of clients that disconnect cannot keep its places full while one long job runs.
+        self._waiting: collections.deque = collections.deque()
+        self._changed = threading.Condition()
+        self._closed = False
         self._worker = threading.Thread(target=self._work, name="web_demo-model", daemon=True)
         self._worker.start()
 
     def close(self):
-        self._jobs.put(None)
+        """Stop the worker once the jobs already waiting are done."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify()
+
+    def _next_job(self):
+        with self._changed:
+            while not self._waiting and not self._closed:
+                self._changed.wait()
+            return self._waiting.popleft() if self._waiting else None
 
     def _work(self):
-        while (job := self._jobs.get()) is not None:
+        while (job := self._next_job()) is not None:
             if job.cancelled:
                 continue
 
@@ -128,10 +145,11 @@ class Engine:
     async def run(self, kwargs: dict):
         """Queue one `generate(**kwargs)`; yield ("text", row, piece) events, then ("done", completions)."""
         job = _Job(kwargs, asyncio.get_running_loop())
-        try:
-            self._jobs.put_nowait(job)
-        except queue.Full:
-            raise RequestError(503, "The server is busy: too many requests are waiting. Retry shortly.", code="overloaded", type="server_error") from None
+        with self._changed:
+            if len(self._waiting) >= self.queue_size:
+                raise RequestError(503, "The server is busy: too many requests are waiting. Retry shortly.", code="overloaded", type="server_error")
+            self._waiting.append(job)
+            self._changed.notify()
         try:
             while True:
                 event = await job.events.get()
@@ -145,6 +163,9 @@ class Engine:
                     return
         finally:
             job.cancelled = True  # covers a client that disconnects while its request waits or streams
+            with self._changed:
+                if job in self._waiting:
+                    self._waiting.remove(job)
 
 
 async def collect(engine: Engine, kwargs: dict):
@@ -154,7 +175,45 @@ async def collect(engine: Engine, kwargs: dict):
             return event[1]
 
 
+class _ClientGone(Exception):
+    """The client closed its connection before its answer was ready."""
+
+
+async def _unless_disconnected(receive, awaitable):
+    """`await awaitable`; if the client disconnects first, cancel it and raise _ClientGone.
+
+    uvicorn does not cancel a handler whose client went away, and a request answered in one piece
+    sends nothing until it is done: without this, a closed connection kept the model busy (and every
+    request queued behind it waiting) to its last token. Cancelling the wait on `Engine.run` marks
+    the job cancelled, so the worker stops at the next token, or skips a job still queued.
+    The request body has been read, so `receive` now only answers when the client disconnects.
+    """
+
+    async def gone():
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    work, watch = asyncio.ensure_future(awaitable), asyncio.ensure_future(gone())
+    try:
+        done, _ = await asyncio.wait((work, watch), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        work.cancel()  # a no-op once it is done; otherwise the client is gone (or the server is stopping)
+    if work not in done:
+        raise _ClientGone
+    return work.result()
+
+
 # ----------------------------------------------------------------------------- validation
+
+
+def _check_text(text: str, where: str, param: str):
+    """RequestError(400) for text that is not valid Unicode: a lone surrogate such as JSON's "\\ud800"."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # the tokenizer and the response encoder would fail on it later, as a 500
+        raise RequestError(400, f"{where} contains a lone surrogate (U+{ord(text[e.start]):04X}) at character {e.start}: "
+                                "send valid Unicode (a surrogate only as half of a pair)", param=param) from None
 
 
 class Limits:
@@ -193,9 +252,17 @@ class Limits:
         stop = [stop] if isinstance(stop, str) else list(stop or [])
         if len(stop) > 4:
             raise RequestError(400, f"{name('stop')} takes at most 4 strings, got {len(stop)}", param=name("stop"))
+        for i, s in enumerate(stop):
+            where = f"stop string {i}" if len(stop) > 1 else "the stop string"
+            # Each stop string is matched against the text at every token: its length bounds that work.
+            if len(s) > self.args.max_stop_chars:
+                raise RequestError(400, f"{where} has {len(s)} characters; this server accepts at most {self.args.max_stop_chars}",
+                                   param=name("stop"))
+            _check_text(s, where, name("stop"))
         for i, prompt in enumerate(prompts):
-            n_tokens = len(self.tokenizer.encode(prompt, verbose=False)) if prompt else 1
             where = f"prompt {i}" if len(prompts) > 1 else "the prompt"
+            _check_text(prompt, where, name("prompt"))
+            n_tokens = len(self.tokenizer.encode(prompt, verbose=False)) if prompt else 1
             if n_tokens > self.args.max_prompt_tokens:
                 raise RequestError(400, f"{where} has {n_tokens} tokens; this server accepts at most {self.args.max_prompt_tokens}", param=name("prompt"))
             if n_tokens + max_new_tokens > self.context:
@@ -224,7 +291,17 @@ class Limits:
 
 def _request_models():
     # Defined in a function so that importing web_demo does not import pydantic/FastAPI.
-    from pydantic import BaseModel, ConfigDict
+    from typing import Annotated
+
+    from pydantic import BaseModel, BeforeValidator, ConfigDict
+
+    def not_bool(value):
+        # pydantic reads true as 1: "max_tokens": true would silently ask for one token.
+        if isinstance(value, bool):
+            raise ValueError(f"expected a number, got {str(value).lower()}")
+        return value
+
+    Int, Float = Annotated[int, BeforeValidator(not_bool)], Annotated[float, BeforeValidator(not_bool)]
 
     class Strict(BaseModel):
         # Unknown fields are refused with their name: a misspelt "max_token" would otherwise be silently ignored.
@@ -233,38 +310,38 @@ def _request_models():
     class CompletionRequest(Strict):
         model: str | None = None
         prompt: str | list[str] = "<|endoftext|>"
-        max_tokens: int | None = 16
-        temperature: float = 1.0
-        top_p: float = 1.0
-        n: int = 1
+        max_tokens: Int | None = 16
+        temperature: Float = 1.0
+        top_p: Float = 1.0
+        n: Int = 1
         stream: bool = False
         stream_options: dict | None = None
         stop: str | list[str] | None = None
-        seed: int | None = None
+        seed: Int | None = None
         echo: bool = False
         user: str | None = None
         # OpenAI parameters without a counterpart here: accepted at their neutral values only.
-        presence_penalty: float = 0.0
-        frequency_penalty: float = 0.0
-        best_of: int | None = None
-        logprobs: int | None = None
+        presence_penalty: Float = 0.0
+        frequency_penalty: Float = 0.0
+        best_of: Int | None = None
+        logprobs: Int | None = None
         logit_bias: dict | None = None
         suffix: str | None = None
         # Extensions, as in generate.py.
-        top_k: int = 0
-        repetition_penalty: float = 1.0
-        no_repeat_ngram_size: int = 0
+        top_k: Int = 0
+        repetition_penalty: Float = 1.0
+        no_repeat_ngram_size: Int = 0
 
     class GenerateRequest(Strict):
         prompt: str | list[str] = ""
-        max_new_tokens: int = 50
-        top_k: int = 50
-        top_p: float = 0.95
-        temperature: float = 1.0
-        repetition_penalty: float = 1.0
-        no_repeat_ngram_size: int = 0
-        num_return_sequences: int = 1
-        seed: int | None = None
+        max_new_tokens: Int = 50
+        top_k: Int = 50
+        top_p: Float = 0.95
+        temperature: Float = 1.0
+        repetition_penalty: Float = 1.0
+        no_repeat_ngram_size: Int = 0
+        num_return_sequences: Int = 1
+        seed: Int | None = None
         stop: str | list[str] | None = None
         stream: bool = False
 
@@ -342,11 +419,11 @@ def build_app(tokenizer, model, device, args: WebDemoArguments | None = None, pa
 
     from fastapi import Depends, FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException
 
     args = args or WebDemoArguments()
-    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    api_key = _api_key(args)
     model_name = args.model_name or Path(str(args.model_path).rstrip("/")).name or "gpt2"
     limits = Limits(args, tokenizer, model.config.n_positions)
     engine = Engine(tokenizer, model, device, args.queue_size, args.threads)
@@ -366,6 +443,10 @@ def build_app(tokenizer, model, device, args: WebDemoArguments | None = None, pa
         headers = {"Retry-After": "1"} if e.status == 503 else None
         return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
+    @app.exception_handler(_ClientGone)
+    async def client_gone(_, e: _ClientGone):
+        return Response(status_code=499)  # nginx's "client closed request"; nobody is there to read it
+
     @app.exception_handler(RequestValidationError)
     async def validation_error(_, e: RequestValidationError):
         errors = e.errors()
@@ -373,6 +454,9 @@ def build_app(tokenizer, model, device, args: WebDemoArguments | None = None, pa
         param = ".".join(str(p) for p in first["loc"][1:]) or None
         if first.get("type") == "json_invalid":
             message, param = "the request body is not valid JSON", None
+        elif param is None and first.get("type") in ("missing", "model_attributes_type"):
+            # Also what `curl -d` sends: it labels its body as a form unless told otherwise.
+            message = "the request body must be a JSON object, sent with 'Content-Type: application/json'"
         elif first.get("type") == "extra_forbidden":
             message = f"unknown parameter {param!r}"
         else:
@@ -386,7 +470,7 @@ def build_app(tokenizer, model, device, args: WebDemoArguments | None = None, pa
     def check_key(request: Request):
         if api_key is None:
             return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        scheme, given = (request.headers.get("authorization", "").split(None, 1) + ["", ""])[:2]
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
             raise RequestError(401, "missing or incorrect API key: send 'Authorization: Bearer KEY'", code="invalid_api_key")
 
@@ -403,7 +487,7 @@ def build_app(tokenizer, model, device, args: WebDemoArguments | None = None, pa
         return {"id": model_name, "object": "model", "created": created, "owned_by": "web_demo"}
 
     @app.post("/v1/completions", dependencies=auth)
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         unsupported = [
             ("presence_penalty", req.presence_penalty not in (0, None), "use repetition_penalty"),
             ("frequency_penalty", req.frequency_penalty not in (0, None), "use repetition_penalty"),
@@ -434,13 +518,13 @@ def build_app(tokenizer, model, device, args: WebDemoArguments | None = None, pa
             return {"id": cid, "object": "text_completion", "created": now, "model": model_name, "choices": choices, **extra}
 
         if not req.stream:
-            done = await collect(engine, kwargs)
+            done = await _unless_disconnected(request.receive, collect(engine, kwargs))
             choices = [{"text": (c.prompt if req.echo else "") + c.completion, "index": i, "logprobs": None,
                         "finish_reason": _openai_finish(c.finish_reason)} for i, c in enumerate(done)]
             return chunk(choices, usage=usage(done))
 
         events = engine.run(kwargs)
-        first = await anext(events)  # errors before the first token still get a proper status code
+        first = await _unless_disconnected(request.receive, anext(events))  # errors before the first token get a status code
 
         async def body():
             try:
@@ -469,7 +553,7 @@ def build_app(tokenizer, model, device, args: WebDemoArguments | None = None, pa
         return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @app.post("/api/generate", dependencies=auth)
-    async def generate_route(req: GenerateRequest):
+    async def generate_route(req: GenerateRequest, request: Request):
         prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
         kwargs = limits.generate_kwargs(prompts, req.max_new_tokens, req.num_return_sequences, req.temperature, req.top_k,
                                         req.top_p, req.repetition_penalty, req.no_repeat_ngram_size, req.seed, req.stop)
@@ -480,9 +564,9 @@ def build_app(tokenizer, model, device, args: WebDemoArguments | None = None, pa
                  "completion_tokens": c.completion_tokens, "finish_reason": c.finish_reason} for c in done]}
 
         if not req.stream:
-            return result(await collect(engine, kwargs))
+            return result(await _unless_disconnected(request.receive, collect(engine, kwargs)))
         events = engine.run(kwargs)
-        first = await anext(events)
+        first = await _unless_disconnected(request.receive, anext(events))
 
         async def body():
             try:
@@ -576,12 +660,36 @@ def parse_args(argv=None) -> WebDemoArguments:
     return args
 
 
+def _api_key(args: WebDemoArguments) -> str | None:
+    """The key the server requires: --api_key, else $WEB_DEMO_API_KEY, else None; ValueError for one that cannot work."""
+    key, where = (args.api_key, "--api_key") if args.api_key is not None else (os.environ.get(API_KEY_ENV), f"${API_KEY_ENV}")
+    if key is None:
+        return None
+    if not key.strip():
+        # `--api_key "$KEY"` with KEY unset: the API looked protected while the page and generation were open.
+        raise ValueError(f"{where} is empty (an unset variable?): give a key, e.g. --api_key \"$(openssl rand -hex 16)\", or "
+                         + ("leave out --api_key" if where == "--api_key" else f"unset {API_KEY_ENV}") + " to serve without one")
+    if key != key.strip() or not (key.isascii() and key.isprintable()):
+        raise ValueError(f"{where} must be printable ASCII without leading or trailing spaces: it travels in an HTTP header")
+    return key
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
 def check_args(args: WebDemoArguments):
-    for name in ("max_prompt_tokens", "max_tokens_cap", "max_sequences", "max_body_bytes", "queue_size"):
+    for name in ("max_prompt_tokens", "max_tokens_cap", "max_sequences", "max_stop_chars", "max_body_bytes", "queue_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}")
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    _api_key(args)
 
 
 def main(argv=None) -> int:
@@ -594,9 +702,7 @@ def main(argv=None) -> int:
         return 2
     import uvicorn
 
-    if args.api_key is None and os.environ.get(API_KEY_ENV):
-        args.api_key = os.environ[API_KEY_ENV]
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+    if not _is_loopback(args.host) and _api_key(args) is None:
         print(f"warning: serving on {args.host} without --api_key: anyone who can reach this port can use the model", file=sys.stderr)
     app = build_app(tokenizer, model, device, args)
     shown = f"[{args.host}]" if ":" in args.host else args.host

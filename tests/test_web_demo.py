@@ -155,6 +155,17 @@ def test_several_prompts_and_sequences(server):
         ({"prompt": "x", "max_token": 5}, 422, "unknown parameter 'max_token'"),
         ({"prompt": 5}, 422, "prompt"),
         ({"prompt": "x", "n": "many"}, 422, "n: "),
+        # One 65 KB stop string held the only worker for a minute: each is capped (--max_stop_chars).
+        ({"prompt": "x", "stop": "y" * 257}, 400, "the stop string has 257 characters; this server accepts at most 256"),
+        ({"prompt": "x", "stop": ["a", "y" * 300]}, 400, "stop string 1 has 300 characters"),
+        # A lone surrogate is valid JSON but not Unicode: the tokenizer raised TypeError, a 500.
+        ({"prompt": "\ud800"}, 400, "the prompt contains a lone surrogate (U+D800) at character 0"),
+        ({"prompt": ["ok", "a\udfff"]}, 400, "prompt 1 contains a lone surrogate (U+DFFF) at character 1"),
+        ({"prompt": "x", "stop": "\ud800"}, 400, "the stop string contains a lone surrogate"),
+        ({"prompt": "x", "stop": ["a", "\udc00b"]}, 400, "stop string 1 contains a lone surrogate"),
+        # pydantic reads true as 1: it asked for one token, silently.
+        ({"prompt": "x", "max_tokens": True}, 422, "max_tokens: Value error, expected a number, got true"),
+        ({"prompt": "x", "temperature": False}, 422, "temperature: Value error, expected a number, got false"),
     ],
 )
 def test_bad_parameters_get_4xx_with_a_message(server, body, status, words):
@@ -167,6 +178,16 @@ def test_bad_parameters_get_4xx_with_a_message(server, body, status, words):
 def test_invalid_json_and_body_size_cap(server):
     status, answer = call(server, "/v1/completions", raw=b"{not json")
     assert status == 422 and "not valid JSON" in answer["error"]["message"]
+    # A lone surrogate as JSON's escape or as UTF-8 bytes (json.loads accepts both), in both APIs.
+    for path, raw in (("/v1/completions", b'{"prompt": "\xed\xa0\x80"}'), ("/api/generate", b'{"prompt": "a\\ud800"}'),
+                      ("/api/generate", b'{"prompt": "a", "stop": ["\\udfff"]}')):
+        status, answer = call(server, path, raw=raw)
+        assert status == 400 and "lone surrogate" in answer["error"]["message"], (path, raw, answer)
+    # A body that is not a JSON object, or JSON sent as `curl -d` labels it (a form): say what to send.
+    for raw, headers in ((b"null", {}), (b"[1, 2]", {}), (b"", {}),
+                         (b'{"prompt": "x"}', {"Content-Type": "application/x-www-form-urlencoded"})):
+        status, answer = call(server, "/v1/completions", raw=raw, headers=headers)
+        assert status == 422 and "must be a JSON object, sent with 'Content-Type: application/json'" in answer["error"]["message"], (raw, answer)
     status, answer = call(server, "/v1/completions", {"prompt": "x" * 5000})
     assert status == 413 and "4096 bytes" in answer["error"]["message"]
     # A chunked body declares no length: it is counted as it arrives.
@@ -214,11 +235,53 @@ def test_api_generate(server):
 
 
 def test_api_key(keyed):
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}, {"Authorization": "Bearer"},
+                    {"Authorization": "Bearer "}, {"Authorization": f"Basic {KEY}"}, {"Authorization": f"Bearer {KEY}x"}):
         status, answer = call(keyed, "/v1/models", headers=headers)
-        assert status == 401 and answer["error"]["code"] == "invalid_api_key"
+        assert status == 401 and answer["error"]["code"] == "invalid_api_key", headers
     assert call(keyed, "/v1/completions", {"prompt": "x", "max_tokens": 2})[0] == 401
-    assert call(keyed, "/v1/models", headers={"Authorization": f"Bearer {KEY}"})[0] == 200
+    # The scheme is case-insensitive (RFC 9110); spacing around the key does not matter.
+    for value in (f"Bearer {KEY}", f"bearer {KEY}", f"BEARER  {KEY}", f"Bearer\t{KEY}", f"  Bearer {KEY}  "):
+        assert call(keyed, "/v1/models", headers={"Authorization": value})[0] == 200, repr(value)
+
+
+@pytest.fixture
+def served(monkeypatch):
+    """main() up to serving: the keyword arguments of each uvicorn.run call, which returns at once."""
+    import uvicorn
+
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append(kwargs))
+    monkeypatch.delenv(W.API_KEY_ENV, raising=False)
+    return calls
+
+
+@pytest.mark.parametrize("argv, env", [(["--api_key", ""], {}), (["--api_key", "  "], {}), ([], {W.API_KEY_ENV: ""})])
+def test_empty_api_key_is_an_error_at_start_up(model_dir, monkeypatch, capsys, served, argv, env):
+    # `--api_key "$KEY"` with KEY unset left the page and generation open while the API still asked for a key.
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert W.main(["--model_path", str(model_dir), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "is empty" in err and "give a key" in err and not served, err
+    args = W.WebDemoArguments(model_path=str(model_dir), api_key=argv[1] if argv else None)
+    with pytest.raises(ValueError, match="is empty"):  # the library refuses it too
+        W.build_app(*G.load_model(model_dir, device="cpu"), args, page=False)
+
+
+def test_key_that_no_header_can_carry_is_an_error(model_dir, capsys, served):
+    for key in (" s3cret", "s3cret\n", "clé"):
+        assert W.main(["--model_path", str(model_dir), "--api_key", key]) == 2
+        assert "printable ASCII" in capsys.readouterr().err and not served
+
+
+@pytest.mark.parametrize("host, key, warned", [("0.0.0.0", None, True), ("192.168.1.5", None, True), ("0.0.0.0", KEY, False),
+                                               ("127.0.0.2", None, False), ("localhost", None, False), ("::1", None, False)])
+def test_network_host_without_key_warns(model_dir, monkeypatch, capsys, served, host, key, warned):
+    monkeypatch.setattr(W, "build_app", lambda *a, **k: None)  # the page is not what this test is about
+    assert W.main(["--model_path", str(model_dir), "--host", host] + (["--api_key", key] if key else [])) == 0
+    assert served and served[0]["host"] == host
+    assert ("warning: serving on" in capsys.readouterr().err) == warned
 
 
 def test_full_queue_answers_503(keyed):
@@ -255,8 +318,11 @@ def test_openai_client(server, keyed):
     assert client(keyed, KEY).completions.create(model="m", prompt="x", max_tokens=2).choices
 
 
-def paced(monkeypatch, delay=0.02):
-    """Slow the tiny model down to a real one's pace; returns how each generate() call ended."""
+def paced(monkeypatch, delay=0.02, pieces=None):
+    """Slow the tiny model down to a real one's pace; returns how each generate() call ended.
+
+    `pieces`, when given, collects every piece handed on to the server, as it is sampled.
+    """
     real_generate, ended = W.generate, []
 
     def paced_generate(*args, on_text, **kwargs):
@@ -265,6 +331,8 @@ def paced(monkeypatch, delay=0.02):
         def slow(row, piece):
             time.sleep(delay)
             on_text(row, piece)
+            if pieces is not None:
+                pieces.append(piece)
 
         try:
             result = real_generate(*args, on_text=slow, **kwargs)
@@ -293,6 +361,71 @@ def test_disconnect_stops_generation(server, monkeypatch):
     assert call(server, "/v1/completions", {"prompt": "x", "max_tokens": 3})[0] == 200  # the worker serves on
 
 
+def wait_for(condition, seconds=10):
+    deadline = time.time() + seconds
+    while not condition() and time.time() < deadline:
+        time.sleep(0.02)
+    return condition()
+
+
+@pytest.mark.parametrize("path, body", [("/v1/completions", {"prompt": "x", "max_tokens": 64, "seed": 0}),
+                                        ("/api/generate", {"prompt": "x", "max_new_tokens": 64, "top_k": 0, "seed": 0})])
+def test_non_streaming_disconnect_stops_generation(server, monkeypatch, path, body):
+    # A client answered in one piece that went away kept the model busy to its last token (52 s in the issue).
+    _, answer = call(server, path, body)
+    full = answer["usage"]["completion_tokens"] if "usage" in answer else answer["completions"][0]["completion_tokens"]
+    assert full == 64  # uninterrupted, this seed runs to max_tokens: an early end below is the disconnect's doing
+    pieces = []
+    ended = paced(monkeypatch, delay=0.05, pieces=pieces)  # 64 tokens: 3.2 s
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
+    assert wait_for(lambda: pieces), "generation did not start"
+    conn.close()
+    assert wait_for(lambda: ended)
+    assert ended == ["_Cancelled"] and len(pieces) < 20, (ended, len(pieces))
+    assert call(server, path, {**body, "seed": 1})[0] == 200  # the worker serves on
+
+
+def test_many_disconnected_clients_do_not_stall_the_server(server, monkeypatch):
+    # 24 clients queue a long request each (some streamed) and go away: none may hold the model, queued or running.
+    pieces = []
+    ended = paced(monkeypatch, delay=0.05, pieces=pieces)
+    conns = []
+    for i in range(24):
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        conn.request("POST", "/v1/completions" if i % 2 else "/api/generate", headers={"Content-Type": "application/json"},
+                     body=json.dumps({"prompt": "x", "max_tokens" if i % 2 else "max_new_tokens": 64, "stream": i % 3 == 0}))
+        conns.append(conn)
+    assert wait_for(lambda: pieces), "generation did not start"
+    time.sleep(0.5)  # every request is read and queued behind the first
+    for conn in conns:
+        conn.close()
+    start = time.time()
+    assert call(server, "/v1/completions", {"prompt": "x", "max_tokens": 2})[0] == 200
+    assert time.time() - start < 10  # before the fix: 24 generations of 3.2 s each, 77 s
+    assert "done" not in ended[:-1] and len(pieces) < 100, (ended, len(pieces))
+
+
+def test_a_client_gone_from_the_queue_frees_its_place(keyed, monkeypatch):
+    # The queue holds one request. A client that queued one and went away kept that place (503 for
+    # everyone else) until the running generation ended; now its place is free at once.
+    pieces = []
+    ended = paced(monkeypatch, delay=0.05, pieces=pieces)
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(call, keyed, "/v1/completions", {"prompt": "x", "max_tokens": 64, "seed": 0}, headers)  # 3.2 s
+        assert wait_for(lambda: pieces), "generation did not start"
+        gone = http.client.HTTPConnection("127.0.0.1", keyed.port, timeout=30)
+        gone.request("POST", "/v1/completions", body=json.dumps({"prompt": "x", "max_tokens": 64}), headers=headers)
+        time.sleep(0.3)  # queued behind the running one
+        gone.close()
+        time.sleep(0.3)
+        status, answer = call(keyed, "/v1/completions", {"prompt": "x", "max_tokens": 4}, headers)
+        assert status == 200, answer  # queued in the freed place while the first still ran, then served
+        assert running.result()[0] == 200
+    assert ended == ["done", "done"]  # the gone client's job never ran
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -301,7 +434,8 @@ def test_cli_help(capsys):
         W.parse_args(["--help"])
     assert exit.value.code == 0
     out = capsys.readouterr().out
-    for flag in ("--model_path", "--host", "--port", "--api_key", "--max_prompt_tokens", "--max_tokens_cap", "--max_sequences", "--max_body_bytes", "--queue_size"):
+    for flag in ("--model_path", "--host", "--port", "--api_key", "--max_prompt_tokens", "--max_tokens_cap", "--max_sequences",
+                 "--max_stop_chars", "--max_body_bytes", "--queue_size"):
         assert flag in out
 
 
