@@ -516,8 +516,9 @@ def check_sampling_args(max_new_tokens=50, top_k=50, top_p=1.0, temperature=1.0,
         bad("top_p", top_p, "in (0, 1] (1 disables nucleus sampling)")
     if number("temperature", temperature, "a finite number >= 0") < 0.0:
         bad("temperature", temperature, ">= 0 (0 means greedy decoding)")
-    if number("repetition_penalty", repetition_penalty, "a finite number > 0") <= 0.0:
-        bad("repetition_penalty", repetition_penalty, "> 0 (1 disables it)")
+    if not 1e-3 <= number("repetition_penalty", repetition_penalty, "a number from 0.001 to 1000") <= 1e3:
+        # beyond these, penalized float32 logits overflow to inf or vanish to 0 (and NaN in the softmax)
+        bad("repetition_penalty", repetition_penalty, "from 0.001 to 1000 (1 disables it; 1.1-1.5 is usual)")
     if isinstance(no_repeat_ngram_size, bool) or not isinstance(no_repeat_ngram_size, int) or no_repeat_ngram_size < 0:
         bad("no_repeat_ngram_size", no_repeat_ngram_size, "an integer >= 0 (0 disables it)")
     if isinstance(num_return_sequences, bool) or not isinstance(num_return_sequences, int) or num_return_sequences < 1:
@@ -562,20 +563,31 @@ def _sample(logits, top_k: int, top_p: float, temperature: float, generator):
     elif top_p < 1.0:
         vals, idx = torch.sort(logits, descending=True)
     else:
-        logits = logits / temperature if temperature != 1.0 else logits
-        return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(1)
+        return torch.multinomial(torch.softmax(_tempered(logits, temperature), -1), 1, generator=generator).squeeze(1)
     return _sample_top(vals, idx, top_p, temperature, generator)
+
+
+def _tempered(logits, temperature: float):
+    """`logits / temperature`, shifted so that each row's largest is 0 and in float64 when scaled, so any
+    positive temperature, however small (1e-320) or large, gives finite probabilities; the order is kept."""
+    if temperature == 1.0:
+        return logits
+    logits = logits.double()
+    return (logits - logits.amax(-1, keepdim=True)) / temperature
 
 
 def _sample_top(vals, idx, top_p: float, temperature: float, generator):
     """Sample among the largest logits `vals` (B, k, sorted descending) of tokens `idx`."""
     if temperature == 0:
         return idx[:, 0]
-    vals = vals / temperature if temperature != 1.0 else vals  # scaling keeps the order: top-k first is the same
+    vals = _tempered(vals, temperature)  # scaling keeps the order: top-k first is the same
     if top_p < 1.0:
         probs = torch.softmax(vals, -1)
-        # Keep the smallest prefix whose mass reaches top_p (the top token always survives).
-        vals = vals.masked_fill(probs.cumsum(-1) - probs >= top_p, float("-inf"))
+        # Keep the smallest prefix whose mass reaches top_p; the top token always survives (even for a
+        # top_p below float32's smallest number, which compares as 0).
+        drop = probs.cumsum(-1) - probs >= top_p
+        drop[:, 0] = False
+        vals = vals.masked_fill(drop, float("-inf"))
     choice = torch.multinomial(torch.softmax(vals, -1), 1, generator=generator)
     return idx.gather(1, choice).squeeze(1)
 
@@ -896,7 +908,7 @@ class GenerateArguments:
     top_k: int = field(default=50, metadata={"help": "Sample among the k most likely tokens; 0 disables."})
     top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling: smallest token set with this much probability, in (0, 1]."})
     temperature: float = field(default=1.0, metadata={"help": "Softmax temperature; 0 means greedy decoding."})
-    repetition_penalty: float = field(default=1.0, metadata={"help": "Penalty > 1 for tokens already in the text (CTRL paper); 1 disables."})
+    repetition_penalty: float = field(default=1.0, metadata={"help": "Penalty > 1 for tokens already in the text (CTRL paper), from 0.001 to 1000; 1 disables."})
     no_repeat_ngram_size: int = field(default=0, metadata={"help": "Never repeat an n-gram of this size; 0 disables."})
     seed: int | None = field(default=None, metadata={"help": "Random seed; the same seed gives the same text."})
     stop: list[str] = field(default_factory=list, metadata={"help": "Stop strings: a completion ends before the first one it contains."})

@@ -503,3 +503,25 @@ def test_a_reader_that_goes_away_is_not_a_traceback(model_dir, tmp_path):
     proc.stdout.close()
     stderr = proc.stderr.read().decode()
     assert proc.wait(timeout=240) == 141 and "Traceback" not in stderr and "Broken pipe" not in stderr, stderr
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=1e-320), dict(top_p=1e-320), dict(top_k=0, top_p=1e-320), dict(top_k=0, temperature=1e-320)])
+def test_vanishing_temperature_or_top_p_is_greedy_not_a_crash(loaded, kw):
+    # 1e-320 is 0 in float32: dividing by it gave inf/NaN probabilities, and top_p masked every token
+    tok, model, dev = loaded
+    (c,) = G.generate(tok, model, dev, "Once upon", max_new_tokens=8, seed=0, **kw)
+    assert c.completion == greedy(loaded, "Once upon", 8)[0].completion
+
+
+def test_huge_temperature_samples(loaded):
+    tok, model, dev = loaded
+    for top_k in (0, 50):
+        (c,) = G.generate(tok, model, dev, "Once upon", max_new_tokens=8, seed=0, top_k=top_k, temperature=1e300)
+        assert c.completion_tokens == 8
+
+
+def test_extreme_repetition_penalty_is_refused(loaded):
+    for value in (1e-320, 1e-4, 1e4, 1e300):
+        with pytest.raises(ValueError, match="repetition_penalty must be from 0.001 to 1000"):
+            G.generate(*loaded, "x", max_new_tokens=2, repetition_penalty=value)
+    G.generate(*loaded, "x", max_new_tokens=2, repetition_penalty=1e3)
