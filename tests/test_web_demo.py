@@ -143,7 +143,7 @@ def test_several_prompts_and_sequences(server):
         ({"prompt": ["a", "b", "c"], "n": 2}, 400, "6 sequences"),
         ({"prompt": "x", "temperature": -1}, 400, "temperature must be >= 0"),
         ({"prompt": "x", "top_p": 0}, 400, "top_p must be in (0, 1]"),
-        ({"prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty must be > 0"),
+        ({"prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty must be from 0.001 to 1000"),
         ({"prompt": "x", "temperature": float("nan")}, 400, "temperature must be a finite number"),
         ({"prompt": "x", "seed": -1}, 400, "seed must be an integer"),
         ({"prompt": "x", "stop": list("abcde")}, 400, "at most 4 strings"),
