@@ -231,7 +231,7 @@ def _folder_tokenizer(path: Path):
     try:
         return load_tokenizer(path)
     except Exception as e:  # a corrupt tokenizer.json / vocab.json
-        raise ModelLoadError(f"the tokenizer files in {path} cannot be loaded ({_first_line(e)}): copy them again "
+        raise ModelLoadError(f"{path}: its tokenizer files cannot be loaded ({_first_line(e)}): copy them again "
                              "(tokenizer.json, vocab.json, merges.txt) or delete them to use the official GPT-2 tokenizer.") from None
 
 

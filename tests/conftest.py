@@ -1,3 +1,4 @@
+import json
 import os
 import sys
 from pathlib import Path
@@ -42,3 +43,57 @@ def tiny_gpt2_dir(tmp_path_factory, tokenizer):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def broken_model_folder(tiny_gpt2_dir, tmp_path, capsys):
+    """break_(kind) -> (folder, the path the error must start with): a copy of the tiny GPT-2 broken one way a
+    real folder gets broken (an interrupted copy, a foreign file, an unsafe pickle). Kinds: garbage weights,
+    truncated weights, bad config json, wrong config type, weights of a shallower model, weights of a narrower
+    model, refused pickle, corrupt tokenizer, tokenizer larger than the vocabulary."""
+    import pickle
+    import shutil
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def break_(kind):
+        folder = tmp_path / "model"
+        shutil.copytree(tiny_gpt2_dir, folder)
+        weights = folder / "model.safetensors"
+        named = weights
+        if kind == "garbage weights":
+            weights.write_bytes(os.urandom(4096))
+        elif kind == "truncated weights":
+            weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        elif kind == "bad config json":
+            (folder / "config.json").write_text("{not json")
+            named = folder / "config.json"
+        elif kind == "wrong config type":
+            cfg = json.loads((folder / "config.json").read_text())
+            (folder / "config.json").write_text(json.dumps({**cfg, "n_layer": "two"}))
+            named = folder / "config.json"
+        elif kind in ("weights of a shallower model", "weights of a narrower model"):
+            narrow = "narrower" in kind
+            other = GPT2LMHeadModel(GPT2Config(n_layer=2 if narrow else 1, n_embd=32 if narrow else 64, n_head=2, n_positions=128))
+            other.save_pretrained(tmp_path / "other")
+            weights.write_bytes((tmp_path / "other" / "model.safetensors").read_bytes())
+        elif kind == "refused pickle":
+            class Evil:
+                def __reduce__(self):
+                    return (os.system, ("echo pwned",))
+
+            weights.unlink()
+            named = folder / "pytorch_model.bin"
+            named.write_bytes(pickle.dumps(Evil()))
+        elif kind == "corrupt tokenizer":
+            (folder / "tokenizer.json").write_text("{garbage")
+            named = folder
+        elif kind == "tokenizer larger than the vocabulary":  # token ids past the embedding: an IndexError before
+            GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=64, vocab_size=1000)).save_pretrained(folder)
+            named = folder
+        else:
+            raise ValueError(kind)
+        capsys.readouterr()  # save_pretrained's progress bar
+        return folder, named
+
+    return break_

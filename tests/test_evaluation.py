@@ -416,41 +416,11 @@ def test_help_names_the_generation_metrics():
     assert "--num_samples" in doc and all(n in doc for n in ("BLEU", "ROUGE", "distinct-1/2", "copy rate"))
 
 
-def _break_folder(kind, folder):
-    weights = folder / "model.safetensors"
-    if kind == "garbage weights":
-        weights.write_bytes(os.urandom(4096))
-    elif kind == "truncated weights":
-        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    elif kind == "bad config json":
-        (folder / "config.json").write_text("{not json")
-        return "config.json"
-    elif kind == "weights of another model":
-        other = _tiny_model(vocab_size=1000)
-        other.save_pretrained(folder.parent / "other")
-        weights.write_bytes((folder.parent / "other" / "model.safetensors").read_bytes())
-    elif kind == "refused pickle":
-        import pickle
-
-        class Evil:
-            def __reduce__(self):
-                return (os.system, ("echo pwned",))
-
-        weights.unlink()
-        (folder / "pytorch_model.bin").write_bytes(pickle.dumps(Evil()))
-        return "pytorch_model.bin"
-    return "model.safetensors"
-
-
-@pytest.mark.parametrize("kind", ["garbage weights", "truncated weights", "bad config json", "weights of another model",
+@pytest.mark.parametrize("kind", ["garbage weights", "truncated weights", "bad config json", "weights of a narrower model",
                                   "refused pickle"])
-def test_broken_model_folders_are_one_line_errors(tiny_gpt2_dir, tmp_path, text_file, kind, capsys):
+def test_broken_model_folders_are_one_line_errors(broken_model_folder, text_file, kind, capsys):
     """Issue 13, item 11: a broken model folder is an EvaluationError naming the broken file (generate.load_folder)."""
-    import shutil
-
-    folder = tmp_path / "model"
-    shutil.copytree(tiny_gpt2_dir, folder)
-    named = folder / _break_folder(kind, folder)
+    folder, named = broken_model_folder(kind)
     with pytest.raises(ev.EvaluationError) as e:
         ev.load_model(str(folder), device="cpu")
     assert str(e.value).startswith(str(named))  # the broken file first, then what is wrong with it
