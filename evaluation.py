@@ -50,7 +50,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import generate
-import quantize  # keeps torchao's import-time warnings off stderr (quantize.quiet_torchao_import)
+import quiet_imports  # noqa: F401, I001  (before transformers: keeps torchao's import-time warnings off stderr)
+import quantize
 
 LN2 = math.log(2)
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -135,7 +136,7 @@ def load_model(model_path: str, device: Optional[str] = None, precision: str = "
             model = generate.load_folder(AutoModelForCausalLM, path, dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    except generate.ModelLoadError as e:
+    except generate.ModelError as e:
         raise EvaluationError(str(e)) from None
     except EvaluationError:
         raise

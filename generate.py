@@ -40,10 +40,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import quantize  # keeps torchao's import-time warnings off stderr (quantize.quiet_torchao_import)
+import quiet_imports  # noqa: F401, I001  (before transformers: keeps torchao's import-time warnings off stderr)
+import quantize
+from model import WEIGHT_FILES, ModelError, first_line, load_folder
 
 DEFAULT_MODEL_PATH = "logs/final_model"
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 
 
@@ -88,68 +89,6 @@ def _looks_local(path: str) -> bool:
     return path == DEFAULT_MODEL_PATH or path.startswith((".", "/", "~")) or (os.sep in path.rstrip(os.sep) and p.parent.exists())
 
 
-class ModelLoadError(ValueError):
-    """A model folder that cannot be loaded; the message names the broken file and what to do."""
-
-
-def _first_line(e: BaseException, limit: int = 240) -> str:
-    """A library error's message on one line, cut at `limit` characters."""
-    text = " ".join(str(e).split())
-    return (text[:limit] + " ..." if len(text) > limit else text) or type(e).__name__
-
-
-def _quiet_from_pretrained(cls, name, dtype, **kwargs):
-    # A "Loading weights" progress bar on stderr is noise in a CLI whose output may be piped, and so is
-    # the load report: what it warns of (missing weights) load_folder turns into an error of its own.
-    from transformers.utils import logging as hf_logging
-
-    was_enabled, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    try:
-        return cls.from_pretrained(name, dtype=dtype, **kwargs)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if was_enabled:
-            hf_logging.enable_progress_bar()
-
-
-def load_folder(cls, path: Path, dtype):
-    """`cls.from_pretrained(path)` for a local model folder, with each way the folder can be broken
-    (a corrupt config.json, truncated or garbage weights, a pickle torch's safe loader refuses,
-    weights of another model) raised as ModelLoadError naming the file, instead of a library traceback."""
-    import pickle
-
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except Exception as e:  # OSError (bad JSON), ValueError (unknown model type, wrong field types), ...
-        raise ModelLoadError(f"{path / 'config.json'} is not a valid model config ({_first_line(e)}): restore it "
-                             "from the training run's folder, or point --model_path at a complete model.") from None
-    weights = next((path / f for f in WEIGHT_FILES if (path / f).is_file()), path)
-    try:
-        with warnings.catch_warnings():  # torch's note on the pickle protocol would precede our one-line error
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            model, info = _quiet_from_pretrained(cls, str(path), dtype, config=config, output_loading_info=True)
-    except pickle.UnpicklingError:
-        raise ModelLoadError(
-            f"{weights} was refused by torch's safe loader (weights_only): it holds Python objects besides tensors, "
-            "and unpickling them could run code. Use a safetensors copy of the model; if you trust where the file "
-            "came from, convert it once (README, Generate: a pickled model)."
-        ) from None
-    except Exception as e:  # SafetensorError, shape mismatches (RuntimeError), OSError ...
-        raise ModelLoadError(f"{weights} cannot be loaded ({type(e).__name__}: {_first_line(e)}): it is truncated, corrupt "
-                             "or from another model; copy it again or point --model_path at a complete model "
-                             "(e.g. a checkpoint-N folder).") from None
-    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
-    missing = [k for k in info["missing_keys"] if k not in tied]
-    if missing:  # transformers would fill them with random values
-        raise ModelLoadError(f"{weights} lacks {len(missing)} of the weights config.json describes ({', '.join(sorted(missing)[:3])}, ...): "
-                             "the weights and config.json come from different models; copy the whole folder again.")
-    return model
-
-
 def load_model(model_dir: str | os.PathLike = DEFAULT_MODEL_PATH, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
     """Load a GPT-2 for generation; returns `(tokenizer, model, device)`.
 
@@ -191,7 +130,7 @@ def load_model(model_dir: str | os.PathLike = DEFAULT_MODEL_PATH, device: str | 
     else:  # a Hub name such as "gpt2"
         try:
             tokenizer = AutoTokenizer.from_pretrained(name)
-            model = _quiet_from_pretrained(GPT2LMHeadModel, name, dtype)
+            model = GPT2LMHeadModel.from_pretrained(name, dtype=dtype)
         except (OSError, ValueError) as e:
             raise FileNotFoundError(
                 f"{name!r} is neither a local folder nor a model on the Hugging Face Hub that could be loaded "
@@ -208,7 +147,7 @@ def _check_vocab(tokenizer, model, name: str) -> None:
     # A token id beyond the embedding table is an IndexError deep inside the first forward.
     vocab = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > vocab:
-        raise ModelLoadError(f"{name}: the tokenizer has {len(tokenizer)} tokens but the model only {vocab} (vocab_size in "
+        raise ModelError(f"{name}: the tokenizer has {len(tokenizer)} tokens but the model only {vocab} (vocab_size in "
                              "config.json): the tokenizer files do not belong to this model; copy the model's own.")
 
 
@@ -231,7 +170,7 @@ def _folder_tokenizer(path: Path):
     try:
         return load_tokenizer(path)
     except Exception as e:  # a corrupt tokenizer.json / vocab.json
-        raise ModelLoadError(f"{path}: its tokenizer files cannot be loaded ({_first_line(e)}): copy them again "
+        raise ModelError(f"{path}: its tokenizer files cannot be loaded ({first_line(e)}): copy them again "
                              "(tokenizer.json, vocab.json, merges.txt) or delete them to use the official GPT-2 tokenizer.") from None
 
 

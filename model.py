@@ -56,6 +56,63 @@ def check_shape(n_embd: int | None = None, n_layer: int | None = None, n_head: i
         raise ModelError(f"dropout={dropout} must be in [0, 1).")
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def first_line(e: BaseException, limit: int = 240) -> str:
+    """A library error's message on one line, cut at `limit` characters."""
+    text = " ".join(str(e).split())
+    return (text[:limit] + " ..." if len(text) > limit else text) or type(e).__name__
+
+
+def load_folder(cls, path: str | os.PathLike, dtype=None, config_overrides: dict | None = None, **kwargs):
+    """`cls.from_pretrained(path, dtype=dtype, **kwargs)` for a local model folder, quietly (no progress bar or
+    load report on stderr), with each way the folder can be broken (a corrupt config.json, truncated or garbage
+    weights, a pickle torch's safe loader refuses, weights of another model, which transformers would fill with
+    random values) raised as ModelError naming the file, instead of a library traceback."""
+    import pickle
+    import warnings
+
+    import quiet_imports  # noqa: F401, I001
+    from transformers import AutoConfig
+    from transformers.utils import logging as hf_logging
+
+    path = Path(path)
+    try:
+        config = AutoConfig.from_pretrained(path, **(config_overrides or {}))
+    except Exception as e:  # OSError (bad JSON), ValueError (unknown model type, wrong field types), ...
+        raise ModelError(f"{path / 'config.json'} is not a valid model config ({first_line(e)}): restore it "
+                         "from the training run's folder, or point --model_path at a complete model.") from None
+    weights = next((path / f for f in WEIGHT_FILES if (path / f).is_file()), path)
+    was_enabled, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()  # its report of missing weights becomes our error below
+    try:
+        with warnings.catch_warnings():  # torch's note on the pickle protocol would precede our one-line error
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            model, info = cls.from_pretrained(str(path), dtype=dtype, config=config, output_loading_info=True, **kwargs)
+    except pickle.UnpicklingError:
+        raise ModelError(
+            f"{weights} was refused by torch's safe loader (weights_only): it holds Python objects besides tensors, "
+            "and unpickling them could run code. Use a safetensors copy of the model; if you trust where the file "
+            "came from, convert it once (README, Generate: a pickled model)."
+        ) from None
+    except Exception as e:  # SafetensorError, shape mismatches (RuntimeError), OSError ...
+        raise ModelError(f"{weights} cannot be loaded ({type(e).__name__}: {first_line(e)}): it is truncated, corrupt "
+                         "or from another model; copy it again or point --model_path at a complete model "
+                         "(e.g. a checkpoint-N folder).") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    missing = [k for k in info["missing_keys"] if k not in tied]
+    if missing:
+        raise ModelError(f"{weights} lacks {len(missing)} of the weights config.json describes ({', '.join(sorted(missing)[:3])}, ...): "
+                         "the weights and config.json come from different models; copy the whole folder again.")
+    return model
+
+
 def get_model(
     n_embd: int = 768,
     n_layer: int = 12,
@@ -83,12 +140,10 @@ def get_model(
 
     Raises ModelError (a ValueError) for a bad shape, or a folder that holds no usable GPT-2.
     """
-    import quantize  # noqa: F401, I001  (first: transformers imports torchao, whose import-time warnings it hides)
+    import quiet_imports  # noqa: F401, I001  (first: transformers imports torchao, whose import-time warnings it hides)
     from transformers import GPT2Config, GPT2LMHeadModel
 
     if init_from is not None:
-        from safetensors import SafetensorError
-
         check_shape(dropout=dropout)
         overrides = dict(config_kwargs)
         if dropout is not None:
@@ -96,21 +151,13 @@ def get_model(
         advice = ("Pass a folder saved with save_pretrained (it holds config.json and model.safetensors), "
                   "or a Hub name such as 'gpt2' (needs the network the first time, or HF_HUB_OFFLINE=0).")
         try:
-            model, info = GPT2LMHeadModel.from_pretrained(
-                str(init_from), attn_implementation=attn_implementation, output_loading_info=True, **overrides
-            )
-        except (OSError, SafetensorError) as e:
-            # SafetensorError: a garbage or truncated model.safetensors (transformers lets it through unexplained).
+            if (Path(init_from) / "config.json").is_file():
+                model = load_folder(GPT2LMHeadModel, init_from, config_overrides=overrides, attn_implementation=attn_implementation)
+            else:  # a Hub name, or a folder that is not a model (its OSError is explained below)
+                model = GPT2LMHeadModel.from_pretrained(str(init_from), attn_implementation=attn_implementation, **overrides)
+        except (OSError, ModelError) as e:
             where = "folder" if Path(init_from).exists() else "folder or Hub model name"
             raise ModelError(f"Could not load a model from init_from={str(init_from)!r} ({where}): {e}\n{advice}") from None
-        if info["missing_keys"]:
-            # transformers would start these weights from random values and only log a report: a model that
-            # is not GPT-2 (or a renamed state dict) would then be "fine-tuned" from scratch without a word.
-            missing = sorted(info["missing_keys"])
-            raise ModelError(
-                f"init_from={str(init_from)!r} is not a GPT-2 model: {len(missing)} of its weights are missing "
-                f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}).\n{advice}"
-            )
         if verbose:
             print(f"Loaded pretrained weights from {init_from}")
     else:

@@ -46,6 +46,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import quiet_imports  # noqa: F401, I001  (before torchao and transformers)
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -67,30 +68,6 @@ class QuantizationError(ValueError):
 
 
 # ----------------------------------------------------------------------------- library and kernels
-
-
-class _TorchaoImportNoise(logging.Filter):
-    """Drops the warnings torchao 0.18 logs on import on CPU-only machines: one per optional CUDA/MXFP8
-    extension it cannot load ("Failed to load .../torchao/_C_....so"), and torch 2.13's deprecation
-    notice for its enums ("... is an Enum subclass ... register_constant()"). Nothing else."""
-
-    def filter(self, record):
-        msg = record.getMessage()
-        if msg.startswith("Failed to load") and "torchao" in msg and ".so" in msg:
-            return False
-        return "is an Enum subclass and is now natively supported by torch.compile" not in msg
-
-
-def quiet_torchao_import() -> None:
-    """Install `_TorchaoImportNoise` (idempotent). transformers imports torchao whenever it is installed,
-    at its first model import, so the CLIs call this before importing transformers to keep stderr clean."""
-    for name in ("torchao", "torch.utils._pytree"):
-        lg = logging.getLogger(name)
-        if not any(isinstance(f, _TorchaoImportNoise) for f in lg.filters):
-            lg.addFilter(_TorchaoImportNoise())
-
-
-quiet_torchao_import()
 
 
 def _torchao():
@@ -659,7 +636,7 @@ def main(argv=None) -> int:
             print(f"{src}: {before / 1e6:.1f} MB -> {out}: {after / 1e6:.1f} MB ({what}, {after / before:.1%} of the original)")
         else:
             print(f"{out}: {after / 1e6:.1f} MB ({what})")
-    except (ValueError, FileNotFoundError) as e:  # QuantizationError, generate.ModelLoadError
+    except (ValueError, FileNotFoundError) as e:  # QuantizationError, generate.ModelError
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # writing the output: a full disk, a file where a folder should be, no permission

@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-import quantize  # noqa: F401, I001  (before transformers: keeps torchao's import-time warnings off stderr)
+import quiet_imports  # noqa: F401, I001  (before transformers: keeps torchao's import-time warnings off stderr)
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
 import dataset

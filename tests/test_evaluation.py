@@ -419,7 +419,7 @@ def test_help_names_the_generation_metrics():
 @pytest.mark.parametrize("kind", ["garbage weights", "truncated weights", "bad config json", "weights of a narrower model",
                                   "refused pickle"])
 def test_broken_model_folders_are_one_line_errors(broken_model_folder, text_file, kind, capsys):
-    """Issue 13, item 11: a broken model folder is an EvaluationError naming the broken file (generate.load_folder)."""
+    """Issue 13, item 11: a broken model folder is an EvaluationError naming the broken file (model.load_folder)."""
     folder, named = broken_model_folder(kind)
     with pytest.raises(ev.EvaluationError) as e:
         ev.load_model(str(folder), device="cpu")

@@ -422,7 +422,7 @@ def test_utf8_bom_on_stdin_is_not_part_of_the_prompt(model_dir, loaded):
                                   "corrupt tokenizer", "tokenizer larger than the vocabulary"])
 def test_broken_model_folders_are_one_line_errors(broken_model_folder, kind, capsys):
     folder, named = broken_model_folder(kind)
-    with pytest.raises(G.ModelLoadError, match=re.escape(str(named))):
+    with pytest.raises(G.ModelError, match=re.escape(str(named))):
         G.load_model(folder)
     assert G.main(["--model_path", str(folder), "--prompt", "x", "--length", "2"]) == 2
     err = capsys.readouterr().err.splitlines()
