@@ -1,4 +1,5 @@
-"""Sample text from a trained GPT-2.
+"""Sample text from a trained GPT-2: the API (`load_model`, `generate`, `generate_once`, `generate_batch`,
+`stream`) and the CLI.
 
     python generate.py --model_path logs/final_model --prompt "To be, or not" --length 100
     python generate.py --help
@@ -9,43 +10,32 @@ As a library:
     generate_once(tokenizer, model, device, "To be, or not")            # -> str, prompt + completion
     generate_batch(tokenizer, model, device, "Once upon", max_length=60)   # -> [{"generated_text": ...}, ...]
 
-Why not `model.generate` or a pipeline: for the small models this toolkit trains, a CPU decode
-step is fixed costs, not transformer math. `_FastGPT2` runs functional ops over the model's own weights
-with a preallocated KV cache and samples with HF's semantics (repetition penalty, then
-temperature, top-k, top-p), and on CPU it
-  - finds the top-k (and greedy) tokens through an int8 screen of the LM head with a proven
-    error bound, then computes exact fp32 logits for the few survivors (`top_logits`),
-  - keeps a (hidden, vocab) copy of the tied LM-head weight: the 50257-wide product, most of a
-    step, runs 2-3x faster than in nn.Linear's layout, and exactly (fp32); on CPUs with native
-    bf16 matmul it uses bf16 instead (see `_lm_head_dtype`),
-  - computes logits only for the positions sampled from, one row at a time (faster than MKL's
-    GEMM for a few rows),
-  - samples with one intra-op thread (see `_cpu_threads`).
-bench/generate_bench.py measures it against the original model.generate / pipeline code.
-Folders written by quantize.py (int8/int4) load and sample the same way, on the CPU.
+`generate` is the one sampler of the toolkit (the CLI, the web demo, evaluation's continuations and
+train.py's samples use it), with HF's semantics: repetition penalty, then temperature, top-k, top-p.
+It runs decode.py's fast KV-cache forward over the model's own weights, which is compared with the
+Hugging Face forward in tests/test_decode.py; a model that forward does not implement
+(`decode.unsupported`) is sampled with `model.generate` instead. bench/generate_bench.py measures it
+against the original model.generate / pipeline code. Folders written by quantize.py (int8/int4) load
+and sample the same way, on the CPU.
 """
 
-import contextlib
-import functools
 import json
 import math
 import numbers
 import os
 import sys
 import warnings
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import quiet_imports  # noqa: F401, I001  (before transformers: keeps torchao's import-time warnings off stderr)
+import decode
 import quantize
-from model import WEIGHT_FILES, ModelError, first_line, load_folder
+from model import check_vocab, folder_tokenizer, load_pretrained
 
 DEFAULT_MODEL_PATH = "logs/final_model"
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -83,341 +73,30 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def _looks_local(path: str) -> bool:
-    p = Path(path).expanduser()
-    # "org/name" is a Hub name unless "org" is a folder here (e.g. "logs/final_model").
-    return path == DEFAULT_MODEL_PATH or path.startswith((".", "/", "~")) or (os.sep in path.rstrip(os.sep) and p.parent.exists())
-
-
 def load_model(model_dir: str | os.PathLike = DEFAULT_MODEL_PATH, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
     """Load a GPT-2 for generation; returns `(tokenizer, model, device)`.
 
     `model_dir` is a folder written by train.py (`logs/final_model`), a Trainer `checkpoint-N`
     folder (which has no tokenizer files: the official GPT-2 tokenizer in ./gpt2_tokenizer is used),
-    any Hugging Face GPT-2 folder, or a Hub name. The device is picked automatically (CUDA, MPS,
-    CPU) unless given; the model is in eval mode, in bf16/fp16 on GPUs and fp32 on CPU.
-    A folder written by quantize.py (int8/int4, it holds quantization.json) is loaded by
-    quantize.load_quantized, on the CPU.
+    any Hugging Face GPT-2 folder, or a Hub name (`model.load_pretrained`). The device is picked
+    automatically (CUDA, MPS, CPU) unless given; the model is in eval mode, in bf16/fp16 on GPUs and
+    fp32 on CPU. A folder written by quantize.py (int8/int4, it holds quantization.json) is loaded by
+    quantize.load_quantized, on the CPU. Errors: FileNotFoundError, or a ValueError (model.ModelError,
+    quantize.QuantizationError) naming the file and what to do.
     """
-    from transformers import AutoTokenizer, GPT2LMHeadModel
-
-    name = str(model_dir)
-    path = Path(name).expanduser()
-    if path.is_dir() and (path / "quantization.json").is_file():
-        return _load_quantized(path, device, dtype)
+    path = Path(str(model_dir)).expanduser()
+    if quantize.is_quantized_folder(path):
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        if dtype not in (None, torch.float32):
+            raise ValueError(f"{path} is quantized: it computes in float32, not {dtype}.")
+        model = quantize.load_quantized(path, device)
+        tokenizer = folder_tokenizer(path)
+        check_vocab(tokenizer, model, str(path))
+        return tokenizer, model, device
     device = pick_device(device)
-    dtype = dtype or default_dtype(device)
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"{path} has no config.json, so it is not a model folder. Pass the folder train.py wrote "
-                f"(logs/final_model) or one of its checkpoint-N folders."
-            )
-        if not any((path / f).is_file() for f in WEIGHT_FILES):
-            raise FileNotFoundError(
-                f"{path} has a config.json but no weights ({' or '.join(WEIGHT_FILES[::2])}): "
-                f"the save was interrupted or the folder was copied partially; point --model_path at a complete model."
-            )
-        model = load_folder(GPT2LMHeadModel, path, dtype)
-        tokenizer = _folder_tokenizer(path)
-    elif path.exists():
-        raise FileNotFoundError(f"{path} is a file, not a model folder: pass the folder holding config.json and the weights.")
-    elif _looks_local(name):
-        raise FileNotFoundError(
-            f"model folder {path} does not exist: train one with `python train.py` (it writes {DEFAULT_MODEL_PATH}) "
-            f"or pass --model_path to a folder holding config.json and model.safetensors."
-        )
-    else:  # a Hub name such as "gpt2"
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(name)
-            model = GPT2LMHeadModel.from_pretrained(name, dtype=dtype)
-        except (OSError, ValueError) as e:
-            raise FileNotFoundError(
-                f"{name!r} is neither a local folder nor a model on the Hugging Face Hub that could be loaded "
-                f"(offline or no such repo): {str(e).splitlines()[0]}"
-            ) from e
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-    _check_vocab(tokenizer, model, name)
+    tokenizer, model = load_pretrained(model_dir, dtype or default_dtype(device), local_hint=DEFAULT_MODEL_PATH)
     model.to(device).eval()
     return tokenizer, model, device
-
-
-def _check_vocab(tokenizer, model, name: str) -> None:
-    # A token id beyond the embedding table is an IndexError deep inside the first forward.
-    vocab = model.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) > vocab:
-        raise ModelError(f"{name}: the tokenizer has {len(tokenizer)} tokens but the model only {vocab} (vocab_size in "
-                             "config.json): the tokenizer files do not belong to this model; copy the model's own.")
-
-
-def _load_quantized(path: Path, device, dtype):
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    if dtype not in (None, torch.float32):
-        raise ValueError(f"{path} is quantized: it computes in float32, not {dtype}.")
-    model = quantize.load_quantized(path, device)  # QuantizationError is a ValueError
-    tokenizer = _folder_tokenizer(path)
-    _check_vocab(tokenizer, model, str(path))
-    return tokenizer, model, device
-
-
-def _folder_tokenizer(path: Path):
-    """The folder's own tokenizer, else (a checkpoint-N folder has none) the official GPT-2 one."""
-    from gpt2_tokenizer import load_tokenizer
-
-    if not any((path / f).is_file() for f in TOKENIZER_FILES):
-        return load_tokenizer(None)
-    try:
-        return load_tokenizer(path)
-    except Exception as e:  # a corrupt tokenizer.json / vocab.json
-        raise ModelError(f"{path}: its tokenizer files cannot be loaded ({first_line(e)}): copy them again "
-                             "(tokenizer.json, vocab.json, merges.txt) or delete them to use the official GPT-2 tokenizer.") from None
-
-
-# ----------------------------------------------------------------------------- model forward
-
-
-class _FastGPT2:
-    """Inference-only GPT-2 forward over an HF GPT2LMHeadModel's own modules and weights.
-
-    Differences from `model(...)`: a preallocated KV cache (no cache objects or mask
-    factories per step), dropout never applied (sampling is inference even if the model is
-    in train mode), and an LM head that only runs on the positions that are sampled from.
-    """
-
-    def __init__(self, model, lm_head_dtype: torch.dtype | None = None):
-        cfg = model.config
-        if getattr(cfg, "model_type", None) != "gpt2" or getattr(cfg, "add_cross_attention", False):
-            raise ValueError(f"generate.py samples from GPT-2 models; got model_type={cfg.model_type!r}.")
-        self.model = model
-        self.n_head = cfg.n_head
-        self.head_dim = cfg.n_embd // cfg.n_head
-        self.n_positions = cfg.n_positions
-        self.scales = []
-        for i in range(cfg.n_layer):
-            s = self.head_dim**-0.5 if cfg.scale_attn_weights else 1.0
-            self.scales.append(s / (i + 1) if cfg.scale_attn_by_inverse_layer_idx else s)
-        # Direct functional calls over the layers' tensors: a decode step is ~60 tiny ops, and
-        # nn.Module dispatch plus HF's 6-op NewGELU cost as much as the arithmetic (measured).
-        gelu = _functional_gelu(cfg.activation_function)
-        self.layers = []
-        self.vocab = cfg.vocab_size
-        self.exact_rows = self.approx_logits = None
-        self.quantized = bool(getattr(model, "quantization", None))
-        if self.quantized:  # quantize.py's int8/int4 model: projections and LM head run PyTorch's CPU kernels
-            self._init_quantized(model, gelu)
-            return
-        for block in model.transformer.h:
-            a, m = block.attn, block.mlp
-            self.layers.append((
-                block.ln_1.weight, block.ln_1.bias, block.ln_1.eps, a.c_attn.weight, a.c_attn.bias, a.c_proj.weight,
-                a.c_proj.bias, block.ln_2.weight, block.ln_2.bias, block.ln_2.eps, m.c_fc.weight, m.c_fc.bias,
-                gelu or m.act, m.c_proj.weight, m.c_proj.bias,
-            ))
-        w = model.lm_head.weight
-        self.weight_key = (w.data_ptr(), w._version)
-        self.lm_head_dtype = lm_head_dtype or _lm_head_dtype(w)
-        with torch.no_grad():
-            weight = w.detach().to(self.lm_head_dtype)
-            # fp32 on CPU: x @ W^T with W^T stored (hidden, vocab) is 2-3x faster than nn.Linear's
-            # (vocab, hidden) layout. bf16 is the other way round (40 ms vs 4 ms measured).
-            self.transposed = w.device.type == "cpu" and self.lm_head_dtype == torch.float32
-            self.lm_head = weight.t().contiguous() if self.transposed else weight
-            self.screen = _int8_screen(w) if self.transposed and os.environ.get("GENERATE_SCREEN", "1") != "0" else None
-
-    def _init_quantized(self, model, gelu):
-        for block in model.transformer.h:
-            a, m = block.attn, block.mlp
-            self.layers.append((
-                block.ln_1.weight, block.ln_1.bias, block.ln_1.eps, quantize.projection(a.c_attn), quantize.projection(a.c_proj),
-                block.ln_2.weight, block.ln_2.bias, block.ln_2.eps, quantize.projection(m.c_fc), gelu or m.act,
-                quantize.projection(m.c_proj),
-            ))
-        self.weight_key = id(model.lm_head.weight)
-        self.lm_head_dtype, self.transposed, self.lm_head = torch.float32, False, None
-        self.screen, self.exact_rows, self.approx_logits = quantize.lm_head_ops(model)
-
-    def is_stale(self, model) -> bool:
-        w = model.lm_head.weight
-        if self.quantized:
-            return id(w) != self.weight_key
-        return (w.data_ptr(), w._version) != self.weight_key  # weights were trained or moved since
-
-    def new_cache(self, batch: int, length: int):
-        tr = self.model.transformer
-        p = tr.wpe.weight
-        shape = (len(tr.h), batch, self.n_head, length, self.head_dim)
-        return torch.empty(shape, dtype=p.dtype, device=p.device), torch.empty(shape, dtype=p.dtype, device=p.device)
-
-    def hidden(self, ids, pos, cache, start: int, mask=None):
-        """Final hidden states (after ln_f) of `ids` (B, T) at positions `pos`, written into `cache` at `start`.
-
-        `mask` is a bool (B, 1, T, start+T) "may attend" tensor, or None for an unpadded batch.
-        """
-        tr = self.model.transformer
-        B, T = ids.shape
-        end = start + T
-        x = tr.wte(ids) + tr.wpe(pos)
-        k_cache, v_cache = cache
-        causal = mask is None and T > 1
-        if mask is None and T > 1 and start > 0:
-            raise ValueError("multi-token steps after the first need an explicit mask")
-        C = x.shape[-1]
-        if self.quantized:
-            return self._hidden_quantized(x, B, T, C, start, end, k_cache, v_cache, mask, causal)
-        for i, (l1w, l1b, l1e, aw, ab, pw, pb, l2w, l2b, l2e, fw, fb, act, mw, mb) in enumerate(self.layers):
-            # GPT-2's Conv1D is x @ W + b with W stored (in, out): addmm on the flattened rows.
-            qkv = torch.addmm(ab, F.layer_norm(x, (C,), l1w, l1b, l1e).view(B * T, C), aw).view(B, T, 3, self.n_head, self.head_dim)
-            q = qkv[:, :, 0].transpose(1, 2)
-            k_cache[i, :, :, start:end] = qkv[:, :, 1].transpose(1, 2)
-            v_cache[i, :, :, start:end] = qkv[:, :, 2].transpose(1, 2)
-            y = F.scaled_dot_product_attention(
-                q, k_cache[i, :, :, :end], v_cache[i, :, :, :end], attn_mask=mask, is_causal=causal, scale=self.scales[i]
-            )
-            x = x + torch.addmm(pb, y.transpose(1, 2).reshape(B * T, C), pw).view(B, T, C)
-            hid = act(torch.addmm(fb, F.layer_norm(x, (C,), l2w, l2b, l2e).view(B * T, C), fw))
-            x = x + torch.addmm(mb, hid, mw).view(B, T, C)
-        return tr.ln_f(x)
-
-    def _hidden_quantized(self, x, B, T, C, start, end, k_cache, v_cache, mask, causal):
-        # As `hidden`, with each projection a callable (rows, in) -> (rows, out) over the quantized weight.
-        for i, (l1w, l1b, l1e, attn, proj, l2w, l2b, l2e, fc, act, mproj) in enumerate(self.layers):
-            qkv = attn(F.layer_norm(x, (C,), l1w, l1b, l1e).view(B * T, C)).view(B, T, 3, self.n_head, self.head_dim)
-            q = qkv[:, :, 0].transpose(1, 2)
-            k_cache[i, :, :, start:end] = qkv[:, :, 1].transpose(1, 2)
-            v_cache[i, :, :, start:end] = qkv[:, :, 2].transpose(1, 2)
-            y = F.scaled_dot_product_attention(
-                q, k_cache[i, :, :, :end], v_cache[i, :, :, :end], attn_mask=mask, is_causal=causal, scale=self.scales[i]
-            )
-            x = x + proj(y.transpose(1, 2).reshape(B * T, C)).view(B, T, C)
-            x = x + mproj(act(fc(F.layer_norm(x, (C,), l2w, l2b, l2e).view(B * T, C)))).view(B, T, C)
-        return self.model.transformer.ln_f(x)
-
-    def logits(self, h):
-        """Float32 logits of hidden states `h` (N, hidden)."""
-        if self.quantized:  # the library's F.linear: fp32 activations, exact for the quantized weights
-            return F.linear(h.float(), self.model.lm_head.weight).float()
-        h = h.to(self.lm_head_dtype)
-        if h.device.type == "cpu" and 1 < h.shape[0] <= 16:
-            # MKL's GEMM for a few rows against a 50257-wide matrix costs several times one GEMV
-            # per row (measured 30 ms vs 3 x 3.5 ms for 3 rows), so decode steps go row by row.
-            return torch.cat([self._product(row[None]) for row in h]).float()
-        return self._product(h).float()
-
-    def _product(self, h):
-        return h @ self.lm_head if self.transposed else F.linear(h, self.lm_head)
-
-    def top_logits(self, h, k: int, adjust=None):
-        """The k largest logits per row of `h` (after `adjust`), sorted, and their token ids.
-
-        The same values and ids as `topk(adjust(logits(h)), k)`, found with about half the LM-head
-        memory traffic when an int8 screen is available: int8 logits with a proven error bound
-        keep only the tokens that can still be among the k largest (~60 of 50257 for k=50), whose
-        exact fp32 logits are then computed from their rows of the fp32 weight. `adjust(z, ids)`
-        (penalties, bans) must be non-decreasing in z for each token; ids None means all tokens.
-        """
-        adjust = adjust or (lambda z, ids: z)
-        if self.screen is None or k * 8 > self.vocab:
-            if self.approx_logits is not None and k * 8 <= self.vocab:
-                return self._top_logits_int4(h, k, adjust)
-            return torch.topk(adjust(self.logits(h), None), k)
-        q, scale, half_scale = self.screen
-        h = h.float()
-        hb = h.bfloat16()
-        approx = quantize.int8_mm(hb, q, scale).float()
-        # |exact - approx| <= weight rounding (|h|_1 * scale/2) + activation rounding to bf16
-        # + bf16 rounding of the output; 4x slack over the worst case measured on real text.
-        act_err = (h - hb.float()).abs().sum(-1, keepdim=True)
-        err = h.abs().sum(-1, keepdim=True) * half_scale + act_err * (127 * scale) + approx.abs() * 2**-8 + 1e-4
-        lower, upper = adjust(approx - err, None), adjust(approx + err, None)
-        threshold = lower.topk(k).values[:, -1:]
-        n = int((upper >= threshold).sum(-1).max())
-        ids = upper.topk(n).indices  # every token whose exact logit can reach the k-th largest
-        # (B, n, hidden): rows of the fp32 weight, or of the quantized one as the model computes with it
-        rows = self.model.lm_head.weight.detach()[ids] if self.exact_rows is None else self.exact_rows(ids)
-        exact = adjust(torch.bmm(rows, h[:, :, None])[..., 0], ids)
-        vals, pick = torch.topk(exact, k)
-        return vals, ids.gather(1, pick)
-
-    def _top_logits_int4(self, h, k: int, adjust):
-        # The int4 kernel with bf16 activations gives logits within ~0.5% of the int4 model's; the
-        # top 4k of those are rescored exactly (fp32) from their dequantized rows. Not a proven
-        # bound as for int8: a token near rank k whose logit is within that rounding may be swapped.
-        h = h.float()
-        approx = self.approx_logits(h)
-        ids = adjust(approx, None).topk(min(4 * k, self.vocab)).indices
-        exact = adjust(torch.bmm(self.exact_rows(ids), h[:, :, None])[..., 0], ids)
-        vals, pick = torch.topk(exact, k)
-        return vals, ids.gather(1, pick)
-
-
-def _int8_screen(weight):
-    """(int8 weight, bf16-exact fp32 row scales, half scales) for `top_logits`, or None where the int8
-    kernel failed its self-test (`quantize.kernel_ok`)."""
-    if not quantize.kernel_ok("int8"):
-        return None
-    with torch.no_grad():
-        w = weight.detach().float()
-        # Scales are rounded up to bf16 values, which the kernel takes, so no weight clips at 127.
-        scale = ((w.abs().amax(1) / 127).clamp(min=1e-12) * (1 + 2**-7)).bfloat16().float()
-        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-    return quantize.aligned(q), scale, scale / 2
-
-
-def _functional_gelu(name: str):
-    """A one-op equivalent of GPT-2's activation (HF's NewGELU is 6 ops), or None to call the module."""
-    if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
-        return functools.partial(F.gelu, approximate="tanh")  # same tanh formula, within 3e-7
-    if name == "gelu":
-        return F.gelu
-    return None
-
-
-def _lm_head_dtype(weight) -> torch.dtype:
-    """bf16 for the LM head on CPUs with native bf16 matmul (AVX-512 BF16 / AMX), else the weight's dtype.
-
-    The LM head is most of a small model's decode step and is memory-bound; bf16 halves its
-    traffic. Without native support bf16 is emulated and slower than fp32, so fp32 stays exact.
-    GENERATE_LM_HEAD_DTYPE=float32|bfloat16 overrides the choice.
-    """
-    forced = os.environ.get("GENERATE_LM_HEAD_DTYPE")
-    if forced:
-        return getattr(torch, forced)
-    if weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return torch.bfloat16
-    return weight.dtype
-
-
-_FAST = weakref.WeakKeyDictionary()
-
-
-@contextlib.contextmanager
-def _cpu_threads(device: torch.device, n: int | None):
-    """Run with `n` intra-op threads on CPU (default 1), restoring the process setting after.
-
-    A decode step is a chain of ~50 tiny ops plus one memory-bound GEMV: splitting them over
-    OpenMP threads saves nothing and costs a team sync per op, which turns into scheduler
-    waits when the cores are shared (measured 10x slower with 2 threads on a busy 2-core box).
-    """
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
-        raise ValueError(f"threads must be an integer >= 0 (0 keeps torch's setting), got {n!r}")
-    if device.type != "cpu" or n == 0:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n or 1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def _fast(model) -> _FastGPT2:
-    """The cached fast forward for `model`, rebuilt when its LM-head weights changed."""
-    fast = _FAST.get(model)
-    if fast is None or fast.is_stale(model):
-        fast = _FAST[model] = _FastGPT2(model)
-    return fast
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -645,10 +324,10 @@ def generate(
     text), at the first stop string (cut, not included) or after `max_new_tokens`.
     `temperature=0` is greedy decoding. `seed` makes sampling reproducible without touching the
     global RNG. `on_text(row, text)` is called with each new printable piece of each row.
-    `threads`: CPU intra-op threads while sampling (default 1, see `_cpu_threads`; 0 leaves
+    `threads`: CPU intra-op threads while sampling (default 1, see `decode.cpu_threads`; 0 leaves
     torch's setting alone).
     """
-    with _cpu_threads(torch.device(device), threads):
+    with decode.cpu_threads(torch.device(device), threads):
         return _generate(tokenizer, model, device, prompts, max_new_tokens, top_k, top_p, temperature, repetition_penalty,
                          no_repeat_ngram_size, num_return_sequences, seed, stop, on_text)
 
@@ -663,7 +342,7 @@ def _generate(tokenizer, model, device, prompts, max_new_tokens, top_k, top_p, t
     if not prompts:
         raise ValueError("no prompts given")
     stop = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
-    fast = _fast(model)
+    fast = decode.fast_forward(model)
     context = fast.n_positions
     if max_new_tokens >= context:
         raise ValueError(f"max_new_tokens (--length) must be below the model's context of {context} tokens, got {max_new_tokens}")
@@ -785,7 +464,7 @@ def generate_batch(tokenizer, model, device, prompt, max_length=100, num_return_
     max_new_tokens = kwargs.pop("max_new_tokens", None)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if max_new_tokens is None:
-        context = _fast(model).n_positions
+        context = decode.fast_forward(model).n_positions
         longest = max((len(tokenizer.encode(p, verbose=False)) if p else 1) for p in prompts) if prompts else 0
         max_new_tokens = max_length - min(longest, context - 1)
         if max_new_tokens < 1:

@@ -113,6 +113,72 @@ def load_folder(cls, path: str | os.PathLike, dtype=None, config_overrides: dict
     return model
 
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
+
+
+def _looks_local(name: str, local_hint: str | None) -> bool:
+    # "org/name" is a Hub name unless "org" is a folder here (e.g. "logs/final_model").
+    return name == local_hint or name.startswith((".", "/", "~")) or (os.sep in name.rstrip(os.sep) and Path(name).expanduser().parent.exists())
+
+
+def load_pretrained(model_dir: str | os.PathLike, dtype=None, local_hint: str | None = None):
+    """(tokenizer, GPT2LMHeadModel) of a model folder (train.py's final_model, a checkpoint-N folder, any
+    Hugging Face GPT-2 folder) or a Hub name, on the CPU; the one fp32/bf16 loader that generate.py and
+    quantize.py's CLI share. Raises FileNotFoundError or ModelError saying what is wrong and what to do.
+    `local_hint` is a name that is always a local path (the CLIs' default, e.g. logs/final_model)."""
+    import quiet_imports  # noqa: F401, I001
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    name = str(model_dir)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} has no config.json, so it is not a model folder. Pass the folder train.py wrote "
+                                    "(logs/final_model) or one of its checkpoint-N folders.")
+        if not any((path / f).is_file() for f in WEIGHT_FILES):
+            raise FileNotFoundError(f"{path} has a config.json but no weights ({' or '.join(WEIGHT_FILES[::2])}): the save was "
+                                    "interrupted or the folder was copied partially; point --model_path at a complete model.")
+        model = load_folder(GPT2LMHeadModel, path, dtype)
+        tokenizer = folder_tokenizer(path)
+    elif path.exists():
+        raise FileNotFoundError(f"{path} is a file, not a model folder: pass the folder holding config.json and the weights.")
+    elif _looks_local(name, local_hint):
+        raise FileNotFoundError(f"model folder {path} does not exist: train one with `python train.py` (it writes "
+                                "logs/final_model) or pass --model_path to a folder holding config.json and model.safetensors.")
+    else:  # a Hub name such as "gpt2"
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name)
+            model = GPT2LMHeadModel.from_pretrained(name, dtype=dtype)
+        except (OSError, ValueError) as e:
+            raise FileNotFoundError(f"{name!r} is neither a local folder nor a model on the Hugging Face Hub that could be "
+                                    f"loaded (offline or no such repo): {first_line(e)}") from e
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    check_vocab(tokenizer, model, name)
+    return tokenizer, model
+
+
+def check_vocab(tokenizer, model, name: str) -> None:
+    """A tokenizer larger than the model's vocabulary is a ModelError (else an IndexError in the first forward)."""
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > vocab:
+        raise ModelError(f"{name}: the tokenizer has {len(tokenizer)} tokens but the model only {vocab} (vocab_size in "
+                         "config.json): the tokenizer files do not belong to this model; copy the model's own.")
+
+
+def folder_tokenizer(path: Path):
+    """The folder's own tokenizer, else (a checkpoint-N folder has none) the official GPT-2 one."""
+    from gpt2_tokenizer import load_tokenizer
+
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        return load_tokenizer(None)
+    try:
+        return load_tokenizer(path)
+    except Exception as e:  # a corrupt tokenizer.json / vocab.json
+        raise ModelError(f"{path}: its tokenizer files cannot be loaded ({first_line(e)}): copy them again "
+                         "(tokenizer.json, vocab.json, merges.txt) or delete them to use the official GPT-2 tokenizer.") from None
+
+
 def get_model(
     n_embd: int = 768,
     n_layer: int = 12,

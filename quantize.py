@@ -51,6 +51,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model import load_pretrained
+
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)  # what torchao's CPU int4 tensor accepts
 DEFAULT_GROUP_SIZE = 32
@@ -537,51 +539,6 @@ def folder_size(path) -> int:
     return sum(f.stat().st_size for f in path.iterdir() if f.name.startswith(("model", "pytorch_model")) and f.is_file())
 
 
-# ----------------------------------------------------------------------------- fast decode support (generate.py)
-
-
-def projection(lin: nn.Linear):
-    """A callable x (rows, in) fp32 -> x @ W^T + b (fp32) for a quantized projection, via the CPU kernels.
-
-    Activations go in as bf16: PyTorch's weight-only kernels are ~10x slower with fp32 activations
-    on CPUs without native bf16 (measured), and the output is converted back to fp32. Where the
-    int8 kernel failed its self-test (`kernel_ok`), torchao's own F.linear (plain torch.mm) runs.
-    """
-    w, b = lin.weight, lin.bias
-    bias = (lambda y: y.float()) if b is None else (lambda y: y + b)
-    if "zero" not in lin.quant_plain:  # int8
-        if not kernel_ok("int8"):
-            return lambda x: F.linear(x, w, b)
-        q, s = aligned(w.qdata), aligned(lin.quant_plain["scale"].bfloat16())
-        return lambda x: bias(int8_mm(x, q, s))
-    packed, g, n = aligned(w.qdata), w.block_size[1], w.shape[0]
-    sz = aligned(w.scale_and_zero.bfloat16())
-    if n % 16:  # padded rows (the LM head)
-        return lambda x: bias(int4_mm(x, packed, g, sz)[:, :n].float())
-    return lambda x: bias(int4_mm(x, packed, g, sz))
-
-
-def lm_head_ops(model):
-    """(screen, exact_rows, approx_logits) for generate.py's top_logits on a quantized LM head.
-
-    int8: screen = (int8 weight, bf16-exact scales, zero weight-rounding error) for `int8_mm`
-    (None where the kernel failed its self-test), exact_rows(ids) -> the fp32 rows the quantized
-    model computes with. int4: no proven screen; approx_logits(h) -> fp32 logits from the int4
-    kernel (bf16 activations).
-    """
-    lin = model.lm_head
-    plain, mode, g = lin.quant_plain, model.quantization["mode"], model.quantization["group_size"]
-
-    def exact_rows(ids):
-        return dequantize_rows(plain, mode, g, ids)
-
-    if mode == "int8":
-        scale = plain["scale"].float()
-        screen = (aligned(plain["qdata"]), scale, torch.zeros_like(scale)) if kernel_ok("int8") else None
-        return screen, exact_rows, None
-    return None, exact_rows, projection(lin)
-
-
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -620,14 +577,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         check_mode(args.mode, args.group_size)
-        import generate
-
         src = Path(args.model_path).expanduser()
         _check_source(src)
         out = Path(args.out).expanduser() if args.out else src.with_name(f"{src.name}-{args.mode}")
         if out.resolve() == src.resolve():
             raise QuantizationError("--out must differ from --model_path.")
-        tokenizer, model, _ = generate.load_model(src, device="cpu", dtype=torch.float32)
+        tokenizer, model = load_pretrained(src, torch.float32, local_hint=QuantizeArguments.model_path)
         quantize_model(model, args.mode, args.group_size)
         save_quantized(model, tokenizer, out, source_dir=src if src.is_dir() else None)
         before, after = folder_size(src) if src.is_dir() else None, folder_size(out)
@@ -636,7 +591,7 @@ def main(argv=None) -> int:
             print(f"{src}: {before / 1e6:.1f} MB -> {out}: {after / 1e6:.1f} MB ({what}, {after / before:.1%} of the original)")
         else:
             print(f"{out}: {after / 1e6:.1f} MB ({what})")
-    except (ValueError, FileNotFoundError) as e:  # QuantizationError, generate.ModelError
+    except (ValueError, FileNotFoundError) as e:  # QuantizationError, model.ModelError
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # writing the output: a full disk, a file where a folder should be, no permission

@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import decode
 import generate as G
+from model import ModelError
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -307,16 +309,16 @@ def test_lm_head_path_follows_the_cpu(loaded):
     # On CPUs with native bf16 matmul (AVX-512 BF16, AMX) the LM head runs in bf16 without the int8
     # screen; elsewhere in fp32 with it (where the int8 kernel passed its self-test).
     tok, model, dev = loaded
-    fast = G._FastGPT2(model)
+    fast = decode.FastGPT2(model)
     native_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
     assert fast.lm_head_dtype == (torch.bfloat16 if native_bf16 else torch.float32)
-    assert (fast.screen is not None) == (fast.lm_head_dtype == torch.float32 and G.quantize.kernel_ok("int8"))
+    assert (fast.screen is not None) == (fast.lm_head_dtype == torch.float32 and decode.quantize.kernel_ok("int8"))
 
 
 def test_bf16_lm_head_is_fp32_within_bf16_rounding(loaded):
     # What the bf16 path promises, forced so that it runs on every CPU.
     tok, model, dev = loaded
-    fp32, bf16 = G._FastGPT2(model, lm_head_dtype=torch.float32), G._FastGPT2(model, lm_head_dtype=torch.bfloat16)
+    fp32, bf16 = decode.FastGPT2(model, lm_head_dtype=torch.float32), decode.FastGPT2(model, lm_head_dtype=torch.bfloat16)
     assert bf16.screen is None
     with torch.inference_mode():
         h = _hidden(fp32, tok, "The quick brown fox jumps over the lazy dog")
@@ -332,10 +334,10 @@ def test_bf16_lm_head_is_fp32_within_bf16_rounding(loaded):
 def fp32_head(loaded, monkeypatch):
     """generate.py's sampler on the fp32 LM head with the int8 screen, the path of CPUs without native bf16."""
     tok, model, dev = loaded
-    if not G.quantize.kernel_ok("int8"):
+    if not decode.quantize.kernel_ok("int8"):
         pytest.skip("PyTorch's int8 kernel failed its self-test on this CPU: no screen to test")
-    fast = G._FastGPT2(model, lm_head_dtype=torch.float32)
-    monkeypatch.setitem(G._FAST, model, fast)
+    fast = decode.FastGPT2(model, lm_head_dtype=torch.float32)
+    monkeypatch.setitem(decode._FAST, model, fast)
     return fast
 
 
@@ -422,7 +424,7 @@ def test_utf8_bom_on_stdin_is_not_part_of_the_prompt(model_dir, loaded):
                                   "corrupt tokenizer", "tokenizer larger than the vocabulary"])
 def test_broken_model_folders_are_one_line_errors(broken_model_folder, kind, capsys):
     folder, named = broken_model_folder(kind)
-    with pytest.raises(G.ModelError, match=re.escape(str(named))):
+    with pytest.raises(ModelError, match=re.escape(str(named))):
         G.load_model(folder)
     assert G.main(["--model_path", str(folder), "--prompt", "x", "--length", "2"]) == 2
     err = capsys.readouterr().err.splitlines()

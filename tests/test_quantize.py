@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import evaluation as ev
+import decode
 import generate as G
 import quantize as Q
 
@@ -183,12 +184,12 @@ def test_a_kernel_that_fails_its_self_test_is_never_used(quantized, tmp_path, mo
 
     monkeypatch.setattr(torch, "_weight_int8pack_mm", refuse)
     tok, model, dev = G.load_model(quantized["int8"][0])
-    fast = G._fast(model)
+    fast = decode.fast_forward(model)
     assert fast.screen is None
     enc = tok(PROMPT, return_tensors="pt")
     ref = model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id)
     assert G.generate(tok, model, dev, PROMPT, max_new_tokens=8, temperature=0)[0].completion == tok.decode(ref[0, enc.input_ids.shape[1]:]).split(tok.eos_token)[0]
-    assert G._FastGPT2(G.load_model(quantized["int8"][0].parent / "final_model")[1], lm_head_dtype=torch.float32).screen is None
+    assert decode.FastGPT2(G.load_model(quantized["int8"][0].parent / "final_model")[1], lm_head_dtype=torch.float32).screen is None
     with pytest.raises(Q.QuantizationError, match="self-test"):
         Q.check_mode("int4")
 
@@ -196,7 +197,7 @@ def test_a_kernel_that_fails_its_self_test_is_never_used(quantized, tmp_path, mo
 def test_int8_top_logits_exact(quantized):
     # the int8 screen finds the same top-k as the quantized model's full fp32 logits
     tok, model, dev = G.load_model(quantized["int8"][0])
-    fast = G._fast(model)
+    fast = decode.fast_forward(model)
     h = torch.randn(3, model.config.n_embd) * 3
     vals, idx = fast.top_logits(h, 50)
     full = torch.topk(fast.logits(h), 50)
