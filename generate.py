@@ -19,6 +19,7 @@ against the original model.generate / pipeline code. Folders written by quantize
 and sample the same way, on the CPU.
 """
 
+import contextlib
 import json
 import math
 import numbers
@@ -342,11 +343,14 @@ def _generate(tokenizer, model, device, prompts, max_new_tokens, top_k, top_p, t
     if not prompts:
         raise ValueError("no prompts given")
     stop = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
-    fast = decode.fast_forward(model)
-    context = fast.n_positions
+    context = _context(model)
     if max_new_tokens >= context:
         raise ValueError(f"max_new_tokens (--length) must be below the model's context of {context} tokens, got {max_new_tokens}")
     device = torch.device(device)
+    if decode.unsupported(model):
+        return _generate_hf(tokenizer, model, device, prompts, max_new_tokens, top_k, top_p, temperature, repetition_penalty,
+                            no_repeat_ngram_size, num_return_sequences, seed, stop, on_text)
+    fast = decode.fast_forward(model)
     eos = tokenizer.eos_token_id
 
     encoded = [_encode_prompt(tokenizer, p, context, max_new_tokens) for p in prompts]
@@ -442,6 +446,51 @@ def _generate(tokenizer, model, device, prompts, max_new_tokens, top_k, top_p, t
     return out
 
 
+def _context(model) -> int:
+    cfg = model.config
+    return getattr(cfg, "n_positions", None) or cfg.max_position_embeddings
+
+
+def _generate_hf(tokenizer, model, device, prompts, max_new_tokens, top_k, top_p, temperature, repetition_penalty,
+                 no_repeat_ngram_size, num_return_sequences, seed, stop, on_text) -> list[Completion]:
+    """`_generate` through `model.generate`, for a model decode.py's forward does not implement
+    (`decode.unsupported`): the same sampling settings, prompt handling, stop strings and Completions,
+    one prompt at a time, without the fast path's speed."""
+    warnings.warn(f"the fast decode path cannot run this model ({decode.unsupported(model)}): sampling with model.generate.",
+                  stacklevel=3)
+    eos = tokenizer.eos_token_id
+    sampling = dict(do_sample=True, top_k=top_k, top_p=top_p, temperature=temperature) if temperature > 0 else dict(do_sample=False)
+    rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else []) if seed is not None else contextlib.nullcontext()
+    out = []
+    with rng:
+        if seed is not None:
+            torch.manual_seed(seed)
+        for prompt in prompts:
+            ids = _encode_prompt(tokenizer, prompt, _context(model), max_new_tokens)
+            inputs = torch.tensor([ids], device=device)
+            seqs = model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=max_new_tokens, pad_token_id=eos,
+                                  eos_token_id=eos, repetition_penalty=repetition_penalty,
+                                  no_repeat_ngram_size=no_repeat_ngram_size, num_return_sequences=num_return_sequences, **sampling)
+            for seq in seqs[:, len(ids):].tolist():
+                row, text, finish, n = len(out), _RowText(tokenizer, stop), "length", 0
+                for token in seq:
+                    if token == eos:
+                        finish = "eos"
+                        break
+                    n += 1
+                    piece = text.add(token)
+                    if piece and on_text is not None:
+                        on_text(row, piece)
+                    if text.stopped:
+                        finish = "stop"
+                        break
+                rest = text.rest()
+                if on_text is not None and rest:
+                    on_text(row, rest)
+                out.append(Completion(prompt, text.text, len(ids), n, finish))
+    return out
+
+
 def generate_once(tokenizer, model, device, prompt, max_new_tokens=50, top_k=50, top_p=0.95, temperature=1.0, **kwargs) -> str:
     """One sampled continuation of `prompt`, returned with the prompt in front.
 
@@ -464,7 +513,7 @@ def generate_batch(tokenizer, model, device, prompt, max_length=100, num_return_
     max_new_tokens = kwargs.pop("max_new_tokens", None)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if max_new_tokens is None:
-        context = decode.fast_forward(model).n_positions
+        context = _context(model)
         longest = max((len(tokenizer.encode(p, verbose=False)) if p else 1) for p in prompts) if prompts else 0
         max_new_tokens = max_length - min(longest, context - 1)
         if max_new_tokens < 1:

@@ -88,14 +88,59 @@ def test_left_padded_batch_equals_single_prompt_greedy(loaded):
     assert [o["generated_text"] for (o,) in batch] == [G.generate_once(tok, model, dev, p, max_new_tokens=12, temperature=0) for p in prompts]
 
 
-def test_sampling_options_run(loaded):
+def test_penalties_match_hf_generate(loaded):
+    # repetition_penalty and no_repeat_ngram_size have HF's semantics: greedy text equals model.generate's
     tok, model, dev = loaded
-    out = G.generate(tok, model, dev, ["x y", "z"], max_new_tokens=15, top_k=0, top_p=0.5, temperature=0.7,
-                     repetition_penalty=1.3, no_repeat_ngram_size=2, num_return_sequences=2, seed=0)
-    for c in out:
-        ids = tok.encode(c.completion)
-        grams = list(zip(ids, ids[1:]))
-        assert len(grams) == len(set(grams)) or c.completion_tokens != len(ids)  # bigram rule (re-encoding may differ)
+    enc = tok("The quick brown fox", return_tensors="pt")
+    for kw in (dict(repetition_penalty=1.8), dict(no_repeat_ngram_size=2), dict(repetition_penalty=0.7, no_repeat_ngram_size=3)):
+        ref = model.generate(**enc, max_new_tokens=20, do_sample=False, pad_token_id=tok.eos_token_id, **kw)
+        expected = tok.decode(ref[0, enc.input_ids.shape[1] :]).split(tok.eos_token)[0]
+        assert greedy(loaded, "The quick brown fox", 20, **kw)[0].completion == expected, kw
+
+
+def test_sampling_settings_take_effect(loaded):
+    tok, model, dev = loaded
+    plain = greedy(loaded, "Hi", 30)[0]
+    penalized = greedy(loaded, "Hi", 30, repetition_penalty=3.0)[0]
+    repeats = [len(ids) - len(set(ids)) for ids in (tok.encode(plain.completion), tok.encode(penalized.completion))]
+    assert repeats[1] < repeats[0], repeats  # a repetition penalty lowers repeats
+    # top_k=1 is greedy whatever the seed and temperature
+    assert [G.generate(tok, model, dev, "Hi", 10, top_k=1, temperature=1.5, seed=s)[0].completion for s in (0, 1)] == [greedy(loaded, "Hi", 10)[0].completion] * 2
+
+    def distinct_first_tokens(**kw):
+        return len({G.generate(tok, model, dev, "Hi", 1, top_k=0, seed=s, **kw)[0].completion for s in range(40)})
+
+    # a hotter temperature spreads the samples, a tighter top_p concentrates them (the random model's
+    # logits are nearly flat: std ~0.2, so "cold" needs a small temperature)
+    assert distinct_first_tokens(temperature=0.01) < distinct_first_tokens(temperature=1.0)
+    assert distinct_first_tokens(top_p=0.001) < distinct_first_tokens(top_p=1.0)
+
+
+def test_a_model_the_fast_path_cannot_run_is_sampled_with_model_generate(loaded, monkeypatch):
+    # decode.unsupported names it; generate() then runs model.generate, never the fast forward
+    tok, model, dev = loaded
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    half = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, n_positions=128, reorder_and_upcast_attn=True)).to(torch.bfloat16).eval()
+    assert decode.unsupported(half)
+    monkeypatch.setattr(decode, "FastGPT2", lambda *a, **k: pytest.fail("the fast forward ran on a model it does not implement"))
+    enc = tok("The quick brown fox", return_tensors="pt")
+    ref = half.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=tok.eos_token_id)
+    expected = tok.decode(ref[0, enc.input_ids.shape[1] :]).split(tok.eos_token)[0]
+    with pytest.warns(UserWarning, match="model.generate"):
+        (c,) = G.generate(tok, half, dev, "The quick brown fox", max_new_tokens=12, temperature=0)
+    assert c.completion == expected and c.completion_tokens == len(tok.encode(expected)) or c.finish_reason == "eos"
+    with pytest.warns(UserWarning):
+        a = G.generate(tok, half, dev, ["x", "y z"], max_new_tokens=6, seed=4, num_return_sequences=2)
+    with pytest.warns(UserWarning):
+        b = G.generate(tok, half, dev, ["x", "y z"], max_new_tokens=6, seed=4, num_return_sequences=2)
+    assert [c.completion for c in a] == [c.completion for c in b] and [c.prompt for c in a] == ["x", "x", "y z", "y z"]
+    if len(expected) > 4:
+        stop = expected[2:4]
+        with pytest.warns(UserWarning):
+            (s,) = G.generate(tok, half, dev, "The quick brown fox", max_new_tokens=12, temperature=0, stop=stop)
+        assert s.completion == expected[: expected.find(stop)] and s.finish_reason == "stop"
 
 
 def test_stop_strings_cut_and_stream_never_shows_them(loaded):

@@ -500,3 +500,15 @@ def _has_playwright():
     except ImportError:
         return False
     return True
+
+
+def test_same_seed_same_text_from_generate_once_the_cli_and_the_api(server, loaded, model_dir):
+    prompt, settings = "Once upon a time", dict(top_k=50, top_p=0.95, temperature=1.0)
+    status, body = call(server, "/v1/completions", {"prompt": prompt, "max_tokens": 12, "seed": 5, **settings})
+    assert status == 200
+    api = body["choices"][0]["text"]
+    assert G.generate_once(*loaded, prompt, 12, seed=5, **settings) == prompt + api
+    cli = subprocess.run([sys.executable, str(Path(G.__file__)), "--model_path", str(model_dir), "--prompt", prompt, "--length", "12",
+                          "--seed", "5", "--json"], capture_output=True, text=True, timeout=240, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert cli.returncode == 0, cli.stderr
+    assert json.loads(cli.stdout)["completion"] == api

@@ -1,0 +1,102 @@
+"""decode.py: the fast KV-cache forward is proved against the Hugging Face forward, step by step, on random
+GPT-2 configs; what it does not implement is sampled with model.generate instead (tested in test_generate)."""
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+from transformers.activations import ACT2FN
+
+import decode
+
+VOCAB = 211
+
+
+def tiny(seed=0, **config):
+    torch.manual_seed(seed)
+    cfg = dict(n_layer=3, n_embd=32, n_head=4, n_positions=24, vocab_size=VOCAB, attn_implementation="eager")
+    cfg.update(config)
+    return GPT2LMHeadModel(GPT2Config(**cfg)).eval()
+
+
+def _activations():
+    names = []
+    for name in sorted(ACT2FN):
+        try:
+            ACT2FN[name]
+        except Exception:  # an activation that needs arguments GPT2Config cannot give
+            continue
+        names.append(name)
+    return names
+
+
+def stepwise_logits(fast, ids, prompt_len):
+    """Logits at every position of `ids` (1, T): the prompt in one step, then one token per step (KV cache)."""
+    T = ids.shape[1]
+    cache = fast.new_cache(1, T)
+    pos = torch.arange(T)[None]
+    h = fast.hidden(ids[:, :prompt_len], pos[:, :prompt_len], cache, 0)[0]
+    rows = [fast.logits(h)]
+    for t in range(prompt_len, T):
+        rows.append(fast.logits(fast.hidden(ids[:, t : t + 1], pos[:, t : t + 1], cache, t)[0]))
+    return torch.cat(rows)
+
+
+CONFIGS = {
+    "default": {},
+    "scale_attn_by_inverse_layer_idx": dict(scale_attn_by_inverse_layer_idx=True),
+    "reorder_and_upcast_attn": dict(reorder_and_upcast_attn=True),
+    "scale_attn_weights=False": dict(scale_attn_weights=False),
+    "all three": dict(scale_attn_by_inverse_layer_idx=True, reorder_and_upcast_attn=True, scale_attn_weights=False),
+    "one head, sdpa": dict(n_head=1, attn_implementation="sdpa"),
+    **{f"activation {name}": dict(activation_function=name) for name in _activations()},
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_stepwise_logits_equal_the_hf_forward(name):
+    model = tiny(**CONFIGS[name])
+    assert decode.unsupported(model) is None
+    fast = decode.FastGPT2(model, lm_head_dtype=torch.float32, screen=False)
+    ids = torch.randint(0, VOCAB, (1, model.config.n_positions))  # fills the whole context
+    with torch.inference_mode():
+        want = model(ids).logits[0]
+        got = stepwise_logits(fast, ids, prompt_len=5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_left_padded_batch_rows_equal_each_row_alone():
+    model = tiny(seed=1)
+    fast = decode.FastGPT2(model, lm_head_dtype=torch.float32, screen=False)
+    short, long = torch.randint(0, VOCAB, (1, 4)), torch.randint(0, VOCAB, (1, 9))
+    P = long.shape[1]
+    ids = torch.cat([torch.cat([torch.zeros(1, P - 4, dtype=torch.long), short], 1), long])
+    valid = torch.ones(2, P, dtype=torch.bool)
+    valid[0, : P - 4] = False
+    pos = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    mask = ((torch.ones(P, P, dtype=torch.bool).tril() & valid[:, None, :]) | torch.eye(P, dtype=torch.bool))[:, None]
+    with torch.inference_mode():
+        h = fast.hidden(ids, pos, fast.new_cache(2, P), 0, mask)[:, -1]
+        got = fast.logits(h)
+        want = torch.cat([model(short).logits[:, -1], model(long).logits[:, -1]])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_what_it_does_not_implement_is_named_not_computed():
+    half = tiny(reorder_and_upcast_attn=True).to(torch.bfloat16)
+    assert "reorder_and_upcast_attn" in decode.unsupported(half)
+    with pytest.raises(ValueError, match="cannot run this model"):
+        decode.FastGPT2(half)
+    assert "cross-attention" in decode.unsupported(tiny(add_cross_attention=True))
+    from transformers import BertConfig, BertLMHeadModel
+
+    bert = BertLMHeadModel(BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=32, is_decoder=True))
+    assert "not a GPT-2" in decode.unsupported(bert)
+
+
+def test_cached_forward_is_rebuilt_when_weights_change():
+    model = tiny()
+    first = decode.fast_forward(model)
+    assert decode.fast_forward(model) is first
+    with torch.no_grad():
+        model.lm_head.weight.add_(1.0)  # trained further (tied: the embedding too)
+    assert decode.fast_forward(model) is not first
