@@ -350,71 +350,103 @@ def _generate(tokenizer, model, device, prompts, max_new_tokens, top_k, top_p, t
     if decode.unsupported(model):
         return _generate_hf(tokenizer, model, device, prompts, max_new_tokens, top_k, top_p, temperature, repetition_penalty,
                             no_repeat_ngram_size, num_return_sequences, seed, stop, on_text)
-    fast = decode.fast_forward(model)
-    eos = tokenizer.eos_token_id
-
     encoded = [_encode_prompt(tokenizer, p, context, max_new_tokens) for p in prompts]
     rows = [ids for ids in encoded for _ in range(num_return_sequences)]
+    penalties = _Penalties(rows, model.lm_head.weight.shape[0], device, repetition_penalty, no_repeat_ngram_size)
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    new_tokens, finish, texts = _decode_rows(tokenizer, decode.fast_forward(model), device, rows, max_new_tokens, top_k, top_p,
+                                             temperature, penalties, generator, stop, on_text)
+    out = []
+    for b, r in enumerate(rows):
+        if texts is not None:
+            rest = texts[b].rest()
+            if on_text is not None and rest:
+                on_text(b, rest)
+            completion = texts[b].text
+        else:
+            completion = tokenizer.decode(new_tokens[b], skip_special_tokens=True)
+        out.append(Completion(prompts[b // num_return_sequences], completion, len(r), len(new_tokens[b]), finish[b] or "length"))
+    return out
+
+
+def _left_padded(rows: list[list[int]], pad: int, max_new_tokens: int, device):
+    """(ids (B, P), valid (B, P + max_new_tokens) "is a real token", positions (B, P), attention mask or None)."""
     B, P = len(rows), max(len(r) for r in rows)
-    ids = torch.tensor([[eos] * (P - len(r)) + r for r in rows], device=device)  # left padding
+    ids = torch.tensor([[pad] * (P - len(r)) + r for r in rows], device=device)
     valid = torch.zeros(B, P + max_new_tokens, dtype=torch.bool, device=device)
     for b, r in enumerate(rows):
         valid[b, P - len(r) : P] = True
-    padded = any(len(r) != P for r in rows)
     pos = (valid[:, :P].long().cumsum(-1) - 1).clamp(min=0)
     mask = None
-    if padded:  # causal & not padding; a pad query attends to itself so no softmax row is all -inf
+    if any(len(r) != P for r in rows):  # causal & not padding; a pad query attends to itself so no softmax row is all -inf
         causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
-        mask = (causal & valid[:, None, :P]) | torch.eye(P, dtype=torch.bool, device=device)
-        mask = mask[:, None]
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    texts = [_RowText(tokenizer, stop) for _ in rows]
-    decode_live = bool(stop) or on_text is not None
-    vocab = model.lm_head.weight.shape[0]
-    seen = None
-    if repetition_penalty != 1.0:
-        seen = torch.zeros(B, vocab, dtype=torch.bool, device=device)
-        for b, r in enumerate(rows):
-            seen[b, r] = True
-    histories = [list(r) for r in rows] if no_repeat_ngram_size else None
-    finish = [None] * B
-    new_tokens: list[list[int]] = [[] for _ in rows]
+        mask = ((causal & valid[:, None, :P]) | torch.eye(P, dtype=torch.bool, device=device))[:, None]
+    return ids, valid, pos, mask
 
+
+class _Penalties:
+    """HF's repetition penalty and n-gram ban as one adjustment of the logits, `self(z, ids)`, which is
+    non-decreasing in z per token, as decode's `top_logits` needs (ids None: all tokens)."""
+
+    def __init__(self, rows, vocab: int, device, repetition_penalty: float, no_repeat_ngram_size: int):
+        self.penalty, self.n, self.vocab, self.device = repetition_penalty, no_repeat_ngram_size, vocab, device
+        self.seen = self.banned = None
+        if repetition_penalty != 1.0:
+            self.seen = torch.zeros(len(rows), vocab, dtype=torch.bool, device=device)
+            for b, r in enumerate(rows):
+                self.seen[b, r] = True
+        self.histories = [list(r) for r in rows] if no_repeat_ngram_size else None
+
+    def start_step(self) -> None:
+        if self.histories is not None:
+            self.banned = torch.zeros(len(self.histories), self.vocab, dtype=torch.bool, device=self.device)
+            for b, hist in enumerate(self.histories):
+                self.banned[b, _banned_ngram_tokens(hist, self.n)] = True
+
+    def __call__(self, z, ids):
+        if self.seen is not None:  # HF's rule: divide positive logits, multiply negative ones
+            penalized = torch.where(z > 0, z / self.penalty, z * self.penalty)
+            z = torch.where(self.seen if ids is None else self.seen.gather(1, ids), penalized, z)
+        if self.banned is not None:
+            z = z.masked_fill(self.banned if ids is None else self.banned.gather(1, ids), float("-inf"))
+        return z
+
+    def add(self, row: int, token: int) -> None:
+        if self.histories is not None:
+            self.histories[row].append(token)
+
+    def end_step(self, tokens) -> None:
+        if self.seen is not None:
+            self.seen[torch.arange(len(tokens), device=self.device), tokens] = True
+
+
+def _decode_rows(tokenizer, fast, device, rows, max_new_tokens, top_k, top_p, temperature, penalties, generator, stop, on_text):
+    """The decode loop over one left-padded batch: (new tokens per row, finish reason per row or None,
+    the rows' _RowText when stop strings or on_text need the text as it grows, else None)."""
+    eos, B = tokenizer.eos_token_id, len(rows)
+    ids, valid, pos, mask = _left_padded(rows, eos, max_new_tokens, device)
+    P = ids.shape[1]
+    texts = [_RowText(tokenizer, stop) for _ in rows] if stop or on_text is not None else None
+    finish, new_tokens = [None] * B, [[] for _ in rows]
     cache = fast.new_cache(B, P + max_new_tokens)
     h = fast.hidden(ids, pos, cache, 0, mask)[:, -1]
     next_pos = pos[:, -1] + 1
+    k = 1 if temperature == 0 else top_k
     for step in range(max_new_tokens):
-        banned = None
-        if histories is not None:
-            banned = torch.zeros(B, vocab, dtype=torch.bool, device=device)
-            for b, hist in enumerate(histories):
-                banned[b, _banned_ngram_tokens(hist, no_repeat_ngram_size)] = True
-
-        def adjust(z, ids):
-            if seen is not None:  # HF's rule: divide positive logits, multiply negative ones
-                penalized = torch.where(z > 0, z / repetition_penalty, z * repetition_penalty)
-                z = torch.where(seen if ids is None else seen.gather(1, ids), penalized, z)
-            if banned is not None:
-                z = z.masked_fill(banned if ids is None else banned.gather(1, ids), float("-inf"))
-            return z
-
-        k = 1 if temperature == 0 else top_k
-        if 0 < k < vocab:  # the top-k warper only ever looks at the k largest logits
-            vals, idx = fast.top_logits(h, k, adjust)
-            token = _sample_top(vals, idx, top_p, temperature, generator)
+        penalties.start_step()
+        if 0 < k < fast.vocab:  # the top-k warper only ever looks at the k largest logits
+            token = _sample_top(*fast.top_logits(h, k, penalties), top_p, temperature, generator)
         else:
-            token = _sample(adjust(fast.logits(h), None), top_k, top_p, temperature, generator)
-        tokens = token.tolist()
-        for b, t in enumerate(tokens):
+            token = _sample(penalties(fast.logits(h), None), top_k, top_p, temperature, generator)
+        for b, t in enumerate(token.tolist()):
             if finish[b] is not None:
                 continue
             if t == eos:
                 finish[b] = "eos"
                 continue
             new_tokens[b].append(t)
-            if histories is not None:
-                histories[b].append(t)
-            if decode_live:
+            penalties.add(b, t)
+            if texts is not None:
                 piece = texts[b].add(t)
                 if piece and on_text is not None:
                     on_text(b, piece)
@@ -422,28 +454,15 @@ def _generate(tokenizer, model, device, prompts, max_new_tokens, top_k, top_p, t
                     finish[b] = "stop"
         if all(f is not None for f in finish) or step == max_new_tokens - 1:
             break
-        if seen is not None:
-            seen[torch.arange(B, device=device), token] = True
-        step_mask = None
+        penalties.end_step(token)
         at = P + step
-        if padded:
+        step_mask = None
+        if mask is not None:
             valid[:, at] = True
             step_mask = valid[:, None, None, : at + 1]
         h = fast.hidden(token[:, None], next_pos[:, None], cache, at, step_mask)[:, -1]
         next_pos = next_pos + 1
-
-    out = []
-    for b, r in enumerate(rows):
-        if decode_live:
-            rest = texts[b].rest()
-            if on_text is not None and rest:
-                on_text(b, rest)
-            completion = texts[b].text
-        else:
-            completion = tokenizer.decode(new_tokens[b], skip_special_tokens=True)
-        prompt = prompts[b // num_return_sequences]
-        out.append(Completion(prompt, completion, len(r), len(new_tokens[b]), finish[b] or "length"))
-    return out
+    return new_tokens, finish, texts
 
 
 def _context(model) -> int:
