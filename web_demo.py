@@ -417,18 +417,13 @@ def build_app(tokenizer, model, device, args: WebDemoArguments | None = None, pa
     """The FastAPI app: JSON and OpenAI routes, with the Gradio page mounted at / unless `page=False`."""
     import contextlib
 
-    from fastapi import Depends, FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, Response, StreamingResponse
-    from starlette.exceptions import HTTPException
+    from fastapi import Depends, FastAPI
 
     args = args or WebDemoArguments()
     api_key = _api_key(args)
     model_name = args.model_name or Path(str(args.model_path).rstrip("/")).name or "gpt2"
     limits = Limits(args, tokenizer, model.config.n_positions)
     engine = Engine(tokenizer, model, device, args.queue_size, args.threads)
-    CompletionRequest, GenerateRequest = _request_models()
-    created = int(time.time())
 
     @contextlib.asynccontextmanager
     async def lifespan(_):
@@ -437,6 +432,22 @@ def build_app(tokenizer, model, device, args: WebDemoArguments | None = None, pa
 
     app = FastAPI(title="GPT-2 web demo", lifespan=lifespan, docs_url="/api/docs", redoc_url=None, openapi_url="/api/openapi.json")
     app.state.engine, app.state.limits, app.state.model_name = engine, limits, model_name
+    _add_error_handlers(app)
+    auth = [Depends(_key_checker(api_key))]
+    CompletionRequest, GenerateRequest = _request_models()
+    _add_openai_routes(app, auth, engine, limits, model_name, CompletionRequest)
+    _add_generate_route(app, auth, engine, limits, model_name, GenerateRequest)
+    app.add_middleware(_BodyLimit, max_bytes=args.max_body_bytes)
+    if page:
+        app = _mount_page(app, engine, limits, model_name, api_key)
+    return app
+
+
+def _add_error_handlers(app) -> None:
+    """Every error is a JSON body in OpenAI's shape (RequestError.body), never a bare 500 page."""
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response
+    from starlette.exceptions import HTTPException
 
     @app.exception_handler(RequestError)
     async def request_error(_, e: RequestError):
@@ -467,6 +478,11 @@ def build_app(tokenizer, model, device, args: WebDemoArguments | None = None, pa
     async def http_error(_, e: HTTPException):
         return JSONResponse(RequestError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
 
+
+def _key_checker(api_key: str | None):
+    """A FastAPI dependency that refuses requests without `Authorization: Bearer <api_key>` (any case of Bearer)."""
+    from fastapi import Request
+
     def check_key(request: Request):
         if api_key is None:
             return
@@ -474,7 +490,15 @@ def build_app(tokenizer, model, device, args: WebDemoArguments | None = None, pa
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
             raise RequestError(401, "missing or incorrect API key: send 'Authorization: Bearer KEY'", code="invalid_api_key")
 
-    auth = [Depends(check_key)]
+    return check_key
+
+
+def _add_openai_routes(app, auth, engine: Engine, limits: Limits, model_name: str, CompletionRequest) -> None:
+    """GET /v1/models, /v1/models/{name} and POST /v1/completions (plain and SSE), as OpenAI's API has them."""
+    from fastapi import Request
+    from fastapi.responses import StreamingResponse
+
+    created = int(time.time())
 
     @app.get("/v1/models", dependencies=auth)
     async def list_models():
@@ -552,6 +576,12 @@ def build_app(tokenizer, model, device, args: WebDemoArguments | None = None, pa
 
         return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
+
+def _add_generate_route(app, auth, engine: Engine, limits: Limits, model_name: str, GenerateRequest) -> None:
+    """POST /api/generate: generate.py's own JSON (plain, or SSE with `stream`)."""
+    from fastapi import Request
+    from fastapi.responses import StreamingResponse
+
     @app.post("/api/generate", dependencies=auth)
     async def generate_route(req: GenerateRequest, request: Request):
         prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
@@ -582,11 +612,6 @@ def build_app(tokenizer, model, device, args: WebDemoArguments | None = None, pa
             yield _sse("[DONE]")
 
         return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-    app.add_middleware(_BodyLimit, max_bytes=args.max_body_bytes)
-    if page:
-        app = _mount_page(app, engine, limits, model_name, api_key)
-    return app
 
 
 # ----------------------------------------------------------------------------- the page
