@@ -304,24 +304,48 @@ def resolve_sources(args: DataArguments) -> tuple[Source, Optional[Source]]:
 
 
 def resolve_hub(args: DataArguments) -> tuple[Source, Optional[Source]]:
-    import datasets
-
-    try:
-        splits = datasets.load_dataset(args.dataset_name, args.dataset_config)
-    except Exception as e:  # the library's errors for a bad name are long; say what was tried instead
-        raise DataError(
-            f"'{args.dataset_name}' is not a file, a gpt-2-output-dataset name ({', '.join(GPT2_OUTPUT_NAMES)}), "
-            f"'{BUILTIN_NAME}', nor a loadable Hugging Face dataset: {type(e).__name__}: {e}"
-        ) from e
+    splits = load_hub(args)
     if "train" not in splits:
         raise DataError(f"Hub dataset {args.dataset_name} has no 'train' split (it has {', '.join(splits)}).")
-    for ds in splits.values():
-        if args.text_field not in ds.column_names:
-            raise DataError(f"Hub dataset {args.dataset_name} has no column '{args.text_field}'; columns: "
-                            f"{', '.join(ds.column_names)}. Choose one with --text_field.")
     val_name = next((s for s in ("validation", "valid") if s in splits), None)
     val = Source("hub", hub_dataset=splits[val_name]) if val_name else None
     return Source("hub", hub_dataset=splits["train"]), val
+
+
+def load_hub(args: DataArguments, split: Optional[str] = None):
+    """The Hub dataset `args.dataset_name` (all its splits, or only `split`), its text field checked."""
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(args.dataset_name, args.dataset_config, split=split)
+    except Exception as e:  # the library's errors for a bad name are long; say what was tried instead
+        raise DataError(
+            f"'{args.dataset_name}' is not a file, a gpt-2-output-dataset name ({', '.join(GPT2_OUTPUT_NAMES)}), "
+            f"'{BUILTIN_NAME}', nor a loadable Hugging Face dataset{f' with a {split!r} split' if split else ''}: "
+            f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+        ) from None
+    for ds in ([loaded] if split else loaded.values()):
+        if args.text_field not in ds.column_names:
+            raise DataError(f"Hub dataset {args.dataset_name} has no column '{args.text_field}'; columns: "
+                            f"{', '.join(ds.column_names)}. Choose one with --text_field.")
+    return loaded
+
+
+def resolve_split(args: DataArguments, split: str) -> Source:
+    """The Source of one named split (evaluation.py's "test"): the files of dataset_path, the built-in
+    corpus, the gpt-2-output-dataset file {data_dir}/{name}.{split}.jsonl, or a Hub dataset's split."""
+    if args.dataset_path:
+        return Source("files", expand_path(args.dataset_path))
+    name = GPT2_OUTPUT_ALIASES.get(args.dataset_name, args.dataset_name)
+    if name == BUILTIN_NAME:
+        return Source("builtin")
+    if name in GPT2_OUTPUT_NAMES:
+        path = os.path.join(args.data_dir, f"{name}.{split}.jsonl")
+        if not os.path.isfile(path):
+            raise DataError(f"{path} not found: run `python download_dataset.py --datasets {name} --splits {split} "
+                            f"--out_dir {args.data_dir}` first, or pass --dataset_path.")
+        return Source("files", [path])
+    return Source("hub", hub_dataset=load_hub(args, split))
 
 
 # ----------------------------------------------------------------------------------------------

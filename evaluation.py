@@ -1,4 +1,4 @@
-"""Evaluate GPT-2 models (or any Hugging Face causal LM) on any data dataset.py reads.
+"""Evaluate GPT-2 models on any data dataset.py reads.
 
     python evaluation.py --model_path logs/final_model --dataset_path my_texts/
     python evaluation.py --model_path run_a/final_model run_b/final_model --dataset_name webtext --split test \\
@@ -16,13 +16,14 @@ compare side by side):
     compares models with different tokenizers fairly;
   - the generation metrics, only with --num_samples N (default 0: perplexity and bits per byte only):
     the first --prompt_tokens tokens of N documents are the prompt, the next --reference_tokens the
-    reference; a continuation of as many tokens is sampled (--temperature, --top_k, --top_p, --seed,
-    or --greedy) and scored with BLEU (sacrebleu, corpus level, 0-100) and ROUGE-1/2/L (rouge-score,
-    mean F1, 0-1), plus distinct-1/2, the 4-gram repetition rate and the mean length; with
+    reference; a continuation of as many tokens is sampled by generate.py's sampler (--temperature,
+    --top_k, --top_p, with generate.py's defaults; --seed; or --greedy) and scored with BLEU
+    (sacrebleu, corpus level, 0-100) and ROUGE-1/2/L (rouge-score, mean F1, 0-1), plus distinct-1/2,
+    the 4-gram repetition rate and the mean length; with
     --train_data, the share of generated 8-grams of token ids that occur verbatim in the training
     data (the copy rate).
 
-As a library (train.py calls `evaluate_perplexity` on its validation blocks):
+As a library (the scoring functions take any Hugging Face causal LM):
 
     from evaluation import evaluate_perplexity, evaluate_texts
     evaluate_perplexity(model, tokenizer, val_dataset)   # fixed blocks, as Trainer.evaluate() scores them
@@ -34,12 +35,12 @@ and only running sums are kept.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import sys
 import tempfile
 import warnings
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Sequence
@@ -49,13 +50,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-import generate
 import quiet_imports  # noqa: F401, I001  (before transformers: keeps torchao's import-time warnings off stderr)
-import quantize
+import generate
+from metrics import bleu, copy_rate, distinct_n, find_ngrams, ngram_hashes, ngrams, repetition_rate, rouge, text_metrics  # noqa: F401  (part of evaluation's API)
+from model import count_parameters, first_line
 
 LN2 = math.log(2)
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
 TOKENIZE_BATCH_CHARS = 1 << 20  # text tokenized at once while streaming
 
 
@@ -64,118 +64,57 @@ class EvaluationError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------
-# Loading models
+# Loading models: generate.load_model, with evaluation's --precision and --tokenizer_name
 
 
-def pick_device(device: Optional[str] = None) -> torch.device:
-    """The given device; "auto" or None: CUDA, then Apple MPS, then CPU."""
-    if device not in (None, "", "auto"):
-        try:
-            dev = torch.device(device)
-        except RuntimeError:
-            raise EvaluationError(f"--device {device!r}: not a device name (auto, cpu, cuda, cuda:1, mps).") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise EvaluationError(f"--device {device}: no CUDA GPU is available here (use --device auto or cpu).")
-        return dev
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-PRECISIONS = ("fp32", "bf16", "fp16", "auto")
-
-
-def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """fp32 / bf16 / fp16; "auto" is bf16 (else fp16) on a GPU and fp32 on a CPU."""
-    if precision not in PRECISIONS:
-        raise EvaluationError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}.")
-    if precision == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float16 if device.type == "mps" else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+              "auto": None}  # auto: generate.default_dtype (bf16, else fp16, on a GPU; fp32 on a CPU)
 
 
 def load_model(model_path: str, device: Optional[str] = None, precision: str = "fp32", tokenizer_name: Optional[str] = None):
-    """(model, tokenizer) from a model folder (train.py's logs/final_model, a checkpoint-N folder, any
-    Hugging Face causal LM folder) or a Hub name; the model is in eval mode on `device`.
+    """(model, tokenizer), loaded by generate.load_model: a folder train.py wrote (logs/final_model), a
+    checkpoint-N folder, a Hugging Face GPT-2 folder or Hub name, or a folder quantize.py wrote (int8/int4,
+    float32 only); the model is in eval mode on `device` ("auto" or None: CUDA, then MPS, then CPU).
 
-    The tokenizer is the folder's own, else `tokenizer_name`, else the official GPT-2 tokenizer.
-    A folder written by quantize.py (int8/int4) is loaded by quantize.load_quantized, on the CPU.
+    The tokenizer is `tokenizer_name` when given, else the folder's own, else the official GPT-2 tokenizer.
     """
-    from transformers import AutoModelForCausalLM
+    if precision not in PRECISIONS:
+        raise EvaluationError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}.")
+    name = str(model_path)
+    try:
+        device = generate.pick_device(None if device in (None, "", "auto") else device)
+        tokenizer, model, _ = generate.load_model(name, device, PRECISIONS[precision])
+        if tokenizer_name:
+            tokenizer = _named_tokenizer(tokenizer_name, model, name)
+    except (ValueError, OSError) as e:  # ModelError and QuantizationError are ValueErrors; a missing folder an OSError
+        raise EvaluationError(first_line(e, limit=1000)) from None
+    _check_finite_weights(model, name)
+    return model, tokenizer
 
+
+def _named_tokenizer(tokenizer_name: str, model, name: str):
     from gpt2_tokenizer import load_tokenizer
 
-    device = pick_device(device)
-    dtype = pick_dtype(precision, device)
-    name = str(model_path)
-    path = Path(name).expanduser()
-    quantized = path.is_dir() and (path / "quantization.json").is_file()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise EvaluationError(f"{path} has no config.json, so it is not a model folder: pass the folder train.py "
-                                  "wrote (logs/final_model) or one of its checkpoint-N folders.")
-        if not any((path / f).is_file() for f in WEIGHT_FILES):
-            raise EvaluationError(f"{path} has a config.json but no weights ({', '.join(WEIGHT_FILES)}): "
-                                  "the save was interrupted or the folder was copied partially.")
-        source = str(path)
-    elif path.exists():
-        raise EvaluationError(f"{path} is a file, not a model folder: pass the folder holding config.json and the weights.")
-    elif name.startswith((".", "/", "~")) or os.sep in name.rstrip(os.sep) and path.parent.exists() or name.count("/") > 1:
-        raise EvaluationError(f"model folder {path} does not exist: train one with `python train.py` "
-                              "(it writes logs/final_model) or pass --model_path to a folder holding config.json and the weights.")
-    else:
-        source = name  # a Hub name such as "gpt2"
     try:
-        if quantized:
-            model = _load_quantized(path, device, dtype)
-        elif path.is_dir():  # generate.load_folder names the broken file (weights, config.json, a refused pickle)
-            model = generate.load_folder(AutoModelForCausalLM, path, dtype)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    except generate.ModelError as e:
-        raise EvaluationError(str(e)) from None
-    except EvaluationError:
-        raise
-    except (OSError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise EvaluationError(f"{name!r} is neither a local folder nor a Hub model that could be loaded "
-                              f"(offline or no such repo): {first}") from None
-    has_tokenizer = path.is_dir() and any((path / f).is_file() for f in TOKENIZER_FILES)
-    tok_source = tokenizer_name or (str(path) if has_tokenizer else (None if path.is_dir() else source))
-    try:
-        tokenizer = load_tokenizer(tok_source)
+        tokenizer = load_tokenizer(tokenizer_name)
     except (OSError, ValueError) as e:
-        raise EvaluationError(f"could not load the tokenizer {tok_source or 'gpt2_tokenizer'!r} for {name}: "
-                              f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
-    if not quantized:  # quantized weights are integers
-        _check_finite_weights(model, name)
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        raise EvaluationError(f"the tokenizer of {name} has {len(tokenizer)} tokens but the model only "
-                              f"{model.get_input_embeddings().num_embeddings}: pass the matching --tokenizer_name.")
-    model.to(device).eval()
-    return model, tokenizer
+        raise EvaluationError(f"could not load the tokenizer {tokenizer_name!r} for {name}: {first_line(e)}") from None
+    vocab = model.get_input_embeddings().num_embeddings  # a larger id is an IndexError deep inside the forward
+    if len(tokenizer) > vocab:
+        raise EvaluationError(f"the tokenizer {tokenizer_name} has {len(tokenizer)} tokens but {name} only {vocab}: "
+                              "pass the matching --tokenizer_name.")
+    return tokenizer
 
 
 def _check_finite_weights(model, name: str) -> None:
     """Refuse weights holding NaN or inf: every score would be NaN and sampling would crash."""
     with torch.no_grad():
         for key, weight in model.named_parameters():
+            if type(weight.data) is not torch.Tensor:  # a quantized weight (quantize.py): integers, and no isfinite
+                continue
             if weight.is_floating_point() and not torch.isfinite(weight).all():
                 raise EvaluationError(f"{name}: the weight {key} holds NaN or inf values (a diverged training run?): "
                                       "evaluate an earlier checkpoint-N folder, or retrain with a lower --learning_rate.")
-
-
-def _load_quantized(path: Path, device: torch.device, dtype: torch.dtype):
-    if dtype != torch.float32:
-        raise EvaluationError(f"{path} is quantized: it computes in float32 (--precision fp32 or auto), not {dtype}.")
-    try:
-        return quantize.load_quantized(path, device)
-    except quantize.QuantizationError as e:
-        raise EvaluationError(str(e)) from None
 
 
 def model_context(model) -> int:
@@ -533,32 +472,11 @@ def resolve_source(data: EvalData, what: str = "--dataset_path or --dataset_name
     """A dataset.Source for files, a gpt-2-output-dataset name + split, 'builtin', or a Hub name + split."""
     import dataset
 
-    if data.dataset_path:
-        return dataset.Source("files", dataset.expand_path(data.dataset_path))
-    if not data.dataset_name:
+    if not data.dataset_path and not data.dataset_name:
         raise EvaluationError(f"no data to evaluate on: pass {what}.")
-    name = dataset.GPT2_OUTPUT_ALIASES.get(data.dataset_name, data.dataset_name)
-    if name == dataset.BUILTIN_NAME:
-        return dataset.Source("builtin")
-    if name in dataset.GPT2_OUTPUT_NAMES:
-        path = os.path.join(data.data_dir, f"{name}.{data.split}.jsonl")
-        if not os.path.isfile(path):
-            raise dataset.DataError(f"{path} not found: run `python download_dataset.py --datasets {name} --splits "
-                                    f"{data.split} --out_dir {data.data_dir}` first, or pass --dataset_path.")
-        return dataset.Source("files", [path])
-    import datasets
-
-    try:
-        hub = datasets.load_dataset(data.dataset_name, data.dataset_config, split=data.split)
-    except Exception as e:  # the library's errors are long; say what was tried instead
-        raise dataset.DataError(
-            f"'{data.dataset_name}' is not a file, a gpt-2-output-dataset name, '{dataset.BUILTIN_NAME}', nor a "
-            f"loadable Hugging Face dataset with a '{data.split}' split: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        ) from None
-    if data.text_field not in hub.column_names:
-        raise dataset.DataError(f"Hub dataset {data.dataset_name} has no column '{data.text_field}'; columns: "
-                                f"{', '.join(hub.column_names)}. Choose one with --text_field.")
-    return dataset.Source("hub", hub_dataset=hub)
+    args = dataset.DataArguments(dataset_name=data.dataset_name, dataset_path=data.dataset_path, text_field=data.text_field,
+                                 dataset_config=data.dataset_config, data_dir=data.data_dir)
+    return dataset.resolve_split(args, data.split)
 
 
 def iter_source_pieces(source, data: EvalData, desc: str, progress: bool = True) -> Iterator[tuple[str, bool]]:
@@ -604,120 +522,25 @@ def perplexity_on_source(model, tokenizer, source, data: EvalData, *, stride=Non
     return result
 
 
-# ----------------------------------------------------------------------------------------------
-# Generation metrics
-
-
-def ngrams(seq: Sequence, n: int) -> list[tuple]:
-    return [tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)]
-
-
-def distinct_n(texts: Iterable[Sequence], n: int) -> Optional[float]:
-    """Distinct n-grams / all n-grams, pooled over samples (Li et al. 2016). Items are word lists
-    (or any token sequences); None when there is no n-gram at all."""
-    total, unique = 0, set()
-    for words in texts:
-        grams = ngrams(list(words), n)
-        total += len(grams)
-        unique.update(grams)
-    return len(unique) / total if total else None
-
-
-def repetition_rate(texts: Iterable[Sequence], n: int = 4) -> Optional[float]:
-    """Share of n-grams that repeat an n-gram seen earlier in the same sample, pooled over samples
-    (0: no repetition; "a b c d a b c d a b c d" with n=4 gives 5/9). None when no sample has an n-gram."""
-    total = repeated = 0
-    for words in texts:
-        grams = ngrams(list(words), n)
-        total += len(grams)
-        repeated += len(grams) - len(set(grams))
-    return repeated / total if total else None
-
-
-def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> Optional[float]:
-    """Corpus BLEU (sacrebleu defaults: 13a tokenization, 4-grams), 0-100; None without hypotheses."""
-    import sacrebleu
-
-    if not hypotheses:
-        return None
-    return float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score)
-
-
-ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
-
-
-def rouge(hypotheses: Sequence[str], references: Sequence[str], use_stemmer: bool = True) -> dict:
-    """Mean ROUGE-1/2/L F1 over sample pairs (rouge-score, Porter stemmer), 0-1."""
-    from rouge_score import rouge_scorer
-
-    if not hypotheses:
-        return {t: None for t in ROUGE_TYPES}
-    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=use_stemmer)
-    sums = Counter()
-    for hyp, ref in zip(hypotheses, references, strict=True):
-        for t, s in scorer.score(ref, hyp).items():
-            sums[t] += s.fmeasure
-    return {t: sums[t] / len(hypotheses) for t in ROUGE_TYPES}
-
-
-_MULT = np.uint64(0x9E3779B97F4A7C15)
-_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX2 = np.uint64(0x94D049BB133111EB)
-
-
-def ngram_hashes(ids: Sequence[int], n: int = 8) -> np.ndarray:
-    """64-bit hashes of every n-gram of token ids (a polynomial hash, then splitmix64's finaliser)."""
-    a = np.asarray(ids, dtype=np.uint64)
-    m = len(a) - n + 1
-    if m <= 0:
-        return np.empty(0, dtype=np.uint64)
-    h = np.zeros(m, dtype=np.uint64)
-    for k in range(n):
-        h = h * _MULT + a[k:k + m] + np.uint64(1)
-    h ^= h >> np.uint64(30)
-    h *= _MIX1
-    h ^= h >> np.uint64(27)
-    h *= _MIX2
-    h ^= h >> np.uint64(31)
-    return h
-
-
-def find_ngrams(queries: np.ndarray, token_chunks: Iterable[Sequence[int]], n: int = 8) -> np.ndarray:
-    """Which of the `queries` (n-gram hashes) occur in the token stream; streamed chunk by chunk.
-
-    Memory is that of the queries plus one chunk, however large the stream: the small set of
-    generated n-grams is what is kept, and the training data only flows past it."""
-    queries = np.unique(np.asarray(queries, dtype=np.uint64))
-    found = np.zeros(len(queries), dtype=bool)
-    carry = np.empty(0, dtype=np.int64)
-    for chunk in token_chunks:
-        ids = np.concatenate([carry, np.asarray(chunk, dtype=np.int64)])
-        if len(queries) and not found.all():
-            found |= np.isin(queries, ngram_hashes(ids, n))
-        carry = ids[-(n - 1):] if n > 1 else ids[:0]
-    return queries[found]
-
-
-def copy_rate(samples: Sequence[Sequence[int]], found: np.ndarray, n: int = 8) -> Optional[float]:
-    """Share of the samples' n-grams (token ids, counted with repeats) whose hash is in `found`."""
-    hashes = [ngram_hashes(s, n) for s in samples]
-    total = sum(len(h) for h in hashes)
-    if not total:
-        return None
-    found = np.asarray(found, dtype=np.uint64)
-    return float(sum(np.isin(h, found).sum() for h in hashes) / total)
+# temperature, top_k and top_p default to generate.generate's (documented there), so that BLEU and ROUGE
+# score the sampling generate.py and the web demo serve.
+SAMPLER_DEFAULTS = {k: p.default for k, p in inspect.signature(generate.generate).parameters.items()
+                    if k in ("temperature", "top_k", "top_p")}
 
 
 @dataclass
 class SamplingSettings:
     prompt_tokens: int = 32
     reference_tokens: int = 32
-    greedy: bool = False
-    temperature: float = 1.0
-    top_k: int = 50
-    top_p: float = 1.0
+    greedy: bool = False  # the same as temperature 0
+    temperature: float = SAMPLER_DEFAULTS["temperature"]
+    top_k: int = SAMPLER_DEFAULTS["top_k"]
+    top_p: float = SAMPLER_DEFAULTS["top_p"]
     seed: int = 42
     batch_size: int = 8
+
+    def sampler_temperature(self) -> float:
+        return 0.0 if self.greedy else self.temperature
 
     def check(self, context: Optional[int] = None) -> None:
         if self.prompt_tokens < 1 or self.reference_tokens < 1:
@@ -726,13 +549,10 @@ class SamplingSettings:
             raise EvaluationError(
                 f"the prompt ({self.prompt_tokens} tokens) plus the continuation ({self.reference_tokens} tokens) is "
                 f"longer than the model's context of {context} tokens: lower --prompt_tokens or --reference_tokens.")
-        if not self.greedy:
-            if not self.temperature > 0:
-                raise EvaluationError(f"--temperature {self.temperature} must be > 0 (use --greedy for argmax decoding).")
-            if not 0 < self.top_p <= 1:
-                raise EvaluationError(f"--top_p {self.top_p} must be in (0, 1].")
-            if self.top_k < 0:
-                raise EvaluationError(f"--top_k {self.top_k} must be >= 0 (0 turns top-k off).")
+        try:
+            generate.check_sampling_args(self.reference_tokens, self.top_k, self.top_p, self.sampler_temperature())
+        except ValueError as e:  # it names the argument: --temperature, --top_k or --top_p
+            raise EvaluationError(str(e)) from None
         if self.batch_size < 1:
             raise EvaluationError(f"batch size {self.batch_size} must be at least 1.")
 
@@ -754,49 +574,23 @@ def make_prompts(documents: Iterable[str], tokenizer, num_samples: int, prompt_t
     return pairs, skipped
 
 
-@torch.inference_mode()
 def generate_continuations(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                            settings: SamplingSettings, progress: bool = True, desc: str = "Generating") -> list[list[int]]:
-    """The generated token ids of each prompt (all prompts have the same length), cut at <|endoftext|>."""
+    """The token ids of a continuation of each prompt (token ids), sampled by generate.generate, without the
+    <|endoftext|> that ends one early. Each batch of settings.batch_size prompts has its own seed,
+    settings.seed + its first prompt's index.
+    """
     device = _device_of(model)
-    eos = tokenizer.eos_token_id
-    kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=not settings.greedy,
-                                  pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
-                                  eos_token_id=eos)
-    if settings.greedy:
-        kwargs.update(temperature=None, top_k=None, top_p=None)
-    else:
-        kwargs.update(temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p)
-    was_training = model.training
-    model.eval()
     out: list[list[int]] = []
-    devices = [device.index or 0] if device.type == "cuda" else []
-    try:
-        with torch.random.fork_rng(devices=devices, device_type=device.type if device.type == "cuda" else "cuda"):
-            torch.manual_seed(settings.seed)
-            with tqdm(total=len(prompts), desc=desc, unit="sample", disable=None if progress else True) as bar:
-                for i in range(0, len(prompts), settings.batch_size):
-                    batch = torch.tensor([list(p) for p in prompts[i:i + settings.batch_size]], device=device)
-                    gen = model.generate(input_ids=batch, attention_mask=torch.ones_like(batch), **kwargs)
-                    for row in gen[:, batch.shape[1]:].tolist():
-                        out.append(row[:row.index(eos)] if eos is not None and eos in row else row)
-                    bar.update(len(batch))
-    finally:
-        model.train(was_training)
+    with tqdm(total=len(prompts), desc=desc, unit="sample", disable=None if progress else True) as bar:
+        for i in range(0, len(prompts), settings.batch_size):
+            batch = [list(p) for p in prompts[i:i + settings.batch_size]]
+            completions = generate.generate(tokenizer, model, device, batch, max_new_tokens, top_k=settings.top_k,
+                                            top_p=settings.top_p, temperature=settings.sampler_temperature(),
+                                            seed=settings.seed + i)
+            out.extend(c.completion_ids for c in completions)
+            bar.update(len(batch))
     return out
-
-
-def text_metrics(hypotheses: Sequence[str], references: Sequence[str]) -> dict:
-    """BLEU, ROUGE, distinct-1/2, repetition rate and mean length in words of texts vs references."""
-    words = [h.split() for h in hypotheses]
-    return {
-        "bleu": bleu(hypotheses, references),
-        **rouge(hypotheses, references),
-        "distinct_1": distinct_n(words, 1),
-        "distinct_2": distinct_n(words, 2),
-        "repetition_4": repetition_rate(words, 4),
-        "mean_length_words": float(np.mean([len(w) for w in words])) if words else None,
-    }
 
 
 def generation_metrics(model, tokenizer, pairs, settings: SamplingSettings, progress: bool = True,
@@ -875,7 +669,7 @@ class EvalArguments:
     model_path: list[str] = field(
         default_factory=list,
         metadata={"help": "One or more model folders (train.py's logs/final_model, checkpoint-N folders, any Hugging "
-                  "Face causal LM folder) or Hub names; each gets one row of the report."})
+                  "Face GPT-2 folder, quantize.py's int8/int4 folders) or Hub names; each gets one row of the report."})
     dataset_path: Optional[str] = field(
         default=None, metadata={"help": "File, folder or glob of .txt/.json/.jsonl/.csv/.parquet (optionally .gz) to evaluate on."})
     dataset_name: Optional[str] = field(
@@ -906,10 +700,14 @@ class EvalArguments:
     prompt_tokens: int = field(default=32, metadata={"help": "Prompt: the first N tokens of each document."})
     reference_tokens: int = field(
         default=32, metadata={"help": "Reference: the next M tokens; as many tokens are generated (fewer if <|endoftext|> comes first)."})
-    greedy: bool = field(default=False, metadata={"help": "Greedy decoding instead of sampling."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
-    top_k: int = field(default=50, metadata={"help": "Sample from the k most likely tokens (0: off)."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling: smallest set of tokens with this much probability (1.0: off)."})
+    greedy: bool = field(default=False, metadata={"help": "Greedy decoding instead of sampling (the same as --temperature 0)."})
+    temperature: float = field(default=SAMPLER_DEFAULTS["temperature"],
+                               metadata={"help": "Sampling temperature (0: greedy; default: generate.py's)."})
+    top_k: int = field(default=SAMPLER_DEFAULTS["top_k"],
+                       metadata={"help": "Sample from the k most likely tokens (0: off; default: generate.py's)."})
+    top_p: float = field(default=SAMPLER_DEFAULTS["top_p"],
+                         metadata={"help": "Nucleus sampling: smallest set of tokens with this much probability (1.0: off; "
+                                   "default: generate.py's)."})
     seed: int = field(default=42, metadata={"help": "Random seed of the sampling (the same for every model)."})
     gen_batch_size: int = field(default=8, metadata={"help": "Prompts generated at once."})
     train_data: Optional[str] = field(
@@ -966,7 +764,7 @@ def evaluate(args: EvalArguments) -> dict:
     for path in args.model_path:
         model, tokenizer = load_model(path, args.device, args.precision, args.tokenizer_name)
         context = model_context(model)
-        row: dict[str, Any] = {"model": path, "parameters": sum(p.numel() for p in model.parameters()),
+        row: dict[str, Any] = {"model": path, "parameters": count_parameters(model),
                                "context": context, "tokenizer": tokenizer.name_or_path}
         if args.context and args.context > context:
             raise EvaluationError(f"--context {args.context} is longer than {path}'s context of {context} tokens.")

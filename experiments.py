@@ -419,6 +419,7 @@ def select(runs: list[Run], only: list[str] | None) -> list[Run]:
 
 def _run_one(run: Run, counter: str, resolved: dict, force: bool, group: str) -> str:
     """Train (or resume, or skip) one run; returns trained, resumed, skipped, failed or interrupted."""
+    import tracking
     import train
 
     out = Path(run.output_dir)
@@ -472,7 +473,7 @@ def _run_one(run: Run, counter: str, resolved: dict, force: bool, group: str) ->
         session.update(outcome="failed", error=message)
         record["error"] = message
     finally:
-        train._finish_wandb()  # after a failure: else the next run would log into this one's WandB run
+        tracking.finish_wandb()  # after a failure: else the next run would log into this one's WandB run
         if previous_group is None:
             os.environ.pop("WANDB_RUN_GROUP", None)
         else:
@@ -549,7 +550,7 @@ def compare(run_dirs: list[str | Path], out_dir: str | Path = DEFAULT_COMPARE_DI
         if names.count(s["row"]["run"]) > 1:
             s["row"]["run"] = str(s["dir"])
     rows = [s["row"] for s in summaries]
-    _write_atomic(out_dir / "comparison.md", markdown_table(rows))
+    _write_atomic(out_dir / "comparison.md", comparison_table(rows))
     table = io.StringIO()
     writer = csv.DictWriter(table, fieldnames=[k for k, _ in COLUMNS] + ["run_dir"])
     writer.writeheader()
@@ -557,7 +558,7 @@ def compare(run_dirs: list[str | Path], out_dir: str | Path = DEFAULT_COMPARE_DI
         writer.writerow({**{k: s["row"].get(k) for k, _ in COLUMNS}, "run_dir": str(s["dir"])})
     _write_atomic(out_dir / "comparison.csv", table.getvalue())
     plot_comparison(summaries, out_dir / "comparison.png", x_axis=x_axis)
-    print(markdown_table(rows), end="")
+    print(comparison_table(rows), end="")
     return rows
 
 
@@ -614,7 +615,7 @@ def summarize(run_dir: Path) -> dict[str, Any]:
         "best_val_loss": _round(best[1], 4),
         "tokens_per_s": _round(tokens_per_s, 1),
         "wall_time_s": _round(wall, 1),
-        "parameters": count_parameters(final if results else latest) if (results or latest) else None,
+        "parameters": saved_parameter_count(final if results else latest) if (results or latest) else None,
     }
     return {"dir": run_dir, "row": row, "curve": curve, "tokens_per_step": tokens_per_step}
 
@@ -631,8 +632,9 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return lines
 
 
-def count_parameters(model_dir: Path | None) -> int | None:
-    """From the safetensors header alone (shapes), without loading the weights."""
+def saved_parameter_count(model_dir: Path | None) -> int | None:
+    """The parameters of a saved model folder, from its safetensors header alone (shapes), without loading the
+    weights (model.count_parameters counts a loaded model's)."""
     if model_dir is None:
         return None
     path = Path(model_dir) / "model.safetensors"
@@ -670,7 +672,8 @@ def _round(value: float | None, digits: int) -> float | None:
     return None if value is None else round(value, digits)
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
+def comparison_table(rows: list[dict[str, Any]]) -> str:
+    """comparison.md's table: one row per run."""
     right = {"steps", "final_val_loss", "perplexity", "best_step", "best_val_loss", "tokens_per_s", "wall_time_s", "parameters"}
     lines = ["| " + " | ".join(h for _, h in COLUMNS) + " |",
              "|" + "|".join("---:" if k in right else "---" for k, _ in COLUMNS) + "|"]

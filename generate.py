@@ -110,6 +110,8 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "eos", "stop" (a stop string) or "length"
+    # The sampled token ids, without EOS (with a stop string: up to the token that completed it).
+    completion_ids: list[int] = field(default_factory=list, repr=False)
 
     @property
     def text(self) -> str:
@@ -144,17 +146,23 @@ def check_sampling_args(max_new_tokens=50, top_k=50, top_p=1.0, temperature=1.0,
         bad("num_return_sequences", num_return_sequences, "a positive integer")
 
 
-def _encode_prompt(tokenizer, prompt: str, context: int, max_new_tokens: int) -> list[int]:
-    keep = context - max_new_tokens
-    try:
-        prompt.encode("utf-8")
-    except UnicodeEncodeError as e:  # a lone surrogate is not text: the tokenizer would fail deep inside
-        raise ValueError(f"the prompt holds a lone surrogate ({prompt[e.start]!r} at character {e.start}), which is not "
-                         "text: pass valid Unicode (UTF-8)") from None
-    # verbose=False: the tokenizer's "longer than the maximum sequence length" notice is moot, we cut below.
-    ids = tokenizer.encode(prompt, verbose=False) if prompt else []
+def _encode_prompt(tokenizer, prompt: str | list[int], context: int, max_new_tokens: int, vocab: int) -> list[int]:
+    """The prompt's token ids (text is encoded; a list is token ids already), cut to fit the context."""
+    if isinstance(prompt, str):
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate is not text: the tokenizer would fail deep inside
+            raise ValueError(f"the prompt holds a lone surrogate ({prompt[e.start]!r} at character {e.start}), which is not "
+                             "text: pass valid Unicode (UTF-8)") from None
+        # verbose=False: the tokenizer's "longer than the maximum sequence length" notice is moot, we cut below.
+        ids = tokenizer.encode(prompt, verbose=False) if prompt else []
+    else:
+        ids = list(prompt)
+        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+            raise ValueError(f"a prompt of token ids must hold integers from 0 to {vocab - 1} (the model's vocabulary)")
     if not ids:  # an empty prompt samples unconditionally, as GPT-2 was trained: after <|endoftext|>
         return [tokenizer.eos_token_id]
+    keep = context - max_new_tokens
     if len(ids) > keep:
         warnings.warn(
             f"The prompt has {len(ids)} tokens but only {keep} fit in the model's {context}-token context "
@@ -306,7 +314,7 @@ def generate(
     tokenizer,
     model,
     device,
-    prompts: str | list[str],
+    prompts: str | list[str] | list[list[int]],
     max_new_tokens: int = 50,
     top_k: int = 50,
     top_p: float = 0.95,
@@ -321,8 +329,9 @@ def generate(
 ) -> list[Completion]:
     """Sample `num_return_sequences` completions for each prompt, in one left-padded batch.
 
-    Returns prompt-major Completions. Generation of a row ends at EOS (not included in the
-    text), at the first stop string (cut, not included) or after `max_new_tokens`.
+    `prompts`: a str, or a list of prompts, each a str or a list of token ids. Returns prompt-major
+    Completions (a token-id prompt's `prompt` is its decoded text; `completion_ids` are the sampled
+    ids). Generation of a row ends at EOS (not included in the text), at the first stop string (cut, not included) or after `max_new_tokens`.
     `temperature=0` is greedy decoding. `seed` makes sampling reproducible without touching the
     global RNG. `on_text(row, text)` is called with each new printable piece of each row.
     `threads`: CPU intra-op threads while sampling (default 1, see `decode.cpu_threads`; 0 leaves
@@ -342,6 +351,8 @@ def _generate(tokenizer, model, device, prompts, max_new_tokens, top_k, top_p, t
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise ValueError("no prompts given")
+    if any(isinstance(p, int) for p in prompts):
+        raise ValueError("prompts are a str, or a list of prompts each a str or a list of token ids; got a list of ints: wrap it in a list")
     stop = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
     context = _context(model)
     if max_new_tokens >= context:
@@ -350,7 +361,9 @@ def _generate(tokenizer, model, device, prompts, max_new_tokens, top_k, top_p, t
     if decode.unsupported(model):
         return _generate_hf(tokenizer, model, device, prompts, max_new_tokens, top_k, top_p, temperature, repetition_penalty,
                             no_repeat_ngram_size, num_return_sequences, seed, stop, on_text)
-    encoded = [_encode_prompt(tokenizer, p, context, max_new_tokens) for p in prompts]
+    vocab = model.get_input_embeddings().weight.shape[0]
+    encoded = [_encode_prompt(tokenizer, p, context, max_new_tokens, vocab) for p in prompts]
+    prompts = [p if isinstance(p, str) else tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
     rows = [ids for ids in encoded for _ in range(num_return_sequences)]
     penalties = _Penalties(rows, model.lm_head.weight.shape[0], device, repetition_penalty, no_repeat_ngram_size)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
@@ -365,7 +378,8 @@ def _generate(tokenizer, model, device, prompts, max_new_tokens, top_k, top_p, t
             completion = texts[b].text
         else:
             completion = tokenizer.decode(new_tokens[b], skip_special_tokens=True)
-        out.append(Completion(prompts[b // num_return_sequences], completion, len(r), len(new_tokens[b]), finish[b] or "length"))
+        out.append(Completion(prompts[b // num_return_sequences], completion, len(r), len(new_tokens[b]), finish[b] or "length",
+                              new_tokens[b]))
     return out
 
 
@@ -485,18 +499,19 @@ def _generate_hf(tokenizer, model, device, prompts, max_new_tokens, top_k, top_p
         if seed is not None:
             torch.manual_seed(seed)
         for prompt in prompts:
-            ids = _encode_prompt(tokenizer, prompt, _context(model), max_new_tokens)
+            ids = _encode_prompt(tokenizer, prompt, _context(model), max_new_tokens, model.get_input_embeddings().weight.shape[0])
+            prompt = prompt if isinstance(prompt, str) else tokenizer.decode(list(prompt), skip_special_tokens=True)
             inputs = torch.tensor([ids], device=device)
             seqs = model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=max_new_tokens, pad_token_id=eos,
                                   eos_token_id=eos, repetition_penalty=repetition_penalty,
                                   no_repeat_ngram_size=no_repeat_ngram_size, num_return_sequences=num_return_sequences, **sampling)
             for seq in seqs[:, len(ids):].tolist():
-                row, text, finish, n = len(out), _RowText(tokenizer, stop), "length", 0
+                row, text, finish, kept = len(out), _RowText(tokenizer, stop), "length", []
                 for token in seq:
                     if token == eos:
                         finish = "eos"
                         break
-                    n += 1
+                    kept.append(token)
                     piece = text.add(token)
                     if piece and on_text is not None:
                         on_text(row, piece)
@@ -506,7 +521,7 @@ def _generate_hf(tokenizer, model, device, prompts, max_new_tokens, top_k, top_p
                 rest = text.rest()
                 if on_text is not None and rest:
                     on_text(row, rest)
-                out.append(Completion(prompt, text.text, len(ids), n, finish))
+                out.append(Completion(prompt, text.text, len(ids), len(kept), finish, kept))
     return out
 
 

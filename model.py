@@ -5,6 +5,7 @@
     model = get_model(n_layer=2, n_embd=64, n_head=2)  # any shape
     model = get_model(init_from="path/to/hf_model")    # fine-tune pretrained weights (folder or Hub name)
     loss = lm_head_loss(hidden, model.lm_head.weight, labels)  # the model's loss without its logits (training)
+    Trainer(..., compute_loss_func=FusedCausalLMLoss(model))    # the same, as the Trainer's loss
 
 The model is plain Hugging Face, so anything saved from it loads with `from_pretrained`
 or `transformers.pipeline` without this file.
@@ -330,3 +331,36 @@ def lm_head_loss(hidden, weight, labels, num_items_in_batch=None, chunk_size: in
     with torch.autocast(hidden.device.type, enabled=False):
         flat = hidden.reshape(-1, hidden.shape[-1]).float()
         return _LMHeadLoss.apply(flat, weight.float(), labels, denominator, chunk_size, need_grad)
+
+
+class FusedCausalLMLoss:
+    """The Trainer's compute_loss_func: GPT-2's loss by lm_head_loss from the final hidden states.
+
+    A forward hook on model.transformer hands over the hidden states, so the model still runs through
+    its DDP wrapper (gradient sync) and the Trainer keeps its own loss scaling and accumulation. The
+    Trainer must ask the model for no logits (logits_to_keep empty: train.GPT2Trainer.compute_loss).
+    Call remove() after training: the model is plain Hugging Face again.
+
+    With a tied embedding in a single process, the embedding's gradient is made sparse: the loss
+    already forms the table's dense gradient, and the looked-up rows are added into it, instead of
+    a second dense table of zeros (DDP expects the layout it saw when wrapping, so not there)."""
+
+    def __init__(self, model, sparse_embedding: bool = True):
+        self.model, self.hidden = model, None
+        self.hook = model.transformer.register_forward_hook(self._keep)
+        wte = model.transformer.wte
+        self.sparse_embedding = sparse_embedding and wte.weight is model.lm_head.weight and not wte.sparse
+        if self.sparse_embedding:
+            wte.sparse = True
+
+    def _keep(self, module, args, output):
+        self.hidden = output.last_hidden_state
+
+    def __call__(self, outputs, labels, num_items_in_batch=None):
+        hidden, self.hidden = self.hidden, None
+        return lm_head_loss(hidden, self.model.lm_head.weight, labels, num_items_in_batch)
+
+    def remove(self):
+        self.hook.remove()
+        if self.sparse_embedding:
+            self.model.transformer.wte.sparse = False

@@ -31,6 +31,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+import decode  # noqa: E402
 import generate as G  # noqa: E402
 
 STANDIN = Path(tempfile.gettempdir()) / "generate_bench_standin"
@@ -95,6 +96,16 @@ def train_standin(out_dir: Path, seconds: float = 60.0) -> Path:
     return out_dir
 
 
+def model_or_standin(model_path: str) -> Path:
+    """The --model_path folder; for the default one before train.py has written it, the stand-in (trained once)."""
+    path = Path(model_path)
+    if not path.exists() and model_path == G.DEFAULT_MODEL_PATH:
+        path = STANDIN
+        if not (path / "config.json").is_file():
+            train_standin(path)
+    return path
+
+
 # ----------------------------------------------------------------------------- measuring
 
 
@@ -119,7 +130,7 @@ def race(cases: dict, reps: int) -> dict:
 
 
 @torch.inference_mode()
-def perplexity(fast: "G._FastGPT2", ids: torch.Tensor, block: int = 256) -> float:
+def perplexity(fast: "decode.FastGPT2", ids: torch.Tensor, block: int = 256) -> float:
     nll, count = 0.0, 0
     for i in range(0, len(ids) - 1, block):
         x = ids[i : i + block + 1][None]
@@ -153,11 +164,7 @@ def main():
 
     hf_logging.set_verbosity_error()
 
-    path = Path(args.model_path)
-    if not path.exists() and args.model_path == G.DEFAULT_MODEL_PATH:
-        path = STANDIN
-        if not (path / "config.json").is_file():
-            train_standin(path)
+    path = model_or_standin(args.model_path)
     tokenizer, model, device = G.load_model(path)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {path} ({n_params / 1e6:.1f}M params), device {device}, torch threads {torch.get_num_threads()}, "
@@ -202,12 +209,12 @@ def explore(args, path, tokenizer, model, device, once, batch):
 
     def with_fast(variant):
         def run():
-            saved = G._FAST.get(model)
-            G._FAST[model] = variant
+            saved = decode._FAST.get(model)
+            decode._FAST[model] = variant
             try:
                 return once(G.generate_once)()
             finally:
-                G._FAST[model] = saved
+                decode._FAST[model] = saved
         return run
 
     def one_thread(fn):
@@ -220,8 +227,8 @@ def explore(args, path, tokenizer, model, device, once, batch):
                 torch.set_num_threads(before)
         return run
 
-    fp32 = G._FastGPT2(model)
-    bf16_head = G._FastGPT2(model, lm_head_dtype=torch.bfloat16)
+    fp32 = decode.FastGPT2(model)
+    bf16_head = decode.FastGPT2(model, lm_head_dtype=torch.bfloat16)
     cases = {
         "original generate_once (HF generate)": once(original_generate_once),
         "original, 1 torch thread": one_thread(once(original_generate_once)),
@@ -250,12 +257,12 @@ def explore(args, path, tokenizer, model, device, once, batch):
         print(f"  {k:<40} {v:7.0f} tok/s")
 
     ids, source = held_out_ids(tokenizer, args.ppl_tokens)
-    whole_bf16 = type(model).from_pretrained(str(path), dtype=torch.bfloat16).eval()
+    whole_bf16 = G.load_model(path, device="cpu", dtype=torch.bfloat16)[1]
     print(f"\nperplexity on {len(ids)} held-out tokens ({source}):")
     base = perplexity(fp32, ids)
     with torch.inference_mode():  # the reference: HF's own forward
         hf = torch.exp(torch.stack([model(ids[i : i + 257][None], labels=ids[i : i + 257][None]).loss for i in range(0, len(ids) - 1, 256) if len(ids[i : i + 257]) > 1]).mean()).item()
-    for name, fast in (("fp32 (ours)", fp32), ("bf16 LM head", bf16_head), ("whole model bf16", G._FastGPT2(whole_bf16))):
+    for name, fast in (("fp32 (ours)", fp32), ("bf16 LM head", bf16_head), ("whole model bf16", decode.FastGPT2(whole_bf16))):
         p = perplexity(fast, ids) if fast is not fp32 else base
         print(f"  {name:<20} {p:9.3f}  ({(p / base - 1) * 100:+.3f}% vs fp32)")
     print(f"  {'HF forward, fp32':<20} {hf:9.3f}  (mean of per-block ppl, sanity check)")

@@ -36,7 +36,7 @@ import torch  # noqa: E402
 import evaluation as ev  # noqa: E402
 import generate as G  # noqa: E402
 import quantize as Q  # noqa: E402
-from generate_bench import FALLBACK_TEXT, PROMPT, SHAKESPEARE, STANDIN, new_tokens, race, train_standin  # noqa: E402
+from generate_bench import FALLBACK_TEXT, PROMPT, SHAKESPEARE, model_or_standin, new_tokens, race  # noqa: E402
 
 VARIANTS = ("fp32", "bf16", "int8", "int4")
 
@@ -77,11 +77,7 @@ def main():
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
 
-    path = Path(args.model_path)
-    if not path.exists() and args.model_path == G.DEFAULT_MODEL_PATH:
-        path = STANDIN
-        if not (path / "config.json").is_file():
-            train_standin(path)
+    path = model_or_standin(args.model_path)
     tmp = Path(tempfile.mkdtemp(prefix="quantize_bench_"))
     try:
         run(args, path, tmp)

@@ -296,8 +296,9 @@ def test_generation_metrics_end_to_end(tiny, corpus_text):
 def test_prompt_longer_than_context_is_refused():
     with pytest.raises(ev.EvaluationError, match="longer than the model's context of 128"):
         ev.SamplingSettings(prompt_tokens=100, reference_tokens=40).check(CONTEXT)
-    with pytest.raises(ev.EvaluationError, match="temperature"):
-        ev.SamplingSettings(temperature=0).check(CONTEXT)
+    with pytest.raises(ev.EvaluationError, match="temperature"):  # generate.check_sampling_args' rule and words
+        ev.SamplingSettings(temperature=-1).check(CONTEXT)
+    ev.SamplingSettings(temperature=0).check(CONTEXT)  # greedy, as in generate.py
 
 
 # ----------------------------------------------------------------------------------------------
@@ -382,7 +383,7 @@ def test_cli_bad_input(case, tiny_model_dir, tmp_path, text_file, capsys):
     expected = {"empty data": "contains no text", "no data": "no data to evaluate on", "prompt too long": "longer than the model's context",
                 "stride": "larger than the window", "not a model": "no config.json", "bad json": "line 2: invalid JSON",
                 "not downloaded": "webtext.valid.jsonl not found: run `python download_dataset.py --datasets webtext --splits valid",
-                "hub offline": "nor a loadable Hugging Face dataset", "bad device": "not a device name"}[case]
+                "hub offline": "nor a loadable Hugging Face dataset", "bad device": "'tpu9' is not a device"}[case]  # generate.pick_device's words
     assert ev.main(["--model_path", str(model), *map(str, argv), "--no_progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and expected in err and len(err.splitlines()) == 1, err

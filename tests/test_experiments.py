@@ -135,7 +135,8 @@ def test_interrupted_sweep_resumes_skips_finished_runs_and_compares(tmp_path, co
     a, b = out / "a", out / "b"
 
     # Run b alone as the command line would, and kill -9 it in the middle (after its first checkpoint).
-    proc = subprocess.run([sys.executable, "experiments.py", str(path), "--only", "b"], cwd=ROOT, text=True,
+    # tests/run_with_faults.py runs experiments.py's main() with the kill injected from the test side.
+    proc = subprocess.run([sys.executable, "tests/run_with_faults.py", "experiments", str(path), "--only", "b"], cwd=ROOT, text=True,
                           capture_output=True, timeout=240,
                           env={**os.environ, **ONE_THREAD, "GPT2_DEBUG_KILL_AT_STEP": str(KILL_AT)})
     assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr

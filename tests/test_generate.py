@@ -531,3 +531,15 @@ def test_extreme_repetition_penalty_is_refused(loaded):
         with pytest.raises(ValueError, match="repetition_penalty must be from 0.001 to 1000"):
             G.generate(*loaded, "x", max_new_tokens=2, repetition_penalty=value)
     G.generate(*loaded, "x", max_new_tokens=2, repetition_penalty=1e3)
+
+
+def test_token_id_prompts_and_completion_ids(loaded):
+    tok, model, dev = loaded
+    ids = tok.encode("Once upon a time")
+    (by_text,), (by_ids,) = (G.generate(tok, model, dev, [p], max_new_tokens=10, seed=2) for p in ("Once upon a time", ids))
+    assert by_ids.prompt == "Once upon a time" and by_ids.completion == by_text.completion
+    assert by_ids.completion_ids and tok.decode(by_ids.completion_ids) == by_ids.completion
+    with pytest.raises(ValueError, match="token ids must hold integers from 0 to 50256"):
+        G.generate(tok, model, dev, [[1, 50257]], max_new_tokens=2)
+    with pytest.raises(ValueError, match="wrap it in a list"):
+        G.generate(tok, model, dev, ids, max_new_tokens=2)

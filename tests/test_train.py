@@ -19,9 +19,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoints
 import dataset
+import model
+import tracking
 import train as train_mod
-from model import lm_head_loss
+from run_with_faults import weights_hash
 from train import COMPLETE, main, parse_args, resolve_defaults, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,6 +32,8 @@ MAX_STEPS, SAVE_STEPS = 16, 4
 # Tiny models run fastest on one thread, and much faster so on a busy machine (no OpenMP spin-waiting).
 torch.set_num_threads(1)
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+# train.py's main() with test-only faults (GPT2_DEBUG_* in env: a sleep per step, a kill while saving, weight hashes)
+WITH_FAULTS = (sys.executable, "tests/run_with_faults.py", "train")
 
 
 @pytest.fixture(scope="session")
@@ -211,15 +216,32 @@ def test_val_split_out_of_range_is_a_one_line_error(tmp_path, corpus, cache_dir,
     assert err.startswith("error: ") and "val_split=1.5 must be in [0, 1)" in err
 
 
+def resolved(argv):
+    """parse_args, then resolve_defaults: the training arguments as run() uses them."""
+    m, d, t = parse_args(argv)
+    resolve_defaults(m, d, t)
+    return t
+
+
 def test_max_steps_default_is_a_cpu_budget_and_minus_one_means_epochs():
     cpu = ["--use_cpu", "true"]
-    assert parse_args(cpu)[2].max_steps == train_mod.CPU_MAX_STEPS
+    assert parse_args(cpu)[2].max_steps is None  # unset until resolved
+    assert resolved(cpu).max_steps == train_mod.CPU_MAX_STEPS
     for argv in (["--max_steps", "-1"], ["--num_train_epochs", "2"]):
-        t = parse_args(cpu + argv)[2]
+        t = resolved(cpu + argv)
         assert t.max_steps == -1 and t.num_train_epochs == (2 if "2" in argv else 3), argv
-    assert parse_args(cpu + ["--max_steps", "5"])[2].max_steps == 5
+    assert resolved(cpu + ["--max_steps", "5"]).max_steps == 5
     with pytest.raises(train_mod.UserError, match="--num_train_epochs 0.0: must be more than 0"):
-        parse_args(["--num_train_epochs", "0"])
+        resolved(["--num_train_epochs", "0"])
+
+
+def test_resolving_twice_changes_nothing():
+    m, d, t = parse_args(["--use_cpu", "true"])
+    resolve_defaults(m, d, t)
+    before = (repr(m), repr(d), t.to_dict())
+    resolve_defaults(m, d, t)
+    assert (repr(m), repr(d), t.to_dict()) == before
+    assert (t.precision, t.fused_loss) == ("fp32", "on")  # "auto" resolved, so the manifest records what ran
 
 
 def test_config_file_values_are_read_like_flags(tmp_path):
@@ -322,7 +344,8 @@ def test_full_run_outputs(tmp_path, corpus, cache_dir):
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_fused_loss_trains_like_the_models_own_loss(tmp_path, corpus, cache_dir, accumulation, monkeypatch):
     calls = []
-    monkeypatch.setattr(train_mod, "lm_head_loss", lambda *a, **k: calls.append(1) or lm_head_loss(*a, **k))
+    real = model.lm_head_loss
+    monkeypatch.setattr(model, "lm_head_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
     runs = {}
     for fused in ("on", "off"):
         out, calls[:] = tmp_path / fused, []
@@ -343,7 +366,7 @@ def test_fused_loss_trains_like_the_models_own_loss(tmp_path, corpus, cache_dir,
 @pytest.mark.slow
 def test_kill_9_then_rerun_gives_the_uninterrupted_result(tmp_path, corpus, cache_dir, reference):
     kwargs = tiny_kwargs(tmp_path, corpus, cache_dir)
-    proc = cli(kwargs, env={"GPT2_DEBUG_STEP_SLEEP": "0.25"})
+    proc = cli(kwargs, env={"GPT2_DEBUG_STEP_SLEEP": "0.25"}, launcher=WITH_FAULTS)
     wait_for(tmp_path / f"checkpoint-{SAVE_STEPS}" / COMPLETE, proc)
     time.sleep(random.uniform(0, 2.0))  # a random later step, sometimes in the middle of a save
     proc.kill()  # SIGKILL: no chance to clean up
@@ -360,7 +383,7 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_result(tmp_path, corpus, cach
 @pytest.mark.slow
 def test_killed_while_saving_resumes_from_the_previous_checkpoint(tmp_path, corpus, cache_dir, reference):
     kwargs = tiny_kwargs(tmp_path, corpus, cache_dir)
-    rc, _ = finish(cli(kwargs, env={"GPT2_DEBUG_KILL_IN_SAVE": str(2 * SAVE_STEPS)}))
+    rc, _ = finish(cli(kwargs, env={"GPT2_DEBUG_KILL_IN_SAVE": str(2 * SAVE_STEPS)}, launcher=WITH_FAULTS))
     assert rc == -signal.SIGKILL
     partial = tmp_path / f"checkpoint-{2 * SAVE_STEPS}"
     assert (partial / "model.safetensors").is_file() and not (partial / COMPLETE).exists()
@@ -375,7 +398,7 @@ def test_killed_while_saving_resumes_from_the_previous_checkpoint(tmp_path, corp
 @pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_the_rerun_finishes_identically(tmp_path, corpus, cache_dir, reference):
     kwargs = tiny_kwargs(tmp_path, corpus, cache_dir)
-    proc = cli(kwargs, env={"GPT2_DEBUG_STEP_SLEEP": "0.25"})
+    proc = cli(kwargs, env={"GPT2_DEBUG_STEP_SLEEP": "0.25"}, launcher=WITH_FAULTS)
     wait_for(tmp_path / f"checkpoint-{SAVE_STEPS}" / COMPLETE, proc)
     time.sleep(0.4)
     proc.send_signal(signal.SIGINT)
@@ -476,9 +499,9 @@ def flip_a_middle_byte(path):
 ])
 def test_checkpoint_problem_names_the_damaged_file(run_copy, name, damage):
     checkpoint = run_copy / "checkpoint-8"
-    assert train_mod.checkpoint_problem(checkpoint) is None
+    assert checkpoints.checkpoint_problem(checkpoint) is None
     damage(checkpoint / name)
-    assert train_mod.checkpoint_problem(checkpoint).startswith(f"{name} is damaged (")
+    assert checkpoints.checkpoint_problem(checkpoint).startswith(f"{name} is damaged (")
 
 
 def test_damaged_latest_checkpoint_resumes_from_the_one_before(run_copy, corpus, cache_dir, capsys):
@@ -489,7 +512,7 @@ def test_damaged_latest_checkpoint_resumes_from_the_one_before(run_copy, corpus,
     assert f"Moved the damaged {run_copy / 'checkpoint-8'} to {run_copy / 'checkpoint-8.damaged'}" in out
     assert f"Resuming from {run_copy / 'checkpoint-4'}" in out
     assert result["global_step"] == 8 and (run_copy / "checkpoint-8.damaged" / "model.safetensors").is_file()
-    assert train_mod.checkpoint_problem(run_copy / "checkpoint-8") is None  # written again, whole
+    assert checkpoints.checkpoint_problem(run_copy / "checkpoint-8") is None  # written again, whole
 
 
 def test_no_usable_checkpoint_says_what_to_do(run_copy, corpus, cache_dir, capsys, monkeypatch):
@@ -664,7 +687,7 @@ def test_wandb_offline_and_resumed_run_keeps_its_id(tmp_path, corpus, cache_dir,
 
 
 def test_tensorboard_needs_its_package(tmp_path, corpus, cache_dir, capsys):
-    if train_mod._tensorboard_installed():
+    if tracking.tensorboard_installed():
         result = train(**tiny_kwargs(tmp_path, corpus, cache_dir, max_steps=2, report_to="tensorboard"))
         assert result["global_step"] == 2
     else:
@@ -690,7 +713,7 @@ def test_torchrun_two_processes_one_final_model(tmp_path, corpus, cache_dir):
     hashes = tmp_path / "hashes"
     kwargs = tiny_kwargs(tmp_path / "out", corpus, cache_dir, max_steps=6, save_steps=3, eval_steps=3,
                          ddp_backend="gloo", use_cpu=True)
-    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py")
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *WITH_FAULTS[1:])
     rc, log = finish(cli(kwargs, env={"GPT2_DEBUG_HASH_DIR": str(hashes)}, launcher=launcher))
     assert rc == 0, log
     rank_hashes = {p.name: p.read_text() for p in hashes.iterdir()}
@@ -706,4 +729,20 @@ def test_torchrun_two_processes_one_final_model(tmp_path, corpus, cache_dir):
     from transformers import GPT2LMHeadModel
 
     final = GPT2LMHeadModel.from_pretrained(out / "final_model")
-    assert train_mod.weights_hash(final) == rank_hashes["rank0.sha256"]  # the saved model is the trained one
+    assert weights_hash(final) == rank_hashes["rank0.sha256"]  # the saved model is the trained one
+
+
+def test_production_code_reads_no_debug_environment_variables():
+    # Faults are injected from the test side (tests/run_with_faults.py, monkeypatch), never by the toolkit.
+    for name in ("train.py", "checkpoints.py", "tracking.py", "model.py"):
+        assert "GPT2_DEBUG" not in (ROOT / name).read_text(), name
+
+
+@pytest.mark.parametrize("bf16_supported, precision", [(True, "bf16"), (False, "fp16")])
+def test_auto_precision_on_a_gpu(monkeypatch, bf16_supported, precision):
+    # The GPU defaults, resolved without a GPU: mixed precision where the Trainer's accelerator reads it, 3 epochs.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_supported)
+    t = parse_args([])[2]
+    train_mod.resolve_training_defaults(t, on_gpu=True)
+    assert (t.precision, t.mixed_precision, t.bf16, t.fp16) == (precision, precision, bf16_supported, not bf16_supported)
+    assert (t.max_steps, t.num_train_epochs, t.fused_loss) == (-1, 3.0, "off")
