@@ -621,15 +621,9 @@ def summarize(run_dir: Path) -> dict[str, Any]:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    lines = []
-    for text in path.read_text().splitlines():
-        try:
-            lines.append(json.loads(text))
-        except ValueError:
-            continue  # a line cut short by a kill -9
-    return lines
+    import tracking
+
+    return tracking.read_metrics(path) if path.is_file() else []  # a line cut short by a kill -9 is skipped
 
 
 def saved_parameter_count(model_dir: Path | None) -> int | None:
@@ -701,10 +695,9 @@ def _cell(key: str, value: Any) -> str:
 
 def plot_comparison(summaries: list[dict[str, Any]], png: Path, x_axis: str = "auto") -> None:
     """Left: every run's validation loss on shared axes; right: tokens/s per run."""
-    import matplotlib
+    import tracking
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = tracking.pyplot()
 
     if x_axis == "auto":  # tokens seen compare runs of different batch or block sizes fairly
         x_axis = "tokens" if all(s["tokens_per_step"] for s in summaries) else "step"
@@ -735,11 +728,7 @@ def plot_comparison(summaries: list[dict[str, Any]], png: Path, x_axis: str = "a
     speed_ax.set_xlabel("training tokens/s")
     speed_ax.set_title("Throughput")
     speed_ax.margins(x=0.15)
-    fig.tight_layout()
-    tmp = png.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, png)
+    tracking.save_figure(fig, png)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -71,12 +71,28 @@ def read_metrics(path: Path, warn: bool = False) -> list[dict]:
     return rows
 
 
-def plot_losses(metrics_path: Path, png_path: Path) -> None:
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no screen needed, nothing pops up)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig, png_path: Path) -> None:
+    """Write `fig` as a PNG whole (a temporary file renamed into place: a reader never sees half a
+    plot) and close it."""
+    fig.tight_layout()
+    tmp = png_path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    pyplot().close(fig)
+    os.replace(tmp, png_path)
+
+
+def plot_losses(metrics_path: Path, png_path: Path) -> None:
+    plt = pyplot()
     rows = read_metrics(metrics_path)
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     val = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
@@ -90,11 +106,7 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
     ax.set_title("GPT-2 training loss")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    tmp = png_path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, png_path)
+    save_figure(fig, png_path)
 
 
 # ----------------------------------------------------------------------------------------------
