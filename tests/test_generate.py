@@ -15,6 +15,7 @@ import torch
 
 import decode
 import generate as G
+import sampling
 from model import ModelError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,7 +168,7 @@ def test_stop_matcher_equals_brute_force():
     rng = random.Random(0)
     for _ in range(2000):
         stops = ["".join(rng.choice("ab") for _ in range(rng.randint(1, 5))) for _ in range(rng.randint(1, 3))]
-        matcher, text = G._StopMatcher(stops), ""
+        matcher, text = sampling.StopMatcher(stops), ""
         while len(text) < 40:
             piece = "".join(rng.choice("abc") for _ in range(rng.randint(0, 4)))
             text += piece
@@ -206,7 +207,7 @@ def test_stream_equals_generate(loaded):
 
 def test_stops_at_eos_and_strips_it(loaded, monkeypatch):
     tok, model, dev = loaded
-    real, calls = G._sample_top, []
+    real, calls = sampling.sample_top, []
 
     def eos_on_third_step_for_row0(*a):
         token = real(*a)
@@ -215,7 +216,7 @@ def test_stops_at_eos_and_strips_it(loaded, monkeypatch):
             token[0] = tok.eos_token_id
         return token
 
-    monkeypatch.setattr(G, "_sample_top", eos_on_third_step_for_row0)
+    monkeypatch.setattr(sampling, "sample_top", eos_on_third_step_for_row0)
     a, b = G.generate(tok, model, dev, ["Hi", "Hello"], max_new_tokens=8, temperature=0)
     assert (a.finish_reason, a.completion_tokens) == ("eos", 2) and tok.eos_token not in a.completion
     assert (b.finish_reason, b.completion_tokens) == ("length", 8)

@@ -13,7 +13,7 @@ RANKS = {
     "dataset": 2,
     "model": 3,
     "quantize": 4,
-    "decode": 5,
+    "decode": 5, "sampling": 5,
     "generate": 6,
     "checkpoints": 7, "tracking": 7,
     "train": 8, "evaluation": 8, "web_demo": 8,

@@ -1,0 +1,275 @@
+"""How the next token is chosen and how a completion's text grows: the sampling half of generate.py.
+
+HF's semantics and order: repetition penalty and n-gram bans (`Penalties`), then temperature, top-k,
+top-p (`sample`, `sample_top`); stop strings matched in O(new text) per token (`StopMatcher`,
+`RowText`); and `decode_rows`, the loop that runs decode.py's fast forward over one left-padded batch.
+generate.py's `generate` is the API over these.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+
+def check_sampling_args(max_new_tokens=50, top_k=50, top_p=1.0, temperature=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0, num_return_sequences=1):
+    """Raise ValueError naming the bad argument and the accepted range."""
+
+    def bad(name, value, want):
+        raise ValueError(f"{name} must be {want}, got {value!r}")
+
+    def number(name, value, want):  # NaN passes every comparison, so non-finite values are refused first
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            bad(name, value, want)
+        return float(value)
+
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        bad("max_new_tokens (--length)", max_new_tokens, "a positive integer")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        bad("top_k", top_k, "an integer >= 0 (0 disables top-k)")
+    if not 0.0 < number("top_p", top_p, "in (0, 1]") <= 1.0:
+        bad("top_p", top_p, "in (0, 1] (1 disables nucleus sampling)")
+    if number("temperature", temperature, "a finite number >= 0") < 0.0:
+        bad("temperature", temperature, ">= 0 (0 means greedy decoding)")
+    if not 1e-3 <= number("repetition_penalty", repetition_penalty, "a number from 0.001 to 1000") <= 1e3:
+        # beyond these, penalized float32 logits overflow to inf or vanish to 0 (and NaN in the softmax)
+        bad("repetition_penalty", repetition_penalty, "from 0.001 to 1000 (1 disables it; 1.1-1.5 is usual)")
+    if isinstance(no_repeat_ngram_size, bool) or not isinstance(no_repeat_ngram_size, int) or no_repeat_ngram_size < 0:
+        bad("no_repeat_ngram_size", no_repeat_ngram_size, "an integer >= 0 (0 disables it)")
+    if isinstance(num_return_sequences, bool) or not isinstance(num_return_sequences, int) or num_return_sequences < 1:
+        bad("num_return_sequences", num_return_sequences, "a positive integer")
+
+
+def banned_ngram_tokens(seq: list[int], n: int) -> list[int]:
+    # Same rule as HF's NoRepeatNGramLogitsProcessor: ban tokens that would repeat an n-gram.
+    if len(seq) < n:
+        return []
+    prefix = tuple(seq[len(seq) - n + 1 :])
+    return [seq[i + n - 1] for i in range(len(seq) - n + 1) if tuple(seq[i : i + n - 1]) == prefix]
+
+
+def sample(logits, top_k: int, top_p: float, temperature: float, generator):
+    """Next token per row of float `logits` (B, V), with HF's warper order: temperature, top-k, top-p."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    if 0 < top_k < logits.shape[-1]:
+        vals, idx = torch.topk(logits, top_k)
+    elif top_p < 1.0:
+        vals, idx = torch.sort(logits, descending=True)
+    else:
+        return torch.multinomial(torch.softmax(tempered(logits, temperature), -1), 1, generator=generator).squeeze(1)
+    return sample_top(vals, idx, top_p, temperature, generator)
+
+
+def tempered(logits, temperature: float):
+    """`logits / temperature`, shifted so that each row's largest is 0 and in float64 when scaled, so any
+    positive temperature, however small (1e-320) or large, gives finite probabilities; the order is kept."""
+    if temperature == 1.0:
+        return logits
+    logits = logits.double()
+    return (logits - logits.amax(-1, keepdim=True)) / temperature
+
+
+def sample_top(vals, idx, top_p: float, temperature: float, generator):
+    """Sample among the largest logits `vals` (B, k, sorted descending) of tokens `idx`."""
+    if temperature == 0:
+        return idx[:, 0]
+    vals = tempered(vals, temperature)  # scaling keeps the order: top-k first is the same
+    if top_p < 1.0:
+        probs = torch.softmax(vals, -1)
+        # Keep the smallest prefix whose mass reaches top_p; the top token always survives (even for a
+        # top_p below float32's smallest number, which compares as 0).
+        drop = probs.cumsum(-1) - probs >= top_p
+        drop[:, 0] = False
+        vals = vals.masked_fill(drop, float("-inf"))
+    choice = torch.multinomial(torch.softmax(vals, -1), 1, generator=generator)
+    return idx.gather(1, choice).squeeze(1)
+
+
+class StopMatcher:
+    """The first of several stop strings in a text that arrives piece by piece.
+
+    Knuth-Morris-Pratt: each stop string keeps the length of its longest prefix that ends the text
+    so far, so a piece costs O(its length) per stop string, whatever the stop strings' lengths.
+    (Searching the whole text and testing every prefix of a stop string at each token cost its
+    length squared per token: one 65 KB stop string held a server's worker for a minute.)
+    """
+
+    def __init__(self, stops: list[str]):
+        self.stops = stops
+        self.fallback = [self._table(s) for s in stops]
+        self.state = [0] * len(stops)
+        self.length = 0  # characters fed so far
+
+    @staticmethod
+    def _table(s: str) -> list[int]:
+        # fallback[i]: length of the longest proper prefix of s[: i + 1] that is also its suffix
+        table, k = [0] * len(s), 0
+        for i in range(1, len(s)):
+            while k and s[i] != s[k]:
+                k = table[k - 1]
+            if s[i] == s[k]:
+                k += 1
+            table[i] = k
+        return table
+
+    def feed(self, piece: str) -> int | None:
+        """Add `piece` to the text; the index where the earliest stop string now in it starts, or None."""
+        found = None
+        for j, s in enumerate(self.stops):
+            k, table = self.state[j], self.fallback[j]
+            for i, ch in enumerate(piece):
+                while k and s[k] != ch:
+                    k = table[k - 1]
+                if s[k] == ch:
+                    k += 1
+                if k == len(s):
+                    start = self.length + i + 1 - k
+                    found = start if found is None else min(found, start)
+                    k = table[k - 1]
+                    break
+            self.state[j] = k
+        self.length += len(piece)
+        return found
+
+    def pending(self) -> int:
+        """How many characters at the end of the text may be the start of a stop string."""
+        return max(self.state, default=0)
+
+
+class RowText:
+    """Decoded completion of one row: applies stop strings and yields printable increments."""
+
+    def __init__(self, tokenizer, stop: list[str]):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.matcher = StopMatcher(stop)
+        self.ids: list[int] = []
+        self.text = ""
+        self.emitted = 0
+        self.stopped = False
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""  # a multi-byte character split across tokens: wait for its last byte
+        if text.startswith(self.text):
+            cut = self.matcher.feed(text[len(self.text) :])
+        else:  # decoding changed earlier text (not seen with byte-level BPE): match all of it again
+            self.matcher = StopMatcher(self.stop)
+            cut = self.matcher.feed(text)
+        if cut is not None:
+            self.text, self.stopped = text[:cut], True
+            safe = cut
+        else:
+            self.text = text
+            safe = len(text) - self.matcher.pending()  # a possible start of a stop string is never printed
+        out = self.text[self.emitted : safe]
+        self.emitted = max(self.emitted, safe)
+        return out
+
+    def rest(self) -> str:
+        """The text not yet returned by `add`, including a trailing partial character."""
+        if not self.stopped and self.ids:
+            self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        out = self.text[self.emitted :]
+        self.emitted = len(self.text)
+        return out
+
+
+def left_padded(rows: list[list[int]], pad: int, max_new_tokens: int, device):
+    """(ids (B, P), valid (B, P + max_new_tokens) "is a real token", positions (B, P), attention mask or None)."""
+    B, P = len(rows), max(len(r) for r in rows)
+    ids = torch.tensor([[pad] * (P - len(r)) + r for r in rows], device=device)
+    valid = torch.zeros(B, P + max_new_tokens, dtype=torch.bool, device=device)
+    for b, r in enumerate(rows):
+        valid[b, P - len(r) : P] = True
+    pos = (valid[:, :P].long().cumsum(-1) - 1).clamp(min=0)
+    mask = None
+    if any(len(r) != P for r in rows):  # causal & not padding; a pad query attends to itself so no softmax row is all -inf
+        causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
+        mask = ((causal & valid[:, None, :P]) | torch.eye(P, dtype=torch.bool, device=device))[:, None]
+    return ids, valid, pos, mask
+
+
+class Penalties:
+    """HF's repetition penalty and n-gram ban as one adjustment of the logits, `self(z, ids)`, which is
+    non-decreasing in z per token, as decode's `top_logits` needs (ids None: all tokens)."""
+
+    def __init__(self, rows, vocab: int, device, repetition_penalty: float, no_repeat_ngram_size: int):
+        self.penalty, self.n, self.vocab, self.device = repetition_penalty, no_repeat_ngram_size, vocab, device
+        self.seen = self.banned = None
+        if repetition_penalty != 1.0:
+            self.seen = torch.zeros(len(rows), vocab, dtype=torch.bool, device=device)
+            for b, r in enumerate(rows):
+                self.seen[b, r] = True
+        self.histories = [list(r) for r in rows] if no_repeat_ngram_size else None
+
+    def start_step(self) -> None:
+        if self.histories is not None:
+            self.banned = torch.zeros(len(self.histories), self.vocab, dtype=torch.bool, device=self.device)
+            for b, hist in enumerate(self.histories):
+                self.banned[b, banned_ngram_tokens(hist, self.n)] = True
+
+    def __call__(self, z, ids):
+        if self.seen is not None:  # HF's rule: divide positive logits, multiply negative ones
+            penalized = torch.where(z > 0, z / self.penalty, z * self.penalty)
+            z = torch.where(self.seen if ids is None else self.seen.gather(1, ids), penalized, z)
+        if self.banned is not None:
+            z = z.masked_fill(self.banned if ids is None else self.banned.gather(1, ids), float("-inf"))
+        return z
+
+    def add(self, row: int, token: int) -> None:
+        if self.histories is not None:
+            self.histories[row].append(token)
+
+    def end_step(self, tokens) -> None:
+        if self.seen is not None:
+            self.seen[torch.arange(len(tokens), device=self.device), tokens] = True
+
+
+def decode_rows(tokenizer, fast, device, rows, max_new_tokens, top_k, top_p, temperature, penalties, generator, stop, on_text):
+    """The decode loop over one left-padded batch: (new tokens per row, finish reason per row or None,
+    the rows' RowText when stop strings or on_text need the text as it grows, else None)."""
+    eos, B = tokenizer.eos_token_id, len(rows)
+    ids, valid, pos, mask = left_padded(rows, eos, max_new_tokens, device)
+    P = ids.shape[1]
+    texts = [RowText(tokenizer, stop) for _ in rows] if stop or on_text is not None else None
+    finish, new_tokens = [None] * B, [[] for _ in rows]
+    cache = fast.new_cache(B, P + max_new_tokens)
+    h = fast.hidden(ids, pos, cache, 0, mask)[:, -1]
+    next_pos = pos[:, -1] + 1
+    k = 1 if temperature == 0 else top_k
+    for step in range(max_new_tokens):
+        penalties.start_step()
+        if 0 < k < fast.vocab:  # the top-k warper only ever looks at the k largest logits
+            token = sample_top(*fast.top_logits(h, k, penalties), top_p, temperature, generator)
+        else:
+            token = sample(penalties(fast.logits(h), None), top_k, top_p, temperature, generator)
+        for b, t in enumerate(token.tolist()):
+            if finish[b] is not None:
+                continue
+            if t == eos:
+                finish[b] = "eos"
+                continue
+            new_tokens[b].append(t)
+            penalties.add(b, t)
+            if texts is not None:
+                piece = texts[b].add(t)
+                if piece and on_text is not None:
+                    on_text(b, piece)
+                if texts[b].stopped:
+                    finish[b] = "stop"
+        if all(f is not None for f in finish) or step == max_new_tokens - 1:
+            break
+        penalties.end_step(token)
+        at = P + step
+        step_mask = None
+        if mask is not None:
+            valid[:, at] = True
+            step_mask = valid[:, None, None, : at + 1]
+        h = fast.hidden(token[:, None], next_pos[:, None], cache, at, step_mask)[:, -1]
+        next_pos = next_pos + 1
+    return new_tokens, finish, texts
