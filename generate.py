@@ -12,9 +12,9 @@ As a library:
 
 `generate` is the one sampler of the toolkit (the CLI, the web demo, evaluation's continuations and
 train.py's samples use it), with HF's semantics: repetition penalty, then temperature, top-k, top-p.
-The rules live in sampling.py; it runs decode.py's fast KV-cache forward over the model's own weights, which is compared with the
-Hugging Face forward in tests/test_decode.py; a model that forward does not implement
-(`decode.unsupported`) is sampled with `model.generate` instead. bench/generate_bench.py measures it
+The rules live in sampling.py; it runs decode.py's fast KV-cache forward over the model's own
+weights, which is compared with the Hugging Face forward in tests/test_decode.py; a model that
+forward does not implement (`decode.unsupported`) is sampled with `model.generate` instead. bench/generate_bench.py measures it
 against the original model.generate / pipeline code. Folders written by quantize.py (int8/int4) load
 and sample the same way, on the CPU.
 """
