@@ -277,36 +277,12 @@ def _fetch_once(url: str, part: Path, timeout: float, progress: bool) -> int | N
 
     Raises _Retryable on transient failures (the .part is kept when it can be resumed).
     """
-    from tqdm import tqdm
-
-    offset = part.stat().st_size if part.exists() else 0
-    meta = _read_meta(part) if offset else None
-    if offset and (why := _why_not_resume(meta, url)):
-        _log(f"{part.name}: not resuming: {why}; starting again")
-        _discard_part(part)
-        offset, meta = 0, None
+    offset, meta = _resume_point(url, part)
     try:
         resp = _open(url, offset, timeout, if_range=_if_range(meta) if meta else None)
     except urllib.error.HTTPError as e:
         with e:
-            if e.code == 404:
-                raise DownloadError(f"not found (HTTP 404): {url}; check the dataset and split names and --base_url") from None
-            if e.code == 416 and offset:
-                # The .part file already reaches (or passes) the end of the remote file.
-                _, total = _parse_content_range(e.headers.get("Content-Range"))
-                if total == offset and meta.get("size") in (None, total):
-                    return total  # complete already
-                _log(f"{part.name}: partial file does not match the server's copy; starting again")
-                _discard_part(part)
-                raise _Retryable(f"HTTP 416 for a {human_size(offset)} partial file") from None
-            if e.code >= 500 or e.code in (408, 429):
-                raise _Retryable(f"HTTP {e.code} {_one_line(e.reason)}") from None
-            if 300 <= e.code < 400:  # urllib follows redirects; one it gives up on is a loop or a bad target
-                raise DownloadError(
-                    f"too many redirects, or a redirect that cannot be followed (HTTP {e.code}), for {url}; "
-                    f"check --base_url"
-                ) from None
-            raise DownloadError(f"HTTP {e.code} {_one_line(e.reason)}: {url}") from None
+            return _complete_or_raise(e, url, part, offset, meta)
     except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError, socket.timeout) as e:
         reason = getattr(e, "reason", None) or e
         raise _Retryable(f"could not reach {url}: {_one_line(reason)}") from None
@@ -314,69 +290,124 @@ def _fetch_once(url: str, part: Path, timeout: float, progress: bool) -> int | N
         raise DownloadError(f"bad URL {url}: {e}") from None
 
     with resp:
-        length = _int_header(resp.headers.get("Content-Length"))
-        if resp.status == 206:
-            start, total = _parse_content_range(resp.headers.get("Content-Range"))
-            if start is None:
-                why = "the server's partial answer does not say where it starts (no Content-Range)"
-            elif start != offset:
-                why = f"the server resumed at byte {start} instead of {offset}"
-            else:
-                why = _changed(meta or {}, resp.headers, total)
-            if why:
-                _discard_part(part)
-                raise _Retryable(f"{why}; starting again")
-            if total is None and length is not None:
-                total = offset + length
-            mode = "ab"
+        offset, total, mode = _start_writing(resp, url, part, offset, meta, timeout)
+        _check_free_space(part, offset, total)
+        _receive(resp, part, mode, offset, total, progress)
+    _check_complete(part, total)
+    return total
+
+
+def _resume_point(url: str, part: Path) -> tuple[int, dict | None]:
+    """Where to resume `part` (its size) and its recorded metadata, or (0, None) when it cannot be resumed."""
+    offset = part.stat().st_size if part.exists() else 0
+    meta = _read_meta(part) if offset else None
+    if offset and (why := _why_not_resume(meta, url)):
+        _log(f"{part.name}: not resuming: {why}; starting again")
+        _discard_part(part)
+        offset, meta = 0, None
+    return offset, meta
+
+
+def _complete_or_raise(e: urllib.error.HTTPError, url: str, part: Path, offset: int, meta: dict | None) -> int:
+    """The size of a .part the server says is complete already (HTTP 416); any other HTTP error raises
+    DownloadError, or _Retryable when trying again may help."""
+    if e.code == 404:
+        raise DownloadError(f"not found (HTTP 404): {url}; check the dataset and split names and --base_url") from None
+    if e.code == 416 and offset:
+        # The .part file already reaches (or passes) the end of the remote file.
+        _, total = _parse_content_range(e.headers.get("Content-Range"))
+        if total == offset and meta.get("size") in (None, total):
+            return total  # complete already
+        _log(f"{part.name}: partial file does not match the server's copy; starting again")
+        _discard_part(part)
+        raise _Retryable(f"HTTP 416 for a {human_size(offset)} partial file") from None
+    if e.code >= 500 or e.code in (408, 429):
+        raise _Retryable(f"HTTP {e.code} {_one_line(e.reason)}") from None
+    if 300 <= e.code < 400:  # urllib follows redirects; one it gives up on is a loop or a bad target
+        raise DownloadError(
+            f"too many redirects, or a redirect that cannot be followed (HTTP {e.code}), for {url}; "
+            f"check --base_url"
+        ) from None
+    raise DownloadError(f"HTTP {e.code} {_one_line(e.reason)}: {url}") from None
+
+
+def _start_writing(resp, url: str, part: Path, offset: int, meta: dict | None, timeout: float) -> tuple[int, int | None, str]:
+    """From the server's answer: (offset, total size or None, file mode) to write `part` with. A resumed answer that
+    does not continue our .part raises _Retryable; a fresh start records the file's validators next to it."""
+    length = _int_header(resp.headers.get("Content-Length"))
+    if resp.status == 206:
+        start, total = _parse_content_range(resp.headers.get("Content-Range"))
+        if start is None:
+            why = "the server's partial answer does not say where it starts (no Content-Range)"
+        elif start != offset:
+            why = f"the server resumed at byte {start} instead of {offset}"
         else:
-            if offset:
-                # With If-Range a 200 means the file changed; without, the server can't resume.
-                _log(f"{part.name}: the server sent the whole file (it changed, or the server does not "
-                     f"resume downloads); restarting from the beginning")
-            offset, total, mode = 0, length, "wb"
-        if total is None:  # no Content-Length: ask for the size, else an early end would look complete
-            total = _remote_size(url, timeout)
-        if offset == 0:
+            why = _changed(meta or {}, resp.headers, total)
+        if why:
             _discard_part(part)
-            with open(_meta_path(part), "w", encoding="utf-8") as f:
-                json.dump({"url": url, **_validators(resp.headers), "size": total}, f)
+            raise _Retryable(f"{why}; starting again")
+        if total is None and length is not None:
+            total = offset + length
+        mode = "ab"
+    else:
+        if offset:
+            # With If-Range a 200 means the file changed; without, the server can't resume.
+            _log(f"{part.name}: the server sent the whole file (it changed, or the server does not "
+                 f"resume downloads); restarting from the beginning")
+        offset, total, mode = 0, length, "wb"
+    if total is None:  # no Content-Length: ask for the size, else an early end would look complete
+        total = _remote_size(url, timeout)
+    if offset == 0:
+        _discard_part(part)
+        with open(_meta_path(part), "w", encoding="utf-8") as f:
+            json.dump({"url": url, **_validators(resp.headers), "size": total}, f)
+    return offset, total, mode
 
-        if total is not None:
-            try:
-                free = shutil.disk_usage(part.parent).free
-            except OSError:
-                free = None
-            if free is not None and free < total - offset:
-                raise _no_space(part, total - offset, free)
 
-        received = 0
+def _check_free_space(part: Path, offset: int, total: int | None) -> None:
+    if total is not None:
         try:
-            with open(part, mode) as f, tqdm(
-                total=total,
-                initial=offset,
-                unit="B",
-                unit_scale=True,
-                unit_divisor=1024,
-                desc=part.name[: -len(".part")],
-                disable=not progress,
-                leave=True,
-            ) as bar:
-                while True:
-                    try:
-                        chunk = resp.read(CHUNK_SIZE)
-                    except (http.client.HTTPException, ConnectionError, TimeoutError, socket.timeout, OSError) as e:
-                        raise _Retryable(f"connection lost after {human_size(offset + received)}: {e!r}") from None
-                    if not chunk:
-                        break
-                    f.write(chunk)
-                    received += len(chunk)
-                    bar.update(len(chunk))
-        except OSError as e:  # a write, or the flush on close
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise _no_space(part, total - offset - received if total is not None else None) from None
-            raise
+            free = shutil.disk_usage(part.parent).free
+        except OSError:
+            free = None
+        if free is not None and free < total - offset:
+            raise _no_space(part, total - offset, free)
 
+
+def _receive(resp, part: Path, mode: str, offset: int, total: int | None, progress: bool) -> None:
+    """Write the body of `resp` to `part` (appending when mode is "ab"), with a progress bar."""
+    from tqdm import tqdm
+
+    received = 0
+    try:
+        with open(part, mode) as f, tqdm(
+            total=total,
+            initial=offset,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc=part.name[: -len(".part")],
+            disable=not progress,
+            leave=True,
+        ) as bar:
+            while True:
+                try:
+                    chunk = resp.read(CHUNK_SIZE)
+                except (http.client.HTTPException, ConnectionError, TimeoutError, socket.timeout, OSError) as e:
+                    raise _Retryable(f"connection lost after {human_size(offset + received)}: {e!r}") from None
+                if not chunk:
+                    break
+                f.write(chunk)
+                received += len(chunk)
+                bar.update(len(chunk))
+    except OSError as e:  # a write, or the flush on close
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise _no_space(part, total - offset - received if total is not None else None) from None
+        raise
+
+
+def _check_complete(part: Path, total: int | None) -> None:
+    """Raise _Retryable when `part` is shorter or longer than announced, or (no size known) stops mid-line."""
     size = part.stat().st_size
     if total is not None and size < total:
         raise _Retryable(f"connection closed after {human_size(size)} of {human_size(total)}")
@@ -386,7 +417,6 @@ def _fetch_once(url: str, part: Path, timeout: float, progress: bool) -> int | N
     if total is None and size and not _ends_with_newline(part):
         # Every dataset file ends with a newline: without a size, a body that stops mid-line was cut.
         raise _Retryable(f"connection closed mid-line after {human_size(size)} (the server gave no size)")
-    return total
 
 
 def _ends_with_newline(path: Path) -> bool:

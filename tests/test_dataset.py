@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import dataset
+import readers
 from dataset import DataError, dataset_info, get_dataset_and_tokenizer
 
 DOCS = [f"Document {i} says hello to doc{i} number {i}.\nSecond line of doc{i}!" for i in range(40)]
@@ -81,7 +82,7 @@ def test_every_format_keeps_every_token(tmp_path, cache, tokenizer, fmt):
 
 def test_txt_file_is_one_document_tokenized_exactly(tmp_path, cache, tokenizer, monkeypatch):
     # Small read chunks force many seams; the ids must equal tokenizing the whole text at once.
-    monkeypatch.setattr(dataset, "TXT_CHUNK_BYTES", 300)
+    monkeypatch.setattr(readers, "TXT_CHUNK_BYTES", 300)
     text = "".join(f"Line {i}:  some words, ünïcode and   spaces\n\n  indented {i}\n" for i in range(200))
     (tmp_path / "book.txt").write_text(text, encoding="utf-8")
     _, train, val = get_dataset_and_tokenizer(dataset_path=str(tmp_path / "book.txt"), block_size=32,
@@ -309,22 +310,22 @@ def test_recursive_glob_matches_like_glob(tmp_path):
     for p in ("top.txt", "a/x.jsonl", "a/b/y.txt", "a/b/z.csv", ".hidden/h.txt", "a/.h.txt"):
         (d / p).write_text("x")
     for pattern in ("**/*.txt", "**", "a/**/*.txt", "**/b/*", "a/**/b/**/*.csv", "**/*.[jt]*"):
-        assert dataset.expand_path(str(d / pattern)) == sorted(
-            p for p in __import__("glob").glob(str(d / pattern), recursive=True) if dataset.file_format(p))
+        assert readers.expand_path(str(d / pattern)) == sorted(
+            p for p in __import__("glob").glob(str(d / pattern), recursive=True) if readers.file_format(p))
 
 
 def test_unreadable_subfolder_is_an_error_not_skipped(tmp_path, cache, monkeypatch):
     (tmp_path / "d" / "locked").mkdir(parents=True)
     (tmp_path / "d" / "a.txt").write_text("readable " * 20)
     (tmp_path / "d" / "locked" / "b.txt").write_text("not readable " * 20)
-    real_scandir = dataset.os.scandir
+    real_scandir = readers.os.scandir
 
     def scandir(path="."):  # root can read any folder: simulate chmod 000
         if str(path).endswith("locked"):
             raise PermissionError(13, "Permission denied", str(path))
         return real_scandir(path)
 
-    monkeypatch.setattr(dataset.os, "scandir", scandir)
+    monkeypatch.setattr(readers.os, "scandir", scandir)
     with pytest.raises(DataError, match=r"locked: cannot read this folder \(Permission denied\)"):
         get_dataset_and_tokenizer(dataset_path=str(tmp_path / "d"), cache_dir=cache)
 
@@ -443,7 +444,7 @@ def test_unreadable_file_names_it(tmp_path, cache, monkeypatch):
             raise PermissionError(13, "Permission denied", str(path))
         return open(path, *args, **kwargs)
 
-    monkeypatch.setattr(dataset, "open", locked_open, raising=False)
+    monkeypatch.setattr(readers, "open", locked_open, raising=False)
     with pytest.raises(DataError, match=r"locked.txt: cannot read it \(Permission denied\)"):
         get_dataset_and_tokenizer(dataset_path=str(tmp_path / "locked.txt"), cache_dir=cache)
 
@@ -519,21 +520,21 @@ def test_non_utf8_file_name(tmp_path, cache):
 def test_file_changed_while_read_is_an_error(tmp_path, cache, monkeypatch):
     path = tmp_path / "growing.txt"
     path.write_text("first words of a log still being written\n" * 20)
-    real = dataset.read_txt
+    real = readers.read_txt
 
     def read_then_append(stream):
         yield from real(stream)
         with open(path, "a") as f:  # another program appends while we tokenize
             f.write("a late line\n")
 
-    monkeypatch.setattr(dataset, "read_txt", read_then_append)
+    monkeypatch.setattr(readers, "read_txt", read_then_append)
     with pytest.raises(DataError, match=r"growing.txt changed while it was read"):
         get_dataset_and_tokenizer(dataset_path=str(path), block_size=4, cache_dir=cache)
     assert list((tmp_path / "cache").iterdir()) == []
 
 
 def test_huge_line_is_cut_between_characters(tmp_path, cache, monkeypatch):
-    monkeypatch.setattr(dataset, "TXT_CHUNK_BYTES", 300)  # a run with no newline is cut every 16 chunks (4800 bytes)
+    monkeypatch.setattr(readers, "TXT_CHUNK_BYTES", 300)  # a run with no newline is cut every 16 chunks (4800 bytes)
     # 3-byte characters, where a cut at 4796 bytes falls inside one; a CRLF where that cut falls between \r and \n
     for i, text in enumerate(["中" * 3000 + "文" * 2000, "a" * 4795 + "\r\n" + "字" * 2000]):
         (tmp_path / f"{i}.txt").write_text(text, encoding="utf-8", newline="")

@@ -1,4 +1,4 @@
-"""experiments.py: sweep files, validation before any run, a sweep interrupted and resumed, the comparison.
+"""experiments.py and sweep_spec.py: sweep files, validation before any run, a sweep interrupted and resumed, the comparison.
 
 Runs use a tiny model on a small text file, as in test_train.py."""
 
@@ -17,7 +17,8 @@ import yaml
 
 import experiments
 import train as train_mod
-from experiments import SweepError, compare, load_sweep, main, run_sweep, validate
+from experiments import compare, main, run_sweep
+from sweep_spec import SweepError, expand, load_sweep, parse_run, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_STEPS, SAVE_STEPS, KILL_AT = 12, 4, 6
@@ -64,7 +65,7 @@ def test_grid_expands_to_named_runs_on_top_of_base(tmp_path):
     assert runs[4].overrides == {"max_steps": 5, "n_layer": 1, "n_embd": 384, "n_head": 6}
     assert runs[0].output_dir == str(Path("logs/sweeps/demo/lr=3e-4,n_layer=2")) and runs[0].sweep == "demo"
     # Values reach train.py converted as on its command line.
-    _, _, args = experiments.parse_run(runs[0])
+    _, _, args = parse_run(runs[0])
     assert args.learning_rate == 3e-4 and args.max_steps == 5
 
     as_json = write_sweep(tmp_path / "s.json", {"output_dir": str(tmp_path / "out"), "grid": {"learning_rate": [0.0003]}})
@@ -229,6 +230,13 @@ def test_a_failed_run_is_recorded_and_the_others_go_on(tmp_path, corpus, monkeyp
     assert "| broken | failed |" in table and "| good | finished | 2 |" in table
 
 
+def test_the_sweep_file_api_is_still_importable_from_experiments():
+    import sweep_spec
+
+    for name in ("SweepError", "Run", "load_sweep", "expand", "run_name", "known_arguments", "to_argv", "parse_run", "validate"):
+        assert getattr(experiments, name) is getattr(sweep_spec, name), name
+
+
 def test_help_documents_every_flag():
     with pytest.raises(SystemExit) as e:
         main(["--help"])
@@ -239,8 +247,8 @@ def test_help_documents_every_flag():
 
 
 def test_validate_returns_what_the_comparison_needs(tmp_path, corpus):
-    runs = experiments.expand({"output_dir": str(tmp_path), "base": tiny_base(corpus, tmp_path),
-                               "grid": {"gradient_accumulation_steps": [1, 2]}})
+    runs = expand({"output_dir": str(tmp_path), "base": tiny_base(corpus, tmp_path),
+                   "grid": {"gradient_accumulation_steps": [1, 2]}})
     resolved = validate(runs)
     assert [resolved[r.name]["tokens_per_step"] for r in runs] == [16 * 4, 16 * 4 * 2]
 

@@ -9,15 +9,16 @@ ROOT = Path(__file__).resolve().parents[1]
 # quantize <- decode <- generate <- evaluation, web_demo; train imports generate for its samples.
 RANKS = {
     "quiet_imports": 0, "gpt2_tokenizer": 0, "metrics": 0,
-    "download_dataset": 1,
+    "download_dataset": 1, "readers": 1,
     "dataset": 2,
     "model": 3,
     "quantize": 4,
     "decode": 5, "sampling": 5,
     "generate": 6,
-    "checkpoints": 7, "tracking": 7,
+    "checkpoints": 7, "tracking": 7, "web_api": 7,
     "train": 8, "evaluation": 8, "web_demo": 8,
-    "experiments": 9,
+    "sweep_spec": 9,
+    "experiments": 10,
 }
 
 

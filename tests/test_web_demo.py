@@ -1,4 +1,4 @@
-"""web_demo.py over real HTTP on 127.0.0.1: the OpenAI and JSON APIs, limits, the openai client, and the page in Chromium."""
+"""web_demo.py (and web_api.py behind it) over real HTTP on 127.0.0.1: the OpenAI and JSON APIs, limits, the openai client, and the page in Chromium."""
 
 import http.client
 import json
@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import generate as G
+import web_api as A
 import web_demo as W
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -323,7 +324,7 @@ def paced(monkeypatch, delay=0.02, pieces=None):
 
     `pieces`, when given, collects every piece handed on to the server, as it is sampled.
     """
-    real_generate, ended = W.generate, []
+    real_generate, ended = A.generate, []
 
     def paced_generate(*args, on_text, **kwargs):
         # The tiny model samples a token in about a millisecond: pace the pieces so that a
@@ -342,7 +343,7 @@ def paced(monkeypatch, delay=0.02, pieces=None):
         ended.append("done")
         return result
 
-    monkeypatch.setattr(W, "generate", paced_generate)
+    monkeypatch.setattr(A, "generate", paced_generate)  # where the Engine looks it up
     return ended
 
 
