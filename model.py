@@ -207,47 +207,11 @@ def get_model(
 
     Raises ModelError (a ValueError) for a bad shape, or a folder that holds no usable GPT-2.
     """
-    import quiet_imports  # noqa: F401, I001  (first: transformers imports torchao, whose import-time warnings it hides)
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     if init_from is not None:
-        check_shape(dropout=dropout)
-        overrides = dict(config_kwargs)
-        if dropout is not None:
-            overrides.update(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
-        advice = ("Pass a folder saved with save_pretrained (it holds config.json and model.safetensors), "
-                  "or a Hub name such as 'gpt2' (needs the network the first time, or HF_HUB_OFFLINE=0).")
-        try:
-            if (Path(init_from) / "config.json").is_file():
-                model = load_folder(GPT2LMHeadModel, init_from, config_overrides=overrides, attn_implementation=attn_implementation)
-            else:  # a Hub name, or a folder that is not a model (its OSError is explained below)
-                model = GPT2LMHeadModel.from_pretrained(str(init_from), attn_implementation=attn_implementation, **overrides)
-        except (OSError, ModelError) as e:
-            where = "folder" if Path(init_from).exists() else "folder or Hub model name"
-            raise ModelError(f"Could not load a model from init_from={str(init_from)!r} ({where}): {e}\n{advice}") from None
-        if verbose:
-            print(f"Loaded pretrained weights from {init_from}")
+        model = _pretrained(init_from, dropout, attn_implementation, config_kwargs, verbose)
     else:
-        if preset is not None:
-            if preset not in PRESETS:
-                raise ModelError(f"Unknown model preset {preset!r}; choose one of {', '.join(PRESETS)}.")
-            n_layer, n_head, n_embd = (PRESETS[preset][k] for k in ("n_layer", "n_head", "n_embd"))
-        check_shape(n_embd, n_layer, n_head, n_positions, dropout)
-        p = 0.1 if dropout is None else dropout
-        config = GPT2Config(
-            vocab_size=vocab_size,
-            n_positions=n_positions,
-            n_embd=n_embd,
-            n_layer=n_layer,
-            n_head=n_head,
-            resid_pdrop=p,
-            embd_pdrop=p,
-            attn_pdrop=p,
-            bos_token_id=bos_token_id,
-            eos_token_id=eos_token_id,
-            **{"activation_function": "gelu_pytorch_tanh", **config_kwargs},  # GPT-2's tanh GELU as one fused op
-        )
-        model = GPT2LMHeadModel._from_config(config, attn_implementation=attn_implementation)
+        model = _from_scratch(n_embd, n_layer, n_head, vocab_size, preset, n_positions, dropout, attn_implementation,
+                              bos_token_id, eos_token_id, config_kwargs)
 
     # transformers cannot map the class name GPT2LMHeadModel to its loss and warns at the first step; name it.
     model.loss_type = "ForCausalLM"
@@ -264,6 +228,58 @@ def get_model(
             f"({count_parameters(model, non_embedding=True) / 1e6:.2f}M without position embeddings)"
         )
     return model
+
+
+def _pretrained(init_from, dropout, attn_implementation: str, config_kwargs: dict, verbose: bool):
+    """get_model(init_from=...): a pretrained GPT-2 from a folder or the Hub, with dropout and config_kwargs on top."""
+    import quiet_imports  # noqa: F401, I001  (first: transformers imports torchao, whose import-time warnings it hides)
+    from transformers import GPT2LMHeadModel
+
+    check_shape(dropout=dropout)
+    overrides = dict(config_kwargs)
+    if dropout is not None:
+        overrides.update(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
+    advice = ("Pass a folder saved with save_pretrained (it holds config.json and model.safetensors), "
+              "or a Hub name such as 'gpt2' (needs the network the first time, or HF_HUB_OFFLINE=0).")
+    try:
+        if (Path(init_from) / "config.json").is_file():
+            model = load_folder(GPT2LMHeadModel, init_from, config_overrides=overrides, attn_implementation=attn_implementation)
+        else:  # a Hub name, or a folder that is not a model (its OSError is explained below)
+            model = GPT2LMHeadModel.from_pretrained(str(init_from), attn_implementation=attn_implementation, **overrides)
+    except (OSError, ModelError) as e:
+        where = "folder" if Path(init_from).exists() else "folder or Hub model name"
+        raise ModelError(f"Could not load a model from init_from={str(init_from)!r} ({where}): {e}\n{advice}") from None
+    if verbose:
+        print(f"Loaded pretrained weights from {init_from}")
+    return model
+
+
+def _from_scratch(n_embd, n_layer, n_head, vocab_size, preset, n_positions, dropout, attn_implementation, bos_token_id,
+                  eos_token_id, config_kwargs: dict):
+    """get_model() without init_from: a new GPT-2 of the preset's or the given shape."""
+    import quiet_imports  # noqa: F401, I001
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ModelError(f"Unknown model preset {preset!r}; choose one of {', '.join(PRESETS)}.")
+        n_layer, n_head, n_embd = (PRESETS[preset][k] for k in ("n_layer", "n_head", "n_embd"))
+    check_shape(n_embd, n_layer, n_head, n_positions, dropout)
+    p = 0.1 if dropout is None else dropout
+    config = GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=n_positions,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        resid_pdrop=p,
+        embd_pdrop=p,
+        attn_pdrop=p,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        **{"activation_function": "gelu_pytorch_tanh", **config_kwargs},  # GPT-2's tanh GELU as one fused op
+    )
+    return GPT2LMHeadModel._from_config(config, attn_implementation=attn_implementation)
 
 
 class _LMHeadLoss(torch.autograd.Function):

@@ -491,6 +491,21 @@ def _key_checker(api_key: str | None):
     return check_key
 
 
+def _refuse_unsupported(req) -> None:
+    """A 400 naming the first OpenAI completion parameter this server does not implement, rather than ignoring it."""
+    unsupported = [
+        ("presence_penalty", req.presence_penalty not in (0, None), "use repetition_penalty"),
+        ("frequency_penalty", req.frequency_penalty not in (0, None), "use repetition_penalty"),
+        ("logprobs", req.logprobs is not None, None),
+        ("logit_bias", bool(req.logit_bias), None),
+        ("suffix", bool(req.suffix), None),
+        ("best_of", req.best_of not in (None, req.n), None),
+    ]
+    for param, used, hint in unsupported:
+        if used:
+            raise RequestError(400, f"{param} is not supported by this server" + (f" ({hint})" if hint else ""), param=param)
+
+
 def _add_openai_routes(app, auth, engine: Engine, limits: Limits, model_name: str, CompletionRequest) -> None:
     """GET /v1/models, /v1/models/{name} and POST /v1/completions (plain and SSE), as OpenAI's API has them."""
     from fastapi import Request
@@ -510,17 +525,7 @@ def _add_openai_routes(app, auth, engine: Engine, limits: Limits, model_name: st
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(req: CompletionRequest, request: Request):
-        unsupported = [
-            ("presence_penalty", req.presence_penalty not in (0, None), "use repetition_penalty"),
-            ("frequency_penalty", req.frequency_penalty not in (0, None), "use repetition_penalty"),
-            ("logprobs", req.logprobs is not None, None),
-            ("logit_bias", bool(req.logit_bias), None),
-            ("suffix", bool(req.suffix), None),
-            ("best_of", req.best_of not in (None, req.n), None),
-        ]
-        for param, used, hint in unsupported:
-            if used:
-                raise RequestError(400, f"{param} is not supported by this server" + (f" ({hint})" if hint else ""), param=param)
+        _refuse_unsupported(req)
         prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
         # "<|endoftext|>" is OpenAI's default prompt; generate.py starts an empty prompt from it.
         prompts = ["" if p == "<|endoftext|>" else p for p in prompts]
