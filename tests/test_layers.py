@@ -15,10 +15,11 @@ RANKS = {
     "quantize": 4,
     "decode": 5, "sampling": 5,
     "generate": 6,
-    "checkpoints": 7, "tracking": 7, "web_api": 7,
-    "train": 8, "evaluation": 8, "web_demo": 8,
-    "sweep_spec": 9,
-    "experiments": 10,
+    "checkpoints": 7, "tracking": 7, "perplexity": 7, "web_api": 8,
+    "train_args": 8,
+    "train": 9, "evaluation": 9, "web_demo": 9,
+    "sweep_spec": 10,
+    "experiments": 11,
 }
 
 

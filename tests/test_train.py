@@ -24,6 +24,7 @@ import dataset
 import model
 import tracking
 import train as train_mod
+import train_args
 from run_with_faults import weights_hash
 from train import COMPLETE, main, parse_args, resolve_defaults, train
 
@@ -163,12 +164,12 @@ def test_defaults_on_cpu():
 
 
 def test_fused_loss_is_used_in_fp32_on_cpu_only():
-    assert train_mod.use_fused_loss(parse_args([])[2])
-    assert not train_mod.use_fused_loss(parse_args(["--precision", "bf16", "--use_cpu", "true"])[2])
-    assert not train_mod.use_fused_loss(parse_args(["--fused_loss", "off"])[2])
-    assert not train_mod.use_fused_loss(parse_args(["--label_smoothing_factor", "0.1"])[2])
+    assert train_args.use_fused_loss(parse_args([])[2])
+    assert not train_args.use_fused_loss(parse_args(["--precision", "bf16", "--use_cpu", "true"])[2])
+    assert not train_args.use_fused_loss(parse_args(["--fused_loss", "off"])[2])
+    assert not train_args.use_fused_loss(parse_args(["--label_smoothing_factor", "0.1"])[2])
     with pytest.raises(train_mod.UserError, match="label smoothing"):
-        train_mod.use_fused_loss(parse_args(["--fused_loss", "on", "--label_smoothing_factor", "0.1"])[2])
+        train_args.use_fused_loss(parse_args(["--fused_loss", "on", "--label_smoothing_factor", "0.1"])[2])
 
 
 def test_unknown_train_kwarg_is_refused():
@@ -743,6 +744,6 @@ def test_auto_precision_on_a_gpu(monkeypatch, bf16_supported, precision):
     # The GPU defaults, resolved without a GPU: mixed precision where the Trainer's accelerator reads it, 3 epochs.
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_supported)
     t = parse_args([])[2]
-    train_mod.resolve_training_defaults(t, on_gpu=True)
+    train_args.resolve_training_defaults(t, on_gpu=True)
     assert (t.precision, t.mixed_precision, t.bf16, t.fp16) == (precision, precision, bf16_supported, not bf16_supported)
     assert (t.max_steps, t.num_train_epochs, t.fused_loss) == (-1, 3.0, "off")

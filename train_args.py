@@ -1,0 +1,310 @@
+"""train.py's arguments: the typed dataclasses that serve the CLI, config files and notebooks, and the one
+place their defaults are resolved (they depend on the device and on fine-tuning) and checked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import quiet_imports  # noqa: F401, I001  (before transformers: keeps torchao's import-time warnings off stderr)
+from transformers import HfArgumentParser, TrainingArguments
+
+import dataset
+from checkpoints import UserError
+from model import PRESETS, ModelError, check_shape
+from tracking import tensorboard_installed
+
+
+CPU_MAX_STEPS = 80  # default step budget on CPU: 80 x 8 x 128 tokens (~60% of the built-in corpus), ~5 min on 2 idle cores
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments
+
+
+@dataclass
+class ModelArguments:
+    """The model: a preset size, any shape, or pretrained weights to fine-tune (see model.get_model)."""
+
+    preset: str = field(
+        default="auto",
+        metadata={"help": "Model size: small (4 layers, 256 wide; CPU-sized), gpt2 (124M), gpt2-medium (355M), "
+                  "gpt2-large (774M), gpt2-xl (1558M), or auto = small on CPU, gpt2 on GPU. "
+                  "--n_embd/--n_layer/--n_head override single dimensions."},
+    )
+    n_embd: int | None = field(default=None, metadata={"help": "Width of the model (default: from --preset)."})
+    n_layer: int | None = field(default=None, metadata={"help": "Number of transformer blocks (default: from --preset)."})
+    n_head: int | None = field(default=None, metadata={"help": "Attention heads; must divide n_embd (default: from --preset)."})
+    n_positions: int = field(default=1024, metadata={"help": "Context length of a new model (GPT-2: 1024); --block_size must fit in it."})
+    dropout: float | None = field(default=None, metadata={"help": "Dropout for residual, embedding and attention (default 0 from scratch; with --init_from, the model's own, GPT-2's 0.1)."})
+    init_from: str | None = field(
+        default=None,
+        metadata={"help": "Fine-tune pretrained weights: a local Hugging Face model folder or a Hub name (e.g. gpt2). "
+                  "The shape then comes from that model, and the default learning rate is 5e-5."},
+    )
+
+
+@dataclass
+class DataArguments(dataset.DataArguments):
+    """What to train on: dataset.get_dataset_and_tokenizer's arguments (its seed is --seed)."""
+
+    block_size: int | None = field(
+        default=None, metadata={"help": "Tokens per training example (default: 128 on CPU, 1024 on GPU); at most the context."}
+    )
+
+
+@dataclass
+class TrainArguments(TrainingArguments):
+    """The Trainer's arguments with this project's defaults, plus resuming, early stopping and samples.
+
+    Fields left at None or "auto" are unset: resolve_defaults fills them in from the device and --init_from."""
+
+    output_dir: str = field(default="logs", metadata={"help": "Run folder: checkpoints, metrics, plots and final_model/."})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "Batch size per device for training."})
+    per_device_eval_batch_size: int = field(default=16, metadata={"help": "Batch size per device for evaluation."})
+    num_train_epochs: float | None = field(
+        default=None, metadata={"help": f"Epochs (default 3 on GPU; on CPU the default is a budget of {CPU_MAX_STEPS} steps)."}
+    )
+    max_steps: int | None = field(
+        default=None,
+        metadata={"help": f"Optimizer steps to train; wins over --num_train_epochs. Default {CPU_MAX_STEPS} on CPU unless "
+                  "--num_train_epochs is given; -1 (the default on GPU): train for --num_train_epochs."},
+    )
+    learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "Peak learning rate (default from scratch: by width, 1e-3 up to 512 wide, 6e-4 at 768 (GPT-2 "
+                  "124M), 3e-4 at 1024, 2.5e-4 up to 1536, then 2e-4; 5e-5 with --init_from)."},
+    )
+    lr_scheduler_type: str = field(default="linear", metadata={"help": "Learning rate schedule after warmup (linear, cosine, constant, ...)."})
+    warmup_steps: float = field(default=500, metadata={"help": "Warmup steps (or a fraction of the run if < 1); capped by --max_warmup_fraction."})
+    max_warmup_fraction: float = field(
+        default=0.1, metadata={"help": "Warmup never exceeds this fraction of the total steps, so short runs still decay."}
+    )
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not applied to biases and LayerNorm)."})
+    eval_strategy: str = field(default="steps", metadata={"help": "When to evaluate: steps, epoch or no."})
+    eval_steps: float | None = field(default=0.1, metadata={"help": "Evaluate every N steps (a float < 1: that fraction of the run)."})
+    save_steps: float = field(
+        default=0.1, metadata={"help": "Checkpoint every N steps (a float < 1: that fraction of the run). Keep it a multiple of --eval_steps."}
+    )
+    save_total_limit: int | None = field(default=2, metadata={"help": "Keep the last N complete checkpoints, plus the best by validation loss."})
+    metric_for_best_model: str | None = field(default="eval_loss", metadata={"help": "Metric that picks the best checkpoint."})
+    logging_steps: float = field(default=10, metadata={"help": "Log the training loss every N steps."})
+    report_to: None | str | list[str] = field(
+        default="wandb",
+        metadata={"help": "wandb (offline unless you are logged in), tensorboard, none, or several. "
+                  "metrics.jsonl and loss_curve.png are always written."},
+    )
+    resume: str = field(
+        default="auto",
+        metadata={"help": "auto: continue from the latest complete, undamaged checkpoint in --output_dir if any; never: start "
+                  "fresh (old checkpoints are kept until rotated out); or a checkpoint folder. "
+                  "--resume_from_checkpoint PATH also works and wins."},
+    )
+    early_stopping_patience: int | None = field(
+        default=None, metadata={"help": "Stop after N evaluations without a better validation loss, and keep the best model."}
+    )
+    precision: str = field(
+        default="auto", metadata={"help": "auto (bf16 on GPUs that support it, else fp16 on GPU; fp32 on CPU), fp32, fp16 or bf16 "
+                                          "(without a GPU, bf16 trains on the CPU)."}
+    )
+    fused_loss: str = field(
+        default="auto",
+        metadata={"help": "Compute the loss from the final hidden states a vocabulary chunk at a time, never "
+                  "materializing the logits (model.lm_head_loss; same loss, faster and smaller on CPU): auto (on for "
+                  "fp32 on CPU; on GPU the Trainer's --use_liger_kernel does this), on or off."},
+    )
+    sample_prompts: list[str] = field(
+        default_factory=lambda: ["The", "In the beginning", "Python is"],
+        metadata={"help": "Prompts to sample from the final model (none: skip sampling)."},
+    )
+    sample_max_new_tokens: int = field(default=40, metadata={"help": "Tokens to generate per sample."})
+
+    def __post_init__(self):
+        """Check this project's flags and turn an explicit --precision into the Trainer's fp16/bf16 flags, which
+        transformers checks and acts on in its own __post_init__. Unset values stay None/"auto": resolve_defaults."""
+        for name, allowed in (("precision", ("auto", "fp32", "fp16", "bf16")), ("fused_loss", ("auto", "on", "off"))):
+            if getattr(self, name) not in allowed:
+                raise UserError(f"--{name} {getattr(self, name)!r}: choose {', '.join(allowed[:-1])} or {allowed[-1]}.")
+        if self.precision != "auto":
+            self.fp16, self.bf16 = self.precision == "fp16", self.precision == "bf16"
+        if self.bf16 and not self.use_cpu and not torch.accelerator.is_available():
+            # Without a GPU, bf16 can only mean the CPU (native bf16 on AMX/AVX-512 CPUs, emulated elsewhere),
+            # and transformers refuses it unless --use_cpu says so.
+            self.use_cpu = True
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} {getattr(self, name)}: must be at least 1.")
+        if not 0 <= self.max_warmup_fraction <= 1:
+            raise UserError(f"--max_warmup_fraction {self.max_warmup_fraction}: must be between 0 and 1.")
+        if self.sample_prompts in (["none"], ["None"]):
+            self.sample_prompts = []
+        if self.early_stopping_patience is not None:
+            if self.early_stopping_patience < 1:
+                raise UserError(f"--early_stopping_patience {self.early_stopping_patience}: must be at least 1 evaluation.")
+            self.load_best_model_at_end = True  # early stopping means the best model is the one to keep
+        try:
+            super().__post_init__()
+        except ValueError as e:  # transformers' own checks of its flags: a message for the user, not a traceback
+            raise UserError(str(e)) from None
+
+    def get_warmup_steps(self, num_training_steps: int) -> int:
+        return min(super().get_warmup_steps(num_training_steps), math.ceil(self.max_warmup_fraction * num_training_steps))
+
+
+def resolve_defaults(model_args: ModelArguments, data_args: DataArguments, args: TrainArguments) -> None:
+    """Fill in every argument left unset (None or "auto") from the device (args.device, known once transformers
+    set it up) and from --init_from, and check what the model and data arguments must satisfy, before anything
+    is tokenized. The one place defaults are chosen; running it again changes nothing."""
+    on_gpu = args.device.type == "cuda"
+    resolve_training_defaults(args, on_gpu)
+    resolve_model_defaults(model_args, data_args, on_gpu)
+    if args.learning_rate is None:
+        args.learning_rate = 5e-5 if model_args.init_from else scratch_learning_rate(model_args.n_embd)
+    elif not 0 < args.learning_rate < math.inf:  # also refuses nan; 0 would train nothing
+        raise UserError(f"--learning_rate {args.learning_rate:g}: must be a positive number "
+                        "(e.g. 1e-3 from scratch, 5e-5 to fine-tune; leave it out for the default).")
+    if data_args.tokenizer_name is None and model_args.init_from and Path(model_args.init_from, "tokenizer.json").is_file():
+        data_args.tokenizer_name = model_args.init_from
+
+
+def resolve_training_defaults(args: TrainArguments, on_gpu: bool) -> None:
+    if args.precision == "auto":  # the Trainer's own --fp16/--bf16 still win
+        if on_gpu and not (args.fp16 or args.bf16):
+            args.bf16 = torch.cuda.is_bf16_supported()
+            args.fp16 = not args.bf16
+            args.mixed_precision = "bf16" if args.bf16 else "fp16"  # what transformers' __post_init__ derives from them
+        args.precision = "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"
+    if args.max_steps is None:
+        # On CPU the default is a step budget, unless epochs are asked for; -1 is the Trainer's "count epochs".
+        args.max_steps = CPU_MAX_STEPS if not on_gpu and args.num_train_epochs is None else -1
+    if args.num_train_epochs is None:
+        args.num_train_epochs = 3.0
+    if args.max_steps == 0 or args.max_steps < -1:
+        raise UserError(f"--max_steps {args.max_steps}: give a positive number of optimizer steps, "
+                        "or -1 to train for --num_train_epochs.")
+    if args.max_steps == -1 and not args.num_train_epochs > 0:
+        raise UserError(f"--num_train_epochs {args.num_train_epochs}: must be more than 0 (or give --max_steps).")
+    if args.ddp_find_unused_parameters is None:
+        args.ddp_find_unused_parameters = False  # every GPT-2 parameter is used; searching costs a graph walk
+    if not on_gpu:
+        args.dataloader_pin_memory = False  # pinning only helps copies to a GPU
+    args.fused_loss = "on" if use_fused_loss(args) else "off"
+    if "tensorboard" in args.report_to and not tensorboard_installed():
+        raise UserError("--report_to tensorboard needs the tensorboard package: `pip install tensorboard`, "
+                        "or use --report_to wandb / none.")
+
+
+def use_fused_loss(args: TrainArguments) -> bool:
+    """--fused_loss auto: in fp32 on CPU (where it was measured), never where the Trainer shards the weights
+    or smooths labels. It computes in fp32 even under bf16/fp16 autocast."""
+    unsupported = bool(args.fsdp) or args.deepspeed is not None or args.label_smoothing_factor != 0 or args.use_liger_kernel
+    if args.fused_loss == "on" and unsupported:
+        raise UserError("--fused_loss on does not combine with FSDP, DeepSpeed, label smoothing or --use_liger_kernel; "
+                        "use --fused_loss auto or off.")
+    measured = args.device.type == "cpu" and not (args.bf16 or args.fp16)
+    return args.fused_loss == "on" or (args.fused_loss == "auto" and measured and not unsupported)
+
+
+def resolve_model_defaults(model_args: ModelArguments, data_args: DataArguments, on_gpu: bool) -> None:
+    if model_args.preset == "auto":
+        model_args.preset = "gpt2" if on_gpu else "small"
+    if model_args.preset not in PRESETS:
+        raise UserError(f"--preset {model_args.preset!r}: choose auto or one of {', '.join(PRESETS)}.")
+    for dim, value in PRESETS[model_args.preset].items():  # explicit --n_embd/--n_layer/--n_head win
+        if getattr(model_args, dim) is None:
+            setattr(model_args, dim, value)
+    if data_args.block_size is None:
+        data_args.block_size = 1024 if on_gpu else 128
+    if model_args.dropout is None and not model_args.init_from:
+        # Pretraining sees each token about once, so dropout only slows learning (nanoGPT's default too):
+        # val loss after 150 steps x 2048 WebText tokens 7.30 with GPT-2's 0.1, 7.27 with 0 (measured).
+        model_args.dropout = 0.0
+    try:  # a new model's shape now, before anything is tokenized; a pretrained one's comes with it
+        if model_args.init_from:
+            check_shape(dropout=model_args.dropout)
+        else:
+            check_shape(model_args.n_embd, model_args.n_layer, model_args.n_head, model_args.n_positions, model_args.dropout)
+    except ModelError as e:
+        raise UserError(str(e)) from None
+    check_block_size(data_args.block_size, None if model_args.init_from else model_args.n_positions)
+
+
+def scratch_learning_rate(n_embd: int) -> float:
+    """Peak learning rate for a new model: GPT-3's by width (Brown et al. 2020, table 2.1), and 1e-3 for
+    narrow models. Measured for the small preset, linear decay: val loss 7.18 after 150 x 2048 WebText tokens
+    at 1e-3, against 7.22 at 1e-3 and 7.27 at 6e-4 with cosine decay (bench/train_bench.py --loss_steps 150)."""
+    for width, lr in ((512, 1e-3), (768, 6e-4), (1024, 3e-4), (1536, 2.5e-4)):
+        if n_embd <= width:
+            return lr
+    return 2e-4
+
+
+def check_block_size(block_size: int, context: int | None) -> None:
+    """--block_size against the model's context (None: not known yet, e.g. a pretrained model not loaded)."""
+    if block_size < 2:
+        raise UserError(f"--block_size {block_size}: must be at least 2 (each block predicts its tokens from the ones before).")
+    if context is not None and block_size > context:
+        raise UserError(f"--block_size {block_size} exceeds the model's context of {context} tokens; "
+                        f"use --block_size {context} or less (or a larger --n_positions for a new model).")
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainArguments]:
+    """Command-line flags, or a single .json/.yaml config file holding the same names; unset values stay None
+    or "auto" until run() resolves them (resolve_defaults)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+        return parse_config_file(argv[0])
+    return HfArgumentParser((ModelArguments, DataArguments, TrainArguments)).parse_args_into_dataclasses(args=argv)
+
+
+def parse_config_file(path: str) -> tuple[ModelArguments, DataArguments, TrainArguments]:
+    """A .json/.yaml mapping of flag names to values, read as the same flags on the command line would be: values are
+    converted by the flag's type (YAML reads 1e-3 as a string), null keeps the default; mistakes raise UserError."""
+    import yaml
+
+    class Parser(HfArgumentParser):
+        def error(self, message):  # argparse would print the usage and exit
+            raise UserError(f"{path}: {message}")
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
+    except FileNotFoundError:
+        raise UserError(f"Config file {path} does not exist.") from None
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as e:
+        raise UserError(f"{path}: cannot read it as {'JSON' if path.endswith('.json') else 'YAML'}: {e}") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: expected a mapping of flag names to values (max_steps: 100, ...), "
+                        f"not a {type(config).__name__}.")
+    known = {f.name for cls in (ModelArguments, DataArguments, TrainArguments) for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(str(k) for k in config if k not in known)
+    if unknown:
+        raise UserError(f"{path}: unknown key(s) {', '.join(unknown)}; see `python train.py --help`.")
+    argv = []
+    for key, value in config.items():
+        if value is None:
+            continue
+        if isinstance(value, list):
+            argv += [f"--{key}", *map(str, value)]
+        else:
+            argv.append(f"--{key}={json.dumps(value) if isinstance(value, dict) else value}")
+    return Parser((ModelArguments, DataArguments, TrainArguments)).parse_args_into_dataclasses(args=argv)
+
+
+def split_kwargs(kwargs: dict[str, Any]) -> tuple[ModelArguments, DataArguments, TrainArguments]:
+    """train(**kwargs) -> the three dataclasses, refusing unknown names like the command line does."""
+    groups = []
+    for cls in (ModelArguments, DataArguments, TrainArguments):
+        names = {f.name for f in dataclasses.fields(cls) if f.init}
+        groups.append({k: kwargs.pop(k) for k in list(kwargs) if k in names})
+    if kwargs:
+        raise UserError(f"Unknown argument(s) {', '.join(sorted(kwargs))}; see `python train.py --help`.")
+    return ModelArguments(**groups[0]), DataArguments(**groups[1]), TrainArguments(**groups[2])
