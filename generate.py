@@ -33,7 +33,7 @@ import quiet_imports  # noqa: F401, I001  (before transformers: keeps torchao's 
 import decode
 import quantize
 from model import check_vocab, folder_tokenizer, load_pretrained
-from sampling import Penalties, RowText, check_sampling_args, decode_rows  # noqa: F401  (check_sampling_args: part of the API)
+from sampling import Penalties, RowsOut, check_sampling_args, decode_rows  # noqa: F401  (check_sampling_args: part of the API)
 
 DEFAULT_MODEL_PATH = "logs/final_model"
 
@@ -192,29 +192,24 @@ def _generate(tokenizer, model, device, prompts, max_new_tokens, top_k, top_p, t
     if max_new_tokens >= context:
         raise ValueError(f"max_new_tokens (--length) must be below the model's context of {context} tokens, got {max_new_tokens}")
     device = torch.device(device)
-    if decode.unsupported(model):
-        return _generate_hf(tokenizer, model, device, prompts, max_new_tokens, top_k, top_p, temperature, repetition_penalty,
-                            no_repeat_ngram_size, num_return_sequences, seed, stop, on_text)
     vocab = model.get_input_embeddings().weight.shape[0]
     encoded = [_encode_prompt(tokenizer, p, context, max_new_tokens, vocab) for p in prompts]
     prompts = [p if isinstance(p, str) else tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
     rows = [ids for ids in encoded for _ in range(num_return_sequences)]
-    penalties = Penalties(rows, model.lm_head.weight.shape[0], device, repetition_penalty, no_repeat_ngram_size)
+    if decode.unsupported(model):
+        out = _sample_hf(tokenizer, model, device, encoded, max_new_tokens, top_k, top_p, temperature, repetition_penalty,
+                         no_repeat_ngram_size, num_return_sequences, seed, stop, on_text)
+        return _completions(prompts, rows, num_return_sequences, out)
+    penalties = Penalties(rows, vocab, device, repetition_penalty, no_repeat_ngram_size)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    new_tokens, finish, texts = decode_rows(tokenizer, decode.fast_forward(model), device, rows, max_new_tokens, top_k, top_p,
-                                             temperature, penalties, generator, stop, on_text)
-    out = []
-    for b, r in enumerate(rows):
-        if texts is not None:
-            rest = texts[b].rest()
-            if on_text is not None and rest:
-                on_text(b, rest)
-            completion = texts[b].text
-        else:
-            completion = tokenizer.decode(new_tokens[b], skip_special_tokens=True)
-        out.append(Completion(prompts[b // num_return_sequences], completion, len(r), len(new_tokens[b]), finish[b] or "length",
-                              new_tokens[b]))
-    return out
+    out = decode_rows(tokenizer, decode.fast_forward(model), device, rows, max_new_tokens, top_k, top_p, temperature, penalties,
+                      generator, stop, on_text)
+    return _completions(prompts, rows, num_return_sequences, out)
+
+
+def _completions(prompts: list[str], rows: list[list[int]], num_return_sequences: int, out: RowsOut) -> list[Completion]:
+    return [Completion(prompts[b // num_return_sequences], text, len(rows[b]), len(tokens), finish, tokens)
+            for b, (text, tokens, finish) in enumerate(out.results())]
 
 
 def _context(model) -> int:
@@ -222,44 +217,28 @@ def _context(model) -> int:
     return getattr(cfg, "n_positions", None) or cfg.max_position_embeddings
 
 
-def _generate_hf(tokenizer, model, device, prompts, max_new_tokens, top_k, top_p, temperature, repetition_penalty,
-                 no_repeat_ngram_size, num_return_sequences, seed, stop, on_text) -> list[Completion]:
-    """`_generate` through `model.generate`, for a model decode.py's forward does not implement
-    (`decode.unsupported`): the same sampling settings, prompt handling, stop strings and Completions,
-    one prompt at a time, without the fast path's speed."""
+def _sample_hf(tokenizer, model, device, encoded, max_new_tokens, top_k, top_p, temperature, repetition_penalty,
+               no_repeat_ngram_size, num_return_sequences, seed, stop, on_text) -> RowsOut:
+    """The rows of `_generate` sampled by `model.generate`, for a model decode.py's forward does not implement
+    (`decode.unsupported`): the same settings, stop strings and seeds, one prompt at a time, without the speed."""
     warnings.warn(f"the fast decode path cannot run this model ({decode.unsupported(model)}): sampling with model.generate.",
-                  stacklevel=3)
+                  stacklevel=4)
     eos = tokenizer.eos_token_id
+    out = RowsOut(tokenizer, len(encoded) * num_return_sequences, stop, on_text)
     sampling = dict(do_sample=True, top_k=top_k, top_p=top_p, temperature=temperature) if temperature > 0 else dict(do_sample=False)
     rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else []) if seed is not None else contextlib.nullcontext()
-    out = []
     with rng:
         if seed is not None:
             torch.manual_seed(seed)
-        for prompt in prompts:
-            ids = _encode_prompt(tokenizer, prompt, _context(model), max_new_tokens, model.get_input_embeddings().weight.shape[0])
-            prompt = prompt if isinstance(prompt, str) else tokenizer.decode(list(prompt), skip_special_tokens=True)
+        for i, ids in enumerate(encoded):
             inputs = torch.tensor([ids], device=device)
             seqs = model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=max_new_tokens, pad_token_id=eos,
                                   eos_token_id=eos, repetition_penalty=repetition_penalty,
                                   no_repeat_ngram_size=no_repeat_ngram_size, num_return_sequences=num_return_sequences, **sampling)
-            for seq in seqs[:, len(ids):].tolist():
-                row, text, finish, kept = len(out), RowText(tokenizer, stop), "length", []
+            for j, seq in enumerate(seqs[:, len(ids):].tolist()):
                 for token in seq:
-                    if token == eos:
-                        finish = "eos"
+                    if not out.add(i * num_return_sequences + j, token):
                         break
-                    kept.append(token)
-                    piece = text.add(token)
-                    if piece and on_text is not None:
-                        on_text(row, piece)
-                    if text.stopped:
-                        finish = "stop"
-                        break
-                rest = text.rest()
-                if on_text is not None and rest:
-                    on_text(row, rest)
-                out.append(Completion(prompt, text.text, len(ids), len(kept), finish, kept))
     return out
 
 

@@ -230,15 +230,56 @@ class Penalties:
             self.seen[torch.arange(len(tokens), device=self.device), tokens] = True
 
 
-def decode_rows(tokenizer, fast, device, rows, max_new_tokens, top_k, top_p, temperature, penalties, generator, stop, on_text):
-    """The decode loop over one left-padded batch: (new tokens per row, finish reason per row or None,
-    the rows' RowText when stop strings or on_text need the text as it grows, else None)."""
-    eos, B = tokenizer.eos_token_id, len(rows)
-    ids, valid, pos, mask = left_padded(rows, eos, max_new_tokens, device)
+class RowsOut:
+    """What each row of a batch has produced: its new tokens, its text as it grows (when stop strings or
+    `on_text` need it) and why it ended. Fed token by token, by `decode_rows` or from model.generate's output."""
+
+    def __init__(self, tokenizer, n_rows: int, stop: list[str], on_text):
+        self.tokenizer, self.eos, self.on_text = tokenizer, tokenizer.eos_token_id, on_text
+        self.texts = [RowText(tokenizer, stop) for _ in range(n_rows)] if stop or on_text is not None else None
+        self.finish, self.tokens = [None] * n_rows, [[] for _ in range(n_rows)]
+
+    def add(self, row: int, token: int) -> bool:
+        """Take `token` for `row`; False when the row has ended (before, or by this EOS)."""
+        if self.finish[row] is not None:
+            return False
+        if token == self.eos:
+            self.finish[row] = "eos"
+            return False
+        self.tokens[row].append(token)
+        if self.texts is not None:
+            piece = self.texts[row].add(token)
+            if piece and self.on_text is not None:
+                self.on_text(row, piece)
+            if self.texts[row].stopped:
+                self.finish[row] = "stop"
+        return True
+
+    def done(self) -> bool:
+        return all(f is not None for f in self.finish)
+
+    def results(self) -> list[tuple[str, list[int], str]]:
+        """(completion text, token ids, finish reason) per row; held-back text goes to on_text first."""
+        out = []
+        for b, tokens in enumerate(self.tokens):
+            if self.texts is not None:
+                rest = self.texts[b].rest()
+                if self.on_text is not None and rest:
+                    self.on_text(b, rest)
+                text = self.texts[b].text
+            else:
+                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            out.append((text, tokens, self.finish[b] or "length"))
+        return out
+
+
+def decode_rows(tokenizer, fast, device, rows, max_new_tokens, top_k, top_p, temperature, penalties, generator, stop,
+                on_text) -> RowsOut:
+    """The decode loop over one left-padded batch of prompt token ids `rows`."""
+    ids, valid, pos, mask = left_padded(rows, tokenizer.eos_token_id, max_new_tokens, device)
     P = ids.shape[1]
-    texts = [RowText(tokenizer, stop) for _ in rows] if stop or on_text is not None else None
-    finish, new_tokens = [None] * B, [[] for _ in rows]
-    cache = fast.new_cache(B, P + max_new_tokens)
+    out = RowsOut(tokenizer, len(rows), stop, on_text)
+    cache = fast.new_cache(len(rows), P + max_new_tokens)
     h = fast.hidden(ids, pos, cache, 0, mask)[:, -1]
     next_pos = pos[:, -1] + 1
     k = 1 if temperature == 0 else top_k
@@ -249,20 +290,9 @@ def decode_rows(tokenizer, fast, device, rows, max_new_tokens, top_k, top_p, tem
         else:
             token = sample(penalties(fast.logits(h), None), top_k, top_p, temperature, generator)
         for b, t in enumerate(token.tolist()):
-            if finish[b] is not None:
-                continue
-            if t == eos:
-                finish[b] = "eos"
-                continue
-            new_tokens[b].append(t)
-            penalties.add(b, t)
-            if texts is not None:
-                piece = texts[b].add(t)
-                if piece and on_text is not None:
-                    on_text(b, piece)
-                if texts[b].stopped:
-                    finish[b] = "stop"
-        if all(f is not None for f in finish) or step == max_new_tokens - 1:
+            if out.add(b, t):
+                penalties.add(b, t)
+        if out.done() or step == max_new_tokens - 1:
             break
         penalties.end_step(token)
         at = P + step
@@ -272,4 +302,4 @@ def decode_rows(tokenizer, fast, device, rows, max_new_tokens, top_k, top_p, tem
             step_mask = valid[:, None, None, : at + 1]
         h = fast.hidden(token[:, None], next_pos[:, None], cache, at, step_mask)[:, -1]
         next_pos = next_pos + 1
-    return new_tokens, finish, texts
+    return out
