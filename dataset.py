@@ -333,7 +333,6 @@ def split_and_pack(tok_dir: str, tok_meta: dict, out_dir: str, args: DataArgumen
     n_docs, n_tokens = len(starts), len(tokens)
     train = BlockWriter(os.path.join(out_dir, "train.arrow"), args.block_size)
     val = BlockWriter(os.path.join(out_dir, "val.arrow"), args.block_size)
-    n_val = int(round(n_docs * args.val_split))
     if "valid" in tok_meta["tokenized"]:
         method = "official valid split"
         _pack(tokens, 0, n_tokens, train)
@@ -342,10 +341,8 @@ def split_and_pack(tok_dir: str, tok_meta: dict, out_dir: str, args: DataArgumen
     elif args.val_split <= 0:
         method = "none"
         _pack(tokens, 0, n_tokens, train)
-    elif 1 <= n_val < n_docs:
+    elif (is_val := validation_documents(n_docs, args.val_split, seed)) is not None:
         method = "documents"
-        is_val = np.zeros(n_docs, dtype=bool)
-        is_val[np.random.default_rng(seed).permutation(n_docs)[:n_val]] = True
         doc_ends = np.append(starts[1:], n_tokens)
         for a in range(0, n_tokens, CHUNK_TOKENS):
             b = min(a + CHUNK_TOKENS, n_tokens)
@@ -365,6 +362,18 @@ def split_and_pack(tok_dir: str, tok_meta: dict, out_dir: str, args: DataArgumen
     if method != "none":
         info["val"] = {"blocks": val.blocks, "dropped_tokens": val_dropped}
     return info
+
+
+def validation_documents(n_docs: int, val_split: float, seed: int) -> Optional[np.ndarray]:
+    """Which of n_docs documents are held out for validation (a bool mask; the documents counted are those with
+    text, in reading order), or None when there are too few to hold out whole ones: then the last val_split of
+    the tokens is, as nanoGPT does. train_tokenizer.py holds out the same documents."""
+    n_val = int(round(n_docs * val_split))
+    if not 1 <= n_val < n_docs:
+        return None
+    is_val = np.zeros(n_docs, dtype=bool)
+    is_val[np.random.default_rng(seed).permutation(n_docs)[:n_val]] = True
+    return is_val
 
 
 def _pack(tokens: np.ndarray, a: int, b: int, writer: BlockWriter):

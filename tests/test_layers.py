@@ -11,6 +11,7 @@ RANKS = {
     "quiet_imports": 0, "gpt2_tokenizer": 0, "metrics": 0,
     "download_dataset": 1, "readers": 1,
     "dataset": 2,
+    "train_tokenizer": 3,
     "model": 3,
     "quantize": 4,
     "decode": 5, "sampling": 5,

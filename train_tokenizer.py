@@ -1,0 +1,310 @@
+"""Train a byte-level BPE tokenizer on your own text, for models that train and sample faster on it.
+
+    python train_tokenizer.py --dataset_path my_texts/ --vocab_size 8192 --out tokenizers/my_bpe
+    python train.py --dataset_path my_texts/ --tokenizer_name tokenizers/my_bpe
+
+    from train_tokenizer import train_tokenizer
+    tokenizer, report = train_tokenizer(dataset_path="my_texts/", vocab_size=8192, out="tokenizers/my_bpe")
+
+The tokenizer is GPT-2's kind, fitted to your data: byte-level BPE (every byte is a token, so any text
+encodes and decodes back exactly), GPT-2's pre-tokenizer regex, and `<|endoftext|>` (id 0) as its one
+special token, which separates documents and ends generation. Hugging Face `tokenizers` trains it
+(in Rust, on all cores) from a stream of documents, so a corpus larger than memory is fine: only the
+counts of distinct words are kept. The output folder is a Hugging Face tokenizer that
+`AutoTokenizer.from_pretrained` and `GPT2TokenizerFast.from_pretrained` load with no code of ours.
+
+Text is read by dataset.py (every format it reads, the same errors for bad input). The documents
+train.py will hold out for validation (same --val_split and --seed) are left out of training, so
+validation loss stays honest; they are the held-out text of the report, which compares bytes per
+token against GPT-2's BPE. The report is printed and saved as training_report.json in the folder.
+
+A smaller vocabulary means a smaller output layer, which is most of a small model's step, and more
+tokens per document. The README's "Train your own tokenizer" section has the measured trade-off.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+from tqdm.auto import tqdm
+
+import dataset
+from gpt2_tokenizer import CONTEXT_LENGTH, EOT, tiktoken_encoding
+from readers import DataError
+
+MAX_VOCAB = 1 << 16  # dataset.py caches token ids as uint16 up to this size
+HELD_OUT_CHARS = 8 << 20  # held-out text kept for the report: enough for a stable ratio, bounded memory
+REPORT_FILE = "training_report.json"
+
+
+def _data_field(name: str, **overrides):
+    """A field of dataset.DataArguments, with its default and help, so both CLIs document it the same way."""
+    f = next(f for f in fields(dataset.DataArguments) if f.name == name)
+    return field(default=overrides.get("default", f.default), metadata={"help": overrides.get("help", f.metadata["help"])})
+
+
+@dataclass
+class TokenizerArguments:
+    """What to train a tokenizer on, and how large."""
+
+    out: str = field(default="tokenizers/bpe", metadata={"help": "Folder to write the tokenizer to (it must not exist, or give --overwrite)."})
+    vocab_size: int = field(
+        default=8192,
+        metadata={"help": f"Tokens in the vocabulary, <|endoftext|> and the 256 bytes included: {257} to {MAX_VOCAB}. "
+                  "train.py pads the model's vocabulary to a multiple of 64, so a multiple of 64 wastes nothing."},
+    )
+    min_frequency: int = field(default=2, metadata={"help": "A pair of tokens seen fewer times than this is never merged."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace --out if it exists (only once the new tokenizer is complete)."})
+    dataset_name: str = _data_field("dataset_name")
+    dataset_path: Optional[str] = _data_field("dataset_path")
+    val_split: float = _data_field(
+        "val_split", help="Share of documents held out of tokenizer training and measured in the report: the same "
+        "documents train.py holds out for validation with the same --val_split and --seed. 0 trains on everything.")
+    seed: int = field(default=42, metadata={"help": "Seed of the train/validation split (train.py's --seed)."})
+    text_field: str = _data_field("text_field")
+    dataset_config: Optional[str] = _data_field("dataset_config")
+    data_dir: str = _data_field("data_dir")
+    skip_bad_lines: bool = _data_field("skip_bad_lines")
+
+
+def train_tokenizer(
+    dataset_name: str = dataset.DEFAULT_DATASET_NAME,
+    dataset_path: Optional[str] = None,
+    vocab_size: int = 8192,
+    out: str | os.PathLike = "tokenizers/bpe",
+    *,
+    val_split: float = 0.05,
+    seed: int = 42,
+    min_frequency: int = 2,
+    overwrite: bool = False,
+    **kwargs,
+):
+    """Train a byte-level BPE on the training documents, save it to `out`, and return (tokenizer, report).
+
+    Keyword arguments are the other fields of dataset.DataArguments (text_field, data_dir, skip_bad_lines,
+    dataset_config). The report holds the vocabulary size, what was read, the speed, and bytes per token on
+    the held-out documents, ours against GPT-2's BPE. Raises DataError for bad input or a bad vocab_size.
+    """
+    if not 257 <= vocab_size <= MAX_VOCAB:
+        raise DataError(f"vocab_size={vocab_size}: must be from 257 (the 256 bytes and {EOT}) to {MAX_VOCAB} "
+                        "(dataset.py stores token ids in 16 bits).")
+    if min_frequency < 1:
+        raise DataError(f"min_frequency={min_frequency}: must be at least 1.")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise DataError(f"{out} already exists: choose another --out, or pass --overwrite to replace it.")
+    args = dataset.DataArguments(dataset_name=dataset_name, dataset_path=dataset_path, val_split=val_split, **kwargs)
+    if not 0 <= val_split < 1:
+        raise DataError(f"val_split={val_split} must be in [0, 1).")
+    train_src, valid_src = dataset.resolve_sources(args)
+
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        plan = _HeldOut.plan(train_src, valid_src, args, seed, tmp)
+        backend = _train_bpe(plan.training_text(train_src, args, tmp), vocab_size, min_frequency)
+        seconds = time.perf_counter() - start
+        if plan.trained_chars == 0:
+            raise DataError(f"{train_src.describe()} contains no text to train a tokenizer on.")
+        if backend.get_vocab_size() < vocab_size:
+            raise DataError(
+                f"{train_src.describe()} only fills {backend.get_vocab_size()} of {vocab_size} tokens (every pair of tokens "
+                f"seen at least {min_frequency} times is merged already): use --vocab_size {backend.get_vocab_size()} or "
+                "less, more text, or a lower --min_frequency.")
+        held_out = plan.held_out_text(valid_src, args, tmp)
+
+    tokenizer = _wrap(backend)
+    report = {
+        "vocab_size": len(tokenizer),
+        "source": train_src.describe(),
+        "split": plan.method,
+        "val_split": val_split,
+        "seed": seed,
+        "min_frequency": min_frequency,
+        "trained": {"documents": plan.trained_docs, "bytes": plan.trained_bytes, "seconds": round(seconds, 3),
+                    "mb_per_s": round(plan.trained_bytes / 1e6 / seconds, 3)},
+        "held_out": compare_bytes_per_token(tokenizer, held_out),
+    }
+    _save(tokenizer, report, out, overwrite)
+    return tokenizer, report
+
+
+# ----------------------------------------------------------------------------------------------
+# Which text trains the tokenizer and which is held out: the documents dataset.py would hold out
+
+
+class _HeldOut:
+    """The held-out documents as dataset.py chooses them: the official validation split when the data has one;
+    else the validation documents of dataset.validation_documents; else (too few documents) the last val_split
+    of the text, as dataset.py holds out the last val_split of the tokens (the boundary may differ by a few
+    characters, since tokens and characters do not line up exactly)."""
+
+    def __init__(self, method: str, is_val: Optional[np.ndarray] = None, cut_chars: Optional[int] = None):
+        self.method, self.is_val, self.cut_chars = method, is_val, cut_chars
+        self.trained_docs = self.trained_chars = self.trained_bytes = 0
+        self.kept: list[str] = []  # held-out text seen while reading the training source, up to HELD_OUT_CHARS
+        self.kept_chars = 0
+
+    @classmethod
+    def plan(cls, train_src, valid_src, args, seed: int, tmp: str) -> "_HeldOut":
+        if valid_src is not None:
+            return cls("official valid split")
+        if args.val_split <= 0:
+            return cls("none")
+        n_docs = n_chars = 0  # a first pass: which documents are held out depends on how many there are
+        for doc in _documents(train_src, args, tmp, "Counting documents"):
+            n_docs += 1
+            n_chars += sum(map(len, doc))
+        is_val = dataset.validation_documents(n_docs, args.val_split, seed)
+        if is_val is not None:
+            return cls("documents", is_val=is_val)
+        return cls("position", cut_chars=int(n_chars * (1 - args.val_split)))
+
+    def training_text(self, source, args, tmp: str) -> Iterator[str]:
+        """The training source's text, without its held-out part (kept aside, up to HELD_OUT_CHARS)."""
+        chars = 0
+        for i, doc in enumerate(_documents(source, args, tmp, "Reading text for BPE")):
+            if self.is_val is not None and self.is_val[i]:
+                self._keep("".join(doc))
+                continue
+            trained = False
+            for piece in doc:
+                if self.cut_chars is not None and chars + len(piece) > self.cut_chars:
+                    cut = max(0, self.cut_chars - chars)
+                    self._keep(piece[cut:])
+                    piece = piece[:cut]
+                if piece:
+                    chars += len(piece)
+                    self.trained_chars += len(piece)
+                    self.trained_bytes += len(piece.encode())
+                    trained = True
+                    yield piece
+            self.trained_docs += trained
+
+    def _keep(self, text: str):
+        if self.kept_chars < HELD_OUT_CHARS and text:
+            self.kept.append(text)
+            self.kept_chars += len(text)
+
+    def held_out_text(self, valid_src, args, tmp: str) -> list[str]:
+        if valid_src is None:  # a position split keeps the end of one document, maybe in several pieces
+            return ["".join(self.kept)] if self.method == "position" else self.kept
+        kept, chars = [], 0
+        for doc in _documents(valid_src, args, tmp, "Reading held-out text"):
+            kept.append("".join(doc))
+            chars += len(kept[-1])
+            if chars >= HELD_OUT_CHARS:
+                break
+        return kept
+
+
+def _documents(source, args, tmp: str, desc: str) -> Iterator[list[str]]:
+    """The documents with text of a source, in reading order (as dataset.py counts them), each as its pieces."""
+    total, unit = source.total()
+    with tqdm(total=total, unit=unit, unit_scale=True, desc=f"{desc} ({source.describe()})", disable=None) as progress:
+        doc: list[str] = []
+        for text, ends in dataset.iter_pieces(source, args, progress, tmp):
+            if text:
+                doc.append(text)
+            if ends and doc:
+                yield doc
+                doc = []
+        if doc:
+            yield doc
+
+
+# ----------------------------------------------------------------------------------------------
+# Training and saving
+
+
+def _train_bpe(text: Iterator[str], vocab_size: int, min_frequency: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    backend = Tokenizer(models.BPE())  # no unknown token: the 256 byte tokens spell any text
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)  # GPT-2's regex
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[EOT],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=sys.stderr.isatty())
+    backend.train_from_iterator(text, trainer=trainer)
+    return backend
+
+
+def _wrap(backend):
+    """The Hugging Face tokenizer class of GPT-2, as the official one in gpt2_tokenizer/ is built."""
+    from transformers import GPT2TokenizerFast
+
+    return GPT2TokenizerFast(tokenizer_object=backend, unk_token=EOT, bos_token=EOT, eos_token=EOT, pad_token=EOT,
+                             add_prefix_space=False, clean_up_tokenization_spaces=False, model_max_length=CONTEXT_LENGTH)
+
+
+def _save(tokenizer, report: dict, out: Path, overwrite: bool) -> None:
+    """Write the folder beside `out` and rename it into place: an interrupted run leaves no half tokenizer."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.{os.getpid()}.{time.time_ns()}.tmp"
+    tmp.mkdir()  # not mkdtemp: the folder keeps the user's usual permissions, not 0700
+    try:
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+        if out.exists() and overwrite:
+            old = tmp.with_suffix(".old")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def compare_bytes_per_token(tokenizer, texts: list[str]) -> dict:
+    """UTF-8 bytes per token of `texts` with `tokenizer` and with GPT-2's BPE (more is a denser tokenizer)."""
+    n_bytes = sum(len(t.encode()) for t in texts)
+    if not n_bytes:
+        return {"documents": 0, "bytes": 0}
+    ours = sum(len(e.ids) for e in tokenizer.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False))
+    gpt2 = sum(map(len, tiktoken_encoding().encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)))
+    return {"documents": len(texts), "bytes": n_bytes, "tokens": ours, "gpt2_tokens": gpt2,
+            "bytes_per_token": round(n_bytes / ours, 4), "gpt2_bytes_per_token": round(n_bytes / gpt2, 4)}
+
+
+def format_report(report: dict) -> str:
+    trained, held = report["trained"], report["held_out"]
+    lines = [f"Trained a {report['vocab_size']}-token byte-level BPE on {trained['documents']} documents "
+             f"({trained['bytes'] / 1e6:.2f} MB of {report['source']}) in {trained['seconds']:.1f} s "
+             f"({trained['mb_per_s']:.2f} MB/s)."]
+    if held.get("bytes"):
+        lines += [f"Held-out text ({report['split']}: {held['documents']} documents, {held['bytes'] / 1e6:.2f} MB):",
+                  "| tokenizer | vocabulary | tokens | bytes per token |", "|---|---:|---:|---:|",
+                  f"| this one | {report['vocab_size']} | {held['tokens']} | {held['bytes_per_token']:.3f} |",
+                  f"| GPT-2 BPE | 50257 | {held['gpt2_tokens']} | {held['gpt2_bytes_per_token']:.3f} |"]
+    else:
+        lines.append("No held-out text (val_split=0 or too little data): bytes per token not measured.")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list] = None) -> int:
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(TokenizerArguments, description=__doc__.split("\n\n")[0])
+    (cli,) = parser.parse_args_into_dataclasses(args=argv)
+    try:
+        _, report = train_tokenizer(**asdict(cli))
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_report(report))
+    print(f"Saved to {cli.out}. Train on it: python train.py --tokenizer_name {cli.out} ...")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
