@@ -69,7 +69,8 @@ class DataArguments:
     )
     block_size: int = field(default=128, metadata={"help": "Tokens per training example; at most the model's context."})
     tokenizer_name: Optional[str] = field(
-        default=None, metadata={"help": "Hugging Face tokenizer folder or Hub name (default: the official GPT-2 tokenizer in ./gpt2_tokenizer)."}
+        default=None, metadata={"help": "Hugging Face tokenizer folder or Hub name (default: the official GPT-2 tokenizer in ./gpt2_tokenizer); "
+                                   "train_tokenizer.py makes one fitted to your text."}
     )
     text_field: str = field(default="text", metadata={"help": "JSON field, CSV/Parquet column or Hub dataset column holding the text."})
     dataset_config: Optional[str] = field(default=None, metadata={"help": "Configuration name of a Hub dataset."})

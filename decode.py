@@ -9,6 +9,9 @@ For the small models this toolkit trains, a CPU decode step is fixed costs, not 
     than nn.Linear's, exactly; on CPUs with native bf16 matmul it uses bf16 instead (`lm_head_dtype`),
   - runs quantize.py's int8/int4 models through PyTorch's weight-only kernels (`_quantized_projection`).
 
+The LM head has only the tokenizer's rows (`n_tokens`): a vocabulary padded beyond the tokenizer
+(train.py pads to a multiple of 64) is never sampled from, and its rows are never computed.
+
 `unsupported(model)` names what this forward does not implement; generate.py then samples with
 `model.generate` instead, so nothing else is ever computed silently. tests/test_decode.py checks the
 per-step logits against the Hugging Face forward on random GPT-2 configs.
@@ -71,9 +74,11 @@ class FastGPT2:
     step), dropout never applied (sampling is inference even if the model is in train mode), and an
     LM head that only runs on the positions that are sampled from. `lm_head_dtype` forces the LM
     head's precision and `screen=False` turns the int8 screen off (for tests and benchmarks).
+    `n_tokens` (the tokenizer's length; default the model's vocabulary) keeps the LM head's first
+    n_tokens rows: logits, top-k and greedy picks cover only ids the tokenizer has.
     """
 
-    def __init__(self, model, lm_head_dtype: torch.dtype | None = None, screen: bool = True):
+    def __init__(self, model, lm_head_dtype: torch.dtype | None = None, screen: bool = True, n_tokens: int | None = None):
         reason = unsupported(model)
         if reason:
             raise ValueError(f"the fast decode path cannot run this model: {reason}")
@@ -82,7 +87,10 @@ class FastGPT2:
         self.n_head = cfg.n_head
         self.head_dim = cfg.n_embd // cfg.n_head
         self.n_positions = cfg.n_positions
-        self.vocab = cfg.vocab_size
+        rows = model.lm_head.weight.shape[0]
+        if n_tokens is not None and not 1 <= n_tokens <= rows:
+            raise ValueError(f"n_tokens={n_tokens} must be from 1 to the model's {rows} vocabulary rows")
+        self.vocab = rows if n_tokens is None else n_tokens  # the ids this forward can produce: 0 .. vocab - 1
         self.scales = []
         for i in range(cfg.n_layer):
             s = self.head_dim**-0.5 if cfg.scale_attn_weights else 1.0
@@ -104,11 +112,12 @@ class FastGPT2:
         if self.quantized:  # the LM head runs the library's F.linear and the int8 kernel's screen
             self.weight_key = id(w)
             self.lm_head_dtype, self.transposed, self.lm_head = torch.float32, False, None
-            self.screen, self.exact_rows, self.approx_logits = _quantized_lm_head(model)
+            self.screen, self.exact_rows, self.approx_logits = _quantized_lm_head(model, self.vocab)
             return
         self.weight_key = (w.data_ptr(), w._version)
         self.lm_head_dtype = lm_head_dtype or lm_head_dtype_for(w)
         with torch.no_grad():
+            w = w[: self.vocab]  # the tokenizer's rows (a view): padding rows are never computed
             weight = w.detach().to(self.lm_head_dtype)
             # fp32 on CPU: x @ W^T with W^T stored (hidden, vocab) is 2-3x faster than nn.Linear's
             # (vocab, hidden) layout. bf16 is the other way round (40 ms vs 4 ms measured).
@@ -155,7 +164,7 @@ class FastGPT2:
     def logits(self, h):
         """Float32 logits of hidden states `h` (N, hidden)."""
         if self.quantized:  # the library's F.linear: fp32 activations, exact for the quantized weights
-            return F.linear(h.float(), self.model.lm_head.weight).float()
+            return F.linear(h.float(), self.model.lm_head.weight)[:, : self.vocab].float()
         h = h.to(self.lm_head_dtype)
         if h.device.type == "cpu" and 1 < h.shape[0] <= 16:
             # MKL's GEMM for a few rows against a 50257-wide matrix costs several times one GEMV
@@ -244,8 +253,8 @@ def _quantized_projection(lin) -> Callable:
     return lambda x: bias(quantize.int4_mm(x, packed, g, sz))
 
 
-def _quantized_lm_head(model):
-    """(screen, exact_rows, approx_logits) for `top_logits` on a quantized LM head.
+def _quantized_lm_head(model, n_tokens: int):
+    """(screen, exact_rows, approx_logits) for `top_logits` on a quantized LM head, over its first n_tokens rows.
 
     int8: screen = (int8 weight, bf16-exact scales, zero weight-rounding error) for `quantize.int8_mm`
     (None where the kernel failed its self-test), exact_rows(ids) -> the fp32 rows the quantized
@@ -258,10 +267,11 @@ def _quantized_lm_head(model):
         return quantize.dequantize_rows(plain, mode, g, ids)
 
     if mode == "int8":
-        scale = plain["scale"].float()
-        screen = (quantize.aligned(plain["qdata"]), scale, torch.zeros_like(scale)) if quantize.kernel_ok("int8") else None
+        scale = plain["scale"][:n_tokens].float()
+        screen = (quantize.aligned(plain["qdata"][:n_tokens]), scale, torch.zeros_like(scale)) if quantize.kernel_ok("int8") else None
         return screen, exact_rows, None
-    return None, exact_rows, _quantized_projection(lin)
+    project = _quantized_projection(lin)
+    return None, exact_rows, (project if n_tokens == lin.weight.shape[0] else lambda h: project(h)[:, :n_tokens])
 
 
 def _functional_gelu(name: str):
@@ -287,11 +297,13 @@ def lm_head_dtype_for(weight) -> torch.dtype:
 _FAST = weakref.WeakKeyDictionary()
 
 
-def fast_forward(model) -> FastGPT2:
-    """The cached fast forward for `model`, rebuilt when its LM-head weights changed."""
+def fast_forward(model, n_tokens: int | None = None) -> FastGPT2:
+    """The cached fast forward for `model` over its first `n_tokens` vocabulary rows (the tokenizer's; default all),
+    rebuilt when its LM-head weights or n_tokens changed."""
     fast = _FAST.get(model)
-    if fast is None or fast.is_stale(model):
-        fast = _FAST[model] = FastGPT2(model)
+    vocab = model.lm_head.weight.shape[0] if n_tokens is None else n_tokens
+    if fast is None or fast.is_stale(model) or fast.vocab != vocab:
+        fast = _FAST[model] = FastGPT2(model, n_tokens=n_tokens)
     return fast
 
 

@@ -276,6 +276,7 @@ def generation_metrics(model, tokenizer, pairs, settings: SamplingSettings, prog
 
 COLUMNS = [  # (key path, header, format)
     ("parameters", "params", lambda v: f"{v / 1e6:.1f}M"),
+    ("vocab", "vocab", "{:,}"),
     ("perplexity.tokens", "tokens", lambda v: f"{v:,}"),
     ("perplexity.loss", "loss", "{:.4f}"),
     ("perplexity.perplexity", "perplexity", "{:.2f}"),
@@ -311,6 +312,9 @@ def markdown_table(results: dict) -> str:
             v = _get(r, key)
             cells.append("–" if v is None else (fmt(v) if callable(fmt) else fmt.format(v)))
         lines.append(f"| {r['model']} | " + " | ".join(cells) + " |")
+    if len({r.get("vocab") for r in rows}) > 1:
+        lines.append("\nThe models have different tokenizers: a token is not the same amount of text, so compare "
+                     "bits/byte, not loss or perplexity (both per token).")
     reference = _get(results, "reference.copy_rate")
     if reference is not None:
         n = _get(results, "reference.copy_ngram")
@@ -426,7 +430,7 @@ def evaluate(args: EvalArguments) -> dict:
         model, tokenizer = load_model(path, args.device, args.precision, args.tokenizer_name)
         context = model_context(model)
         row: dict[str, Any] = {"model": path, "parameters": count_parameters(model),
-                               "context": context, "tokenizer": tokenizer.name_or_path}
+                               "context": context, "tokenizer": tokenizer.name_or_path, "vocab": len(tokenizer)}
         if args.context and args.context > context:
             raise EvaluationError(f"--context {args.context} is longer than {path}'s context of {context} tokens.")
         win = args.context or context

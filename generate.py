@@ -130,7 +130,7 @@ def _encode_prompt(tokenizer, prompt: str | list[int], context: int, max_new_tok
     else:
         ids = list(prompt)
         if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in ids):
-            raise ValueError(f"a prompt of token ids must hold integers from 0 to {vocab - 1} (the model's vocabulary)")
+            raise ValueError(f"a prompt of token ids must hold integers from 0 to {vocab - 1} (the tokenizer's vocabulary)")
     if not ids:  # an empty prompt samples unconditionally, as GPT-2 was trained: after <|endoftext|>
         return [tokenizer.eos_token_id]
     keep = context - max_new_tokens
@@ -192,17 +192,18 @@ def _generate(tokenizer, model, device, prompts, max_new_tokens, top_k, top_p, t
     if max_new_tokens >= context:
         raise ValueError(f"max_new_tokens (--length) must be below the model's context of {context} tokens, got {max_new_tokens}")
     device = torch.device(device)
-    vocab = model.get_input_embeddings().weight.shape[0]
+    # The ids the tokenizer has: a vocabulary padded beyond it (train.py's) is never sampled, and prompts stay within it.
+    vocab = min(len(tokenizer), model.get_input_embeddings().weight.shape[0])
     encoded = [_encode_prompt(tokenizer, p, context, max_new_tokens, vocab) for p in prompts]
     prompts = [p if isinstance(p, str) else tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
     rows = [ids for ids in encoded for _ in range(num_return_sequences)]
     if decode.unsupported(model):
         out = _sample_hf(tokenizer, model, device, encoded, max_new_tokens, top_k, top_p, temperature, repetition_penalty,
-                         no_repeat_ngram_size, num_return_sequences, seed, stop, on_text)
+                         no_repeat_ngram_size, num_return_sequences, seed, stop, on_text, vocab)
         return _completions(prompts, rows, num_return_sequences, out)
     penalties = Penalties(rows, vocab, device, repetition_penalty, no_repeat_ngram_size)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    out = decode_rows(tokenizer, decode.fast_forward(model), device, rows, max_new_tokens, top_k, top_p, temperature, penalties,
+    out = decode_rows(tokenizer, decode.fast_forward(model, vocab), device, rows, max_new_tokens, top_k, top_p, temperature, penalties,
                       generator, stop, on_text)
     return _completions(prompts, rows, num_return_sequences, out)
 
@@ -218,14 +219,19 @@ def _context(model) -> int:
 
 
 def _sample_hf(tokenizer, model, device, encoded, max_new_tokens, top_k, top_p, temperature, repetition_penalty,
-               no_repeat_ngram_size, num_return_sequences, seed, stop, on_text) -> RowsOut:
+               no_repeat_ngram_size, num_return_sequences, seed, stop, on_text, n_tokens) -> RowsOut:
     """The rows of `_generate` sampled by `model.generate`, for a model decode.py's forward does not implement
-    (`decode.unsupported`): the same settings, stop strings and seeds, one prompt at a time, without the speed."""
+    (`decode.unsupported`): the same settings, stop strings and seeds, one prompt at a time, without the speed.
+    Ids from n_tokens (the tokenizer's length) up, a padded vocabulary's rows, are suppressed before any warper."""
     warnings.warn(f"the fast decode path cannot run this model ({decode.unsupported(model)}): sampling with model.generate.",
                   stacklevel=4)
     eos = tokenizer.eos_token_id
     out = RowsOut(tokenizer, len(encoded) * num_return_sequences, stop, on_text)
     sampling = dict(do_sample=True, top_k=top_k, top_p=top_p, temperature=temperature) if temperature > 0 else dict(do_sample=False)
+    n = num_return_sequences if temperature > 0 else 1  # greedy sequences are all the same, and HF refuses n > 1 there
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if vocab > n_tokens:
+        sampling["suppress_tokens"] = list(range(n_tokens, vocab))
     rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else []) if seed is not None else contextlib.nullcontext()
     with rng:
         if seed is not None:
@@ -234,8 +240,8 @@ def _sample_hf(tokenizer, model, device, encoded, max_new_tokens, top_k, top_p, 
             inputs = torch.tensor([ids], device=device)
             seqs = model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=max_new_tokens, pad_token_id=eos,
                                   eos_token_id=eos, repetition_penalty=repetition_penalty,
-                                  no_repeat_ngram_size=no_repeat_ngram_size, num_return_sequences=num_return_sequences, **sampling)
-            for j, seq in enumerate(seqs[:, len(ids):].tolist()):
+                                  no_repeat_ngram_size=no_repeat_ngram_size, num_return_sequences=n, **sampling)
+            for j, seq in enumerate(seqs[:, len(ids):].repeat(num_return_sequences // n, 1).tolist()):
                 for token in seq:
                     if not out.add(i * num_return_sequences + j, token):
                         break

@@ -4,6 +4,7 @@
     model = get_model(preset="small")                  # 4 layers, 256 wide: trains on a laptop CPU
     model = get_model(n_layer=2, n_embd=64, n_head=2)  # any shape
     model = get_model(init_from="path/to/hf_model")    # fine-tune pretrained weights (folder or Hub name)
+    model = get_model(vocab_size=padded_vocab_size(len(tok)), bos_token_id=eos, eos_token_id=eos)  # train.py's, any tokenizer
     loss = lm_head_loss(hidden, model.lm_head.weight, labels)  # the model's loss without its logits (training)
     Trainer(..., compute_loss_func=FusedCausalLMLoss(model))    # the same, as the Trainer's loss
 
@@ -29,6 +30,7 @@ PRESETS: dict[str, dict[str, int]] = {
 
 GPT2_VOCAB_SIZE = 50257
 GPT2_CONTEXT = 1024
+VOCAB_MULTIPLE = 64  # train.py pads a new model's vocabulary to a multiple of this (nanoGPT: 50257 -> 50304)
 
 
 class ModelError(ValueError):
@@ -55,6 +57,16 @@ def check_shape(n_embd: int | None = None, n_layer: int | None = None, n_head: i
         raise ModelError(f"n_embd ({n_embd}) must be a multiple of n_head ({n_head}): each head gets n_embd / n_head dims.")
     if dropout is not None and not 0 <= dropout < 1:  # also refuses nan
         raise ModelError(f"dropout={dropout} must be in [0, 1).")
+
+
+def padded_vocab_size(n_tokens: int, multiple: int = VOCAB_MULTIPLE) -> int:
+    """`n_tokens` (a tokenizer's length) rounded up to a multiple of `multiple`: the vocabulary train.py gives a new
+    model, as nanoGPT pads 50257 to 50304 for matmul-friendly shapes. The rows beyond the tokenizer are never a
+    training target and generate.py never samples them; multiple=1 turns padding off."""
+    for name, value in (("n_tokens", n_tokens), ("multiple", multiple)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ModelError(f"{name}={value!r} must be a whole number of at least 1.")
+    return -(-n_tokens // multiple) * multiple
 
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -204,6 +216,10 @@ def get_model(
 
     With `init_from` (a local Hugging Face model folder or a Hub name) the pretrained weights and
     shape are loaded instead, to fine-tune; only `dropout` and `config_kwargs` are applied on top.
+
+    bos_token_id / eos_token_id (and the pad id, which is the EOS) go into config.json and
+    generation_config.json of a new model: pass the tokenizer's EOS id for a tokenizer other than GPT-2's.
+    vocab_size is taken as given (train.py pads it with `padded_vocab_size`).
 
     Raises ModelError (a ValueError) for a bad shape, or a folder that holds no usable GPT-2.
     """

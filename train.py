@@ -47,7 +47,7 @@ import generate
 from checkpoints import (COMPLETE, UserError, check_checkpoint_fits, checkpoint_step, choose_checkpoint,  # noqa: F401
                          latest_complete_checkpoint, make_output_dir, mark_complete, remove_partial_checkpoints,
                          replace_folder, rotate_checkpoints, unmark)
-from model import FusedCausalLMLoss, ModelError, get_model
+from model import FusedCausalLMLoss, ModelError, check_vocab, get_model, padded_vocab_size
 from tracking import LocalMetricsCallback, finish_wandb, manifest, start_wandb
 from train_args import (CPU_MAX_STEPS, DataArguments, ModelArguments, TrainArguments, check_block_size,  # noqa: F401
                         parse_args, parse_config_file, resolve_defaults, scratch_learning_rate, split_kwargs)
@@ -235,20 +235,46 @@ def build_model(model_args: ModelArguments, data_args: DataArguments, args: Trai
     """A new or pretrained GPT-2 (model.get_model) for this vocabulary, checked against --block_size and the
     checkpoint to resume from."""
     set_seed(args.seed)  # the same initial weights on every rank and on every rerun
+    eos = tokenizer.eos_token_id  # dataset.py has refused a tokenizer without one
     try:
         model = get_model(
-            n_embd=model_args.n_embd, n_layer=model_args.n_layer, n_head=model_args.n_head, vocab_size=len(tokenizer),
+            n_embd=model_args.n_embd, n_layer=model_args.n_layer, n_head=model_args.n_head,
+            vocab_size=new_vocab_size(len(tokenizer), model_args.vocab_multiple, resume_from),
             n_positions=model_args.n_positions, dropout=model_args.dropout, init_from=model_args.init_from,
-            verbose=args.should_log,
+            bos_token_id=eos, eos_token_id=eos, verbose=args.should_log,
         )
+        check_vocab(tokenizer, model, str(model_args.init_from or "the model"))
     except ModelError as e:
         raise UserError(str(e)) from None
+    never_sample_padding(model, len(tokenizer))
     check_block_size(data_args.block_size, model.config.n_positions)
     # The saved tokenizer states the context the model has (pipelines truncate prompts to it), not GPT-2's 1024.
     tokenizer.model_max_length = model.config.n_positions
     if resume_from:
         check_checkpoint_fits(Path(resume_from), model)
     return model
+
+
+def new_vocab_size(n_tokens: int, multiple: int, resume_from: str | None) -> int:
+    """A new model's vocabulary: the tokenizer's length padded to `multiple` (--vocab_multiple); a checkpoint to
+    resume from keeps the one it was trained with when that holds the tokenizer (e.g. one written before padding)."""
+    if resume_from:
+        try:
+            saved = json.loads((Path(resume_from) / "config.json").read_text(encoding="utf-8")).get("vocab_size")
+        except (OSError, ValueError, AttributeError):
+            saved = None  # no or no readable config.json: check_checkpoint_fits and the Trainer speak for it
+        if isinstance(saved, int) and not isinstance(saved, bool) and saved >= n_tokens:
+            return saved
+    return padded_vocab_size(n_tokens, multiple)
+
+
+def never_sample_padding(model, n_tokens: int) -> None:
+    """The vocabulary rows beyond the tokenizer (padding) are suppressed in the saved generation_config.json, so
+    model.generate and transformers' pipelines never pick an id the tokenizer cannot decode (generate.py's own
+    sampler never computes those logits)."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if vocab > n_tokens:
+        model.generation_config.suppress_tokens = list(range(n_tokens, vocab))
 
 
 def build_trainer(model, tokenizer, train_ds, val_ds, args: TrainArguments) -> tuple[GPT2Trainer, StopOnSignalCallback]:

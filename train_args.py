@@ -19,7 +19,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 import dataset
 from checkpoints import UserError
-from model import PRESETS, ModelError, check_shape
+from model import PRESETS, VOCAB_MULTIPLE, ModelError, check_shape
 from tracking import tensorboard_installed
 
 
@@ -49,6 +49,12 @@ class ModelArguments:
         default=None,
         metadata={"help": "Fine-tune pretrained weights: a local Hugging Face model folder or a Hub name (e.g. gpt2). "
                   "The shape then comes from that model, and the default learning rate is 5e-5."},
+    )
+    vocab_multiple: int = field(
+        default=VOCAB_MULTIPLE,
+        metadata={"help": "A new model's vocabulary is the tokenizer's length rounded up to a multiple of this, for speed "
+                  "(GPT-2's 50257 -> 50304, as nanoGPT); the rows beyond the tokenizer are never sampled. 1 turns "
+                  "padding off. A pretrained model (--init_from) or a resumed checkpoint keeps its own."},
     )
 
 
@@ -227,6 +233,8 @@ def resolve_model_defaults(model_args: ModelArguments, data_args: DataArguments,
         # Pretraining sees each token about once, so dropout only slows learning (nanoGPT's default too):
         # val loss after 150 steps x 2048 WebText tokens 7.30 with GPT-2's 0.1, 7.27 with 0 (measured).
         model_args.dropout = 0.0
+    if isinstance(model_args.vocab_multiple, bool) or not isinstance(model_args.vocab_multiple, int) or model_args.vocab_multiple < 1:
+        raise UserError(f"--vocab_multiple {model_args.vocab_multiple!r}: must be a whole number of at least 1 (1: no padding).")
     try:  # a new model's shape now, before anything is tokenized; a pretrained one's comes with it
         if model_args.init_from:
             check_shape(dropout=model_args.dropout)

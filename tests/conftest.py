@@ -97,3 +97,27 @@ def broken_model_folder(tiny_gpt2_dir, tmp_path, capsys):
         return folder, named
 
     return break_
+
+
+SMALL_BPE_SIZE = 300
+
+
+@pytest.fixture(scope="session")
+def small_bpe_folder(tmp_path_factory):
+    """A byte-level BPE tokenizer of SMALL_BPE_SIZE (300) tokens, not GPT-2's, trained on Python's documentation
+    text, saved as a Hugging Face tokenizer folder: its only special token is <|endoftext|>, id 0 (EOS, BOS, UNK)."""
+    from pydoc_data.topics import topics
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=SMALL_BPE_SIZE, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator([topics[k] for k in sorted(topics)][:200], trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                        unk_token="<|endoftext|>")
+    path = tmp_path_factory.mktemp("small_bpe")
+    tokenizer.save_pretrained(path)
+    return path

@@ -100,3 +100,28 @@ def test_cached_forward_is_rebuilt_when_weights_change():
     with torch.no_grad():
         model.lm_head.weight.add_(1.0)  # trained further (tied: the embedding too)
     assert decode.fast_forward(model) is not first
+
+
+def test_lm_head_keeps_only_the_tokenizers_rows():
+    # A vocabulary padded beyond the tokenizer (train.py: to a multiple of 64): the padding rows are never computed,
+    # so no logit, top-k or greedy pick can name an id the tokenizer does not have.
+    model = tiny(vocab_size=256)
+    with torch.no_grad():
+        model.lm_head.weight[VOCAB:] = 50.0  # padding rows with huge logits
+    ids = torch.randint(0, VOCAB, (1, 7))
+    for screen in (False, True):
+        fast = decode.FastGPT2(model, lm_head_dtype=torch.float32, screen=screen, n_tokens=VOCAB)
+        assert fast.vocab == VOCAB
+        with torch.inference_mode():
+            h = fast.hidden(ids, torch.arange(7)[None], fast.new_cache(1, 7), 0)[0]
+            logits = fast.logits(h)
+            torch.testing.assert_close(logits, model(ids).logits[0, :, :VOCAB], rtol=1e-5, atol=1e-5)
+            for k in (1, 5, 50):
+                vals, idx = fast.top_logits(h, k)
+                assert (idx < VOCAB).all()
+                torch.testing.assert_close(vals, torch.topk(logits, k).values, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="n_tokens=300 must be from 1 to the model's 256 vocabulary rows"):
+        decode.FastGPT2(model, n_tokens=300)
+    first = decode.fast_forward(model, VOCAB)
+    assert decode.fast_forward(model, VOCAB) is first and first.vocab == VOCAB
+    assert decode.fast_forward(model).vocab == 256  # another tokenizer length: rebuilt

@@ -350,7 +350,7 @@ def test_cli_compares_models_side_by_side(tiny_model_dir, tmp_path, text_file):
     assert all(row["generation"]["samples"] == 3 and "copy_rate" in row["generation"] for row in rows)
     assert results["reference"]["copy_rate"] == 1.0  # the references come from the training data itself
     table = out_md.read_text()
-    assert table.splitlines()[0].startswith("| model | params | tokens | loss | perplexity | bits/byte | BLEU | ROUGE-1")
+    assert table.splitlines()[0].startswith("| model | params | vocab | tokens | loss | perplexity | bits/byte | BLEU | ROUGE-1")
     assert f"| {tiny_model_dir} |" in table and f"| {other} |" in table
     assert table.strip() in r.stdout
 

@@ -544,3 +544,87 @@ def test_token_id_prompts_and_completion_ids(loaded):
         G.generate(tok, model, dev, [[1, 50257]], max_new_tokens=2)
     with pytest.raises(ValueError, match="wrap it in a list"):
         G.generate(tok, model, dev, ids, max_new_tokens=2)
+
+
+# ----------------------------------------------------------------------------- a tokenizer other than GPT-2's
+
+
+@pytest.fixture(scope="module")
+def padded(small_bpe_folder):
+    """(tokenizer, model): the 300-token BPE (EOS id 0) and a tiny model whose vocabulary is padded to 320, as train.py
+    pads it, with HUGE logits on the 20 padding rows: any path that computes them picks an id the tokenizer lacks."""
+    from gpt2_tokenizer import load_tokenizer
+    from model import get_model
+
+    tok = load_tokenizer(small_bpe_folder)
+    assert len(tok) == 300 and tok.eos_token_id == 0
+    torch.manual_seed(0)
+    model = get_model(n_layer=2, n_embd=64, n_head=2, n_positions=64, vocab_size=320, dropout=0.0,  # 300 padded to 64s
+                      bos_token_id=0, eos_token_id=0, verbose=False).eval()
+    with torch.no_grad():
+        model.transformer.ln_f.bias.fill_(3.0)  # final hidden states ~3 + noise in every dimension ...
+        model.lm_head.weight[len(tok):] = 2.0  # ... so the padding rows' logits are ~400, the tokenizer's ~0
+        model.lm_head.weight[0] = -1.0  # and EOS (id 0) ~-200: never picked here (test_generation_stops_at_the_tokenizers_eos)
+    return tok, model
+
+
+def _padded_cases(tok, model):
+    n = len(tok)
+    for top_k, top_p, temperature in ((50, 0.95, 0), (50, 0.95, 1.0), (5, 1.0, 0.8), (0, 1.0, 1.0), (0, 0.9, 1.5)):
+        kw = dict(top_k=top_k, top_p=top_p, temperature=temperature, max_new_tokens=20, seed=1, num_return_sequences=2)
+        for extra in ({}, dict(repetition_penalty=1.3, no_repeat_ngram_size=2)):
+            out = G.generate(tok, model, CPU, ["The", "def f(x):"], **kw, **extra)
+            ids = [t for c in out for t in c.completion_ids]
+            assert ids and max(ids) < n, (kw, extra)
+            assert all(c.finish_reason == "length" for c in out)
+
+
+def test_padding_rows_are_never_sampled_or_picked(padded):
+    tok, model = padded
+    _padded_cases(tok, model)
+    assert decode.fast_forward(model, len(tok)).vocab == len(tok)
+
+
+def test_padding_rows_are_never_sampled_or_picked_by_the_model_generate_fallback(padded, monkeypatch):
+    tok, model = padded
+    monkeypatch.setattr(decode, "unsupported", lambda m: "a test says so")
+    monkeypatch.setattr(decode, "FastGPT2", lambda *a, **k: pytest.fail("the fast forward ran"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sampling with model.generate"
+        _padded_cases(tok, model)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_padding_rows_of_a_quantized_model_are_never_picked(padded, mode):
+    import copy
+
+    tok, model = padded
+    q = decode.quantize.quantize_model(copy.deepcopy(model), mode, group_size=32)
+    for kw in (dict(temperature=0), dict(top_k=5), dict(top_k=0)):
+        out = G.generate(tok, q, CPU, ["The", "def f(x):"], max_new_tokens=10, seed=0, **kw)
+        assert max(t for c in out for t in c.completion_ids) < len(tok), kw
+
+
+def test_generation_stops_at_the_tokenizers_eos(padded, monkeypatch):
+    import copy
+
+    tok, model = padded
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        model.lm_head.weight[0] = 1.0  # EOS (id 0) now leads the tokenizer's ids by far (logit ~200), padding still above
+    for fallback in (False, True):
+        if fallback:
+            monkeypatch.setattr(decode, "unsupported", lambda m: "a test says so")
+        for kw in (dict(temperature=0), dict(top_k=5), dict(top_k=0)):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                (c,) = G.generate(tok, model, CPU, "The", max_new_tokens=10, seed=0, **kw)
+            assert (c.finish_reason, c.completion, c.completion_tokens) == ("eos", "", 0), (fallback, kw)
+
+
+def test_token_id_prompts_stay_within_the_tokenizer(padded):
+    tok, model = padded
+    with pytest.raises(ValueError, match="token ids must hold integers from 0 to 299"):
+        G.generate(tok, model, CPU, [[1, 305]], max_new_tokens=2)
+    (c,) = G.generate(tok, model, CPU, [[1, 299]], max_new_tokens=2, temperature=0)
+    assert c.prompt_tokens == 2

@@ -163,3 +163,15 @@ def test_new_models_use_gpt2s_gelu_as_one_op():
     reference.load_state_dict(model.state_dict())
     ids = torch.randint(0, 50257, (2, 9))
     torch.testing.assert_close(model(ids).logits, reference.eval()(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_padded_vocab_size_rounds_up_to_the_multiple():
+    from model import padded_vocab_size
+
+    assert padded_vocab_size(50257) == 50304  # GPT-2's, as nanoGPT pads it
+    assert [padded_vocab_size(n) for n in (1, 64, 65, 300, 512, 8192)] == [64, 64, 128, 320, 512, 8192]
+    assert padded_vocab_size(50257, 1) == 50257 and padded_vocab_size(300, 128) == 384
+    for bad in (0, -64, 1.5, True):
+        with pytest.raises(ModelError, match="multiple="):
+            padded_vocab_size(300, bad)
+

@@ -200,6 +200,7 @@ def not_tokenized(**kwargs):
     ({"block_size": 0}, "--block_size 0: must be at least 2"),
     ({"n_positions": 8}, "--block_size 16 exceeds the model's context of 8 tokens"),
     ({"warmup_steps": -3}, "Expected value warmup_steps >= 0"),  # one of transformers' own checks, as a message
+    ({"vocab_multiple": 0}, "--vocab_multiple 0: must be a whole number of at least 1"),
 ])
 def test_bad_values_are_one_line_errors_before_any_work(tmp_path, corpus, cache_dir, capsys, monkeypatch, overrides, message):
     monkeypatch.setattr(dataset, "get_dataset_and_tokenizer", not_tokenized)
@@ -304,6 +305,31 @@ def test_ctrl_c_before_training_is_one_line(tmp_path, corpus, cache_dir, capsys,
     assert capsys.readouterr().err == "error: interrupted; rerun the same command to start again.\n"
 
 
+def test_a_tokenizer_other_than_gpt2s_sets_the_vocabulary_and_special_ids(tmp_path, corpus, cache_dir, small_bpe_folder):
+    # A 300-token BPE whose <|endoftext|> is id 0: the vocabulary is padded to 320, the saved configs name id 0 as
+    # BOS, EOS and pad (not GPT-2's 50256), and the saved generation config never samples the 20 padding rows.
+    result = train(**tiny_kwargs(tmp_path, corpus, cache_dir, tokenizer_name=str(small_bpe_folder), max_steps=2,
+                                 save_strategy="no", sample_prompts=["The"], sample_max_new_tokens=8))
+    final = tmp_path / "final_model"
+    config = json.loads((final / "config.json").read_text())
+    generation = json.loads((final / "generation_config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (0, 0, 0)
+    assert (generation["bos_token_id"], generation["eos_token_id"], generation["pad_token_id"]) == (0, 0, 0)
+    assert config["vocab_size"] == 320
+    assert generation["suppress_tokens"] == list(range(300, 320))
+    assert load_file(final / "model.safetensors")["transformer.wte.weight"].shape == (320, 32)
+    assert result["samples"][0].startswith("The")
+
+
+def test_vocab_multiple_one_turns_padding_off_and_a_checkpoint_keeps_its_vocabulary(tmp_path, corpus, cache_dir):
+    # A run from before padding (50257 rows) resumes with its own vocabulary, not the 50304 a new model gets.
+    train(**tiny_kwargs(tmp_path, corpus, cache_dir, vocab_multiple=1, max_steps=4, save_steps=4, eval_steps=4))
+    assert json.loads((tmp_path / "final_model" / "config.json").read_text())["vocab_size"] == 50257
+    result = train(**tiny_kwargs(tmp_path, corpus, cache_dir, max_steps=6, save_steps=4, eval_steps=4))
+    assert result["global_step"] == 6
+    assert json.loads((tmp_path / "final_model" / "config.json").read_text())["vocab_size"] == 50257
+
+
 # ----------------------------------------------------------------------------------------------
 # A whole run: final model, metrics, checkpoints
 
@@ -318,6 +344,7 @@ def test_full_run_outputs(tmp_path, corpus, cache_dir):
                  "eval_results.json", "manifest.json"):
         assert (final / name).is_file(), name
     assert not any(p.name.startswith("final_model.") for p in tmp_path.iterdir())  # no temp folder left
+    assert json.loads((final / "config.json").read_text())["vocab_size"] == 50304  # GPT-2's 50257, padded to 64
 
     metrics = json.loads((final / "eval_results.json").read_text())
     assert metrics["eval_loss"] == pytest.approx(result["eval_metrics"]["eval_loss"])

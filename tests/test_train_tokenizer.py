@@ -220,3 +220,90 @@ def test_help_documents_every_flag():
     for f in train_tokenizer.TokenizerArguments.__dataclass_fields__:
         assert f"--{f}" in out.stdout
     assert "byte-level BPE" in out.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end: train_tokenizer -> train.py -> generate.py, quantize.py, the web API -> evaluation.py
+
+
+@pytest.fixture(scope="module")
+def trained_on_own_tokenizer(tmp_path_factory):
+    """A tiny model trained by train.py on a 512-token tokenizer from train_tokenizer.py's CLI."""
+    tmp = tmp_path_factory.mktemp("e2e")
+    made = run_cli("train_tokenizer.py", "--dataset_name", "builtin", "--vocab_size", 512, "--out", tmp / "bpe512")
+    assert made.returncode == 0, made.stderr
+    trained = run_cli("train.py", "--dataset_name", "builtin", "--tokenizer_name", tmp / "bpe512", "--output_dir", tmp / "run",
+                      "--cache_dir", tmp / "cache", "--n_layer", 2, "--n_embd", 32, "--n_head", 2, "--block_size", 32,
+                      "--max_steps", 12, "--eval_steps", 6, "--save_steps", 6, "--learning_rate", 3e-3, "--warmup_steps", 2,
+                      "--report_to", "none", "--sample_max_new_tokens", 8, "--disable_tqdm", "true")
+    assert trained.returncode == 0, trained.stdout + trained.stderr
+    return tmp / "bpe512", tmp / "run" / "final_model", trained.stdout
+
+
+def test_train_py_sizes_the_model_and_saves_the_tokenizer(trained_on_own_tokenizer):
+    from transformers import AutoTokenizer
+
+    tokenizer_dir, final, _ = trained_on_own_tokenizer
+    config = json.loads((final / "config.json").read_text())
+    assert config["vocab_size"] == 512  # already a multiple of 64
+    assert config["eos_token_id"] == config["bos_token_id"] == 0
+    saved, ours = AutoTokenizer.from_pretrained(final), AutoTokenizer.from_pretrained(tokenizer_dir)
+    assert saved.get_vocab() == ours.get_vocab() and len(saved) == 512
+
+
+def test_generate_py_samples_with_the_folder_tokenizer(trained_on_own_tokenizer):
+    _, final, _ = trained_on_own_tokenizer
+    out = run_cli("generate.py", "--model_path", final, "--prompt", "The module", "--length", 12, "--seed", 1, "--json")
+    assert out.returncode == 0, out.stderr
+    (line,) = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert line["completion"] and line["completion_tokens"] <= 12
+
+    import generate
+
+    tokenizer, model, device = generate.load_model(final, device="cpu")
+    (c,) = generate.generate(tokenizer, model, device, "The module", max_new_tokens=12, seed=1)
+    assert all(0 <= t < 512 for t in c.completion_ids)
+    assert c.completion == line["completion"]
+
+
+def test_quantized_model_keeps_the_tokenizer(trained_on_own_tokenizer, tmp_path):
+    _, final, _ = trained_on_own_tokenizer
+    q = run_cli("quantize.py", "--model_path", final, "--mode", "int8", "--out", tmp_path / "int8")
+    assert q.returncode == 0, q.stderr
+    out = run_cli("generate.py", "--model_path", tmp_path / "int8", "--prompt", "The module", "--length", 8, "--seed", 1)
+    assert out.returncode == 0, out.stderr
+    assert json.loads((tmp_path / "int8" / "tokenizer_config.json").read_text())["eos_token"] == "<|endoftext|>"
+    assert (tmp_path / "int8" / "tokenizer.json").read_bytes() == (final / "tokenizer.json").read_bytes()
+
+
+def test_web_api_serves_the_model(trained_on_own_tokenizer):
+    import generate
+    import web_demo
+    from test_web_demo import Server, call
+
+    _, final, _ = trained_on_own_tokenizer
+    loaded = generate.load_model(final, device="cpu")
+    server = Server(web_demo.build_app(*loaded, web_demo.WebDemoArguments(model_path=str(final)), page=False))
+    try:
+        status, body = call(server, "/v1/completions", {"prompt": "The module", "max_tokens": 8, "temperature": 0})
+    finally:
+        server.stop()
+    assert status == 200, body
+    (expected,) = generate.generate(*loaded, "The module", max_new_tokens=8, temperature=0, top_k=0, top_p=1.0)
+    assert body["choices"][0]["text"] == expected.completion
+
+
+def test_evaluation_compares_bits_per_byte_across_tokenizers(trained_on_own_tokenizer, tiny_gpt2_dir, tmp_path):
+    _, final, _ = trained_on_own_tokenizer
+    text = tmp_path / "eval.txt"
+    text.write_text("\n\n".join(dataset.builtin_documents()[:3]))
+    out_json = tmp_path / "r.json"
+    r = run_cli("evaluation.py", "--model_path", final, tiny_gpt2_dir, "--dataset_path", text, "--output_json", out_json)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(out_json.read_text())["models"]
+    assert [row["vocab"] for row in rows] == [512, 50257]
+    ours, gpt2 = (row["perplexity"] for row in rows)
+    assert ours["bytes"] == gpt2["bytes"] == len(text.read_text().encode())  # the same text, whatever the tokens
+    assert ours["tokens"] > gpt2["tokens"]
+    assert ours["bits_per_byte"] < gpt2["bits_per_byte"]  # trained against random weights
+    assert "| vocab |" in r.stdout and "compare bits/byte" in r.stdout
