@@ -236,7 +236,7 @@ def _write_atomic(path: Path, text: str) -> None:
 
 COLUMNS = [  # (key, Markdown header); the CSV uses the keys
     ("run", "run"), ("status", "status"), ("steps", "steps"), ("final_val_loss", "final val loss"),
-    ("perplexity", "perplexity"), ("best_step", "best step"), ("best_val_loss", "best val loss"),
+    ("perplexity", "perplexity"), ("final_val_bpb", "val bits/byte"), ("best_step", "best step"), ("best_val_loss", "best val loss"),
     ("tokens_per_s", "tokens/s"), ("wall_time_s", "wall time"), ("parameters", "parameters"),
 ]
 
@@ -297,12 +297,14 @@ def summarize(run_dir: Path) -> dict[str, Any]:
         status, steps = "not started", 0
 
     # Validation curve: the last evaluation at each step (the final evaluate() repeats the last step's).
-    curve = {}
+    curve, bpb = {}, None
     for line in lines:
         if "eval_loss" in line and (not latest or results or line["step"] <= steps):
             curve[line["step"]] = line["eval_loss"]
+            bpb = line.get("eval_bits_per_byte", bpb)
     curve = sorted(curve.items())
     final_loss = results.get("eval_loss") if results else (curve[-1][1] if curve else None)
+    final_bpb = results.get("eval_bits_per_byte") if results else bpb
     best = min(curve, key=lambda p: p[1]) if curve else (None, None)
 
     block_size = record.get("block_size") or manifest.get("arguments", {}).get("data", {}).get("block_size")
@@ -320,6 +322,7 @@ def summarize(run_dir: Path) -> dict[str, Any]:
         "steps": steps,
         "final_val_loss": _round(final_loss, 4),
         "perplexity": _round(math.exp(min(final_loss, 50.0)), 2) if final_loss is not None else None,
+        "final_val_bpb": _round(final_bpb, 4),
         "best_step": best[0],
         "best_val_loss": _round(best[1], 4),
         "tokens_per_s": _round(tokens_per_s, 1),
@@ -377,7 +380,7 @@ def _round(value: float | None, digits: int) -> float | None:
 
 def comparison_table(rows: list[dict[str, Any]]) -> str:
     """comparison.md's table: one row per run."""
-    right = {"steps", "final_val_loss", "perplexity", "best_step", "best_val_loss", "tokens_per_s", "wall_time_s", "parameters"}
+    right = {"steps", "final_val_loss", "perplexity", "final_val_bpb", "best_step", "best_val_loss", "tokens_per_s", "wall_time_s", "parameters"}
     lines = ["| " + " | ".join(h for _, h in COLUMNS) + " |",
              "|" + "|".join("---:" if k in right else "---" for k, _ in COLUMNS) + "|"]
     for row in rows:
@@ -393,7 +396,7 @@ def _cell(key: str, value: Any) -> str:
     if key == "wall_time_s":
         minutes, seconds = divmod(round(value), 60)
         return f"{minutes}m {seconds:02d}s" if minutes else f"{seconds}s"
-    if key in ("final_val_loss", "best_val_loss"):
+    if key in ("final_val_loss", "best_val_loss", "final_val_bpb"):
         return f"{value:.4f}"
     if key == "perplexity":
         return f"{value:.2f}"

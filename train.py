@@ -48,6 +48,7 @@ from checkpoints import (COMPLETE, UserError, check_checkpoint_fits, checkpoint_
                          latest_complete_checkpoint, make_output_dir, mark_complete, remove_partial_checkpoints,
                          replace_folder, rotate_checkpoints, unmark)
 from model import FusedCausalLMLoss, ModelError, check_vocab, get_model, padded_vocab_size
+from perplexity import token_byte_lengths
 from tracking import LocalMetricsCallback, finish_wandb, manifest, start_wandb
 from train_args import (CPU_MAX_STEPS, DataArguments, ModelArguments, TrainArguments, check_block_size,  # noqa: F401
                         parse_args, parse_config_file, resolve_defaults, scratch_learning_rate, split_kwargs)
@@ -113,9 +114,13 @@ class GPT2Trainer(Trainer):
         self.skipped_steps = 0
         return loss
 
+    val_bytes_per_token: float | None = None  # UTF-8 bytes per scored validation token (val_bytes_per_token)
+
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "eval_loss" in logs:
             logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))  # capped: exp overflows past ~709
+            if self.val_bytes_per_token:
+                logs["eval_bits_per_byte"] = logs["eval_loss"] / math.log(2) / self.val_bytes_per_token
         super().log(logs, *args, **kwargs)
 
 
@@ -287,7 +292,21 @@ def build_trainer(model, tokenizer, train_ds, val_ds, args: TrainArguments) -> t
     fused_loss = FusedCausalLMLoss(model, sparse_embedding=args.world_size == 1) if args.fused_loss == "on" else None
     trainer = GPT2Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds, processing_class=tokenizer,
                           data_collator=default_data_collator, callbacks=callbacks, compute_loss_func=fused_loss)
+    if val_ds is not None:
+        trainer.val_bytes_per_token = val_bytes_per_token(val_ds, tokenizer)
     return trainer, stop
+
+
+def val_bytes_per_token(val_ds, tokenizer) -> float | None:
+    """UTF-8 bytes per token the validation loss scores (every token of a block but its first), for
+    eval_bits_per_byte: the validation loss per byte of text, which compares runs on different tokenizers
+    (a per-token loss does not: a token of an 8k vocabulary is less text than one of GPT-2's)."""
+    import numpy as np
+
+    lengths = token_byte_lengths(tokenizer)
+    targets = np.asarray(val_ds.with_format("numpy")["input_ids"])[:, 1:]
+    n_bytes = int(lengths[targets].sum())
+    return n_bytes / targets.size if n_bytes and targets.size else None
 
 
 def train_and_evaluate(trainer: GPT2Trainer, stop: StopOnSignalCallback, resume_from: str | None):
@@ -302,7 +321,8 @@ def train_and_evaluate(trainer: GPT2Trainer, stop: StopOnSignalCallback, resume_
             trainer.compute_loss_func.remove()  # the model is plain Hugging Face again: it samples with its logits
     eval_metrics["step"] = trainer.state.global_step
     if trainer.args.should_log and "eval_loss" in eval_metrics and not stop.stopped:
-        print(f"Validation loss {eval_metrics['eval_loss']:.4f}, perplexity {eval_metrics['eval_perplexity']:.2f} "
+        bpb = f", {eval_metrics['eval_bits_per_byte']:.4f} bits per byte" if "eval_bits_per_byte" in eval_metrics else ""
+        print(f"Validation loss {eval_metrics['eval_loss']:.4f}, perplexity {eval_metrics['eval_perplexity']:.2f}{bpb} "
               f"after {trainer.state.global_step} steps.")
     return train_result, eval_metrics
 

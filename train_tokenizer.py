@@ -42,6 +42,7 @@ from gpt2_tokenizer import CONTEXT_LENGTH, EOT, tiktoken_encoding
 from readers import DataError
 
 MAX_VOCAB = 1 << 16  # dataset.py caches token ids as uint16 up to this size
+TRAINER_CHARS = 1 << 16  # text handed to the BPE trainer at once (it buffers 256 of these)
 HELD_OUT_CHARS = 8 << 20  # held-out text kept for the report: enough for a stable ratio, bounded memory
 REPORT_FILE = "training_report.json"
 
@@ -145,12 +146,13 @@ class _HeldOut:
     """The held-out documents as dataset.py chooses them: the official validation split when the data has one;
     else the validation documents of dataset.validation_documents; else (too few documents) the last val_split
     of the text, as dataset.py holds out the last val_split of the tokens (the boundary may differ by a few
-    characters, since tokens and characters do not line up exactly)."""
+    characters, since tokens and characters do not line up exactly). Text is streamed piece by piece: a
+    document is never held whole (one .txt file is one document, however large)."""
 
     def __init__(self, method: str, is_val: Optional[np.ndarray] = None, cut_chars: Optional[int] = None):
         self.method, self.is_val, self.cut_chars = method, is_val, cut_chars
         self.trained_docs = self.trained_chars = self.trained_bytes = 0
-        self.kept: list[str] = []  # held-out text seen while reading the training source, up to HELD_OUT_CHARS
+        self.kept: dict[int, list[str]] = {}  # held-out pieces by document, up to HELD_OUT_CHARS in all
         self.kept_chars = 0
 
     @classmethod
@@ -160,9 +162,8 @@ class _HeldOut:
         if args.val_split <= 0:
             return cls("none")
         n_docs = n_chars = 0  # a first pass: which documents are held out depends on how many there are
-        for doc in _documents(train_src, args, tmp, "Counting documents"):
-            n_docs += 1
-            n_chars += sum(map(len, doc))
+        for doc, piece in _pieces(train_src, args, tmp, "Counting documents"):
+            n_docs, n_chars = doc + 1, n_chars + len(piece)
         is_val = dataset.validation_documents(n_docs, args.val_split, seed)
         if is_val is not None:
             return cls("documents", is_val=is_val)
@@ -170,55 +171,60 @@ class _HeldOut:
 
     def training_text(self, source, args, tmp: str) -> Iterator[str]:
         """The training source's text, without its held-out part (kept aside, up to HELD_OUT_CHARS)."""
-        chars = 0
-        for i, doc in enumerate(_documents(source, args, tmp, "Reading text for BPE")):
-            if self.is_val is not None and self.is_val[i]:
-                self._keep("".join(doc))
+        chars, last_doc = 0, -1
+        for doc, piece in _pieces(source, args, tmp, "Reading text for BPE"):
+            if self.is_val is not None and self.is_val[doc]:
+                self._keep(doc, piece)
                 continue
-            trained = False
-            for piece in doc:
-                if self.cut_chars is not None and chars + len(piece) > self.cut_chars:
-                    cut = max(0, self.cut_chars - chars)
-                    self._keep(piece[cut:])
-                    piece = piece[:cut]
-                if piece:
-                    chars += len(piece)
-                    self.trained_chars += len(piece)
-                    self.trained_bytes += len(piece.encode())
-                    trained = True
-                    yield piece
-            self.trained_docs += trained
+            if self.cut_chars is not None and chars + len(piece) > self.cut_chars:
+                cut = max(0, self.cut_chars - chars)
+                self._keep(doc, piece[cut:])
+                piece = piece[:cut]
+            if piece:
+                chars += len(piece)
+                self.trained_chars += len(piece)
+                self.trained_bytes += len(piece.encode())
+                self.trained_docs += doc != last_doc
+                last_doc = doc
+                yield from _split_lines(piece, TRAINER_CHARS)
 
-    def _keep(self, text: str):
-        if self.kept_chars < HELD_OUT_CHARS and text:
-            self.kept.append(text)
-            self.kept_chars += len(text)
+    def _keep(self, doc: int, piece: str):
+        if self.kept_chars < HELD_OUT_CHARS:
+            self.kept.setdefault(doc, []).append(piece)
+            self.kept_chars += len(piece)
 
     def held_out_text(self, valid_src, args, tmp: str) -> list[str]:
-        if valid_src is None:  # a position split keeps the end of one document, maybe in several pieces
-            return ["".join(self.kept)] if self.method == "position" else self.kept
-        kept, chars = [], 0
-        for doc in _documents(valid_src, args, tmp, "Reading held-out text"):
-            kept.append("".join(doc))
-            chars += len(kept[-1])
-            if chars >= HELD_OUT_CHARS:
-                break
-        return kept
+        if valid_src is not None:
+            for doc, piece in _pieces(valid_src, args, tmp, "Reading held-out text"):
+                if self.kept_chars >= HELD_OUT_CHARS:
+                    break
+                self._keep(doc, piece)
+        return ["".join(pieces) for pieces in self.kept.values()]
 
 
-def _documents(source, args, tmp: str, desc: str) -> Iterator[list[str]]:
-    """The documents with text of a source, in reading order (as dataset.py counts them), each as its pieces."""
+def _split_lines(text: str, size: int) -> Iterator[str]:
+    """`text` in parts of about `size` characters, cut after a newline where there is one: the trainer
+    buffers 256 items in Python, so a reader's megabyte pieces would hold hundreds of megabytes."""
+    start = 0
+    while len(text) - start > size:
+        end = text.rfind("\n", start, start + size) + 1 or start + size
+        yield text[start:end]
+        start = end
+    yield text[start:]
+
+
+def _pieces(source, args, tmp: str, desc: str) -> Iterator[tuple[int, str]]:
+    """(document number, text) of every non-empty piece of a source, streamed; documents are numbered as
+    dataset.py counts them: those with text, in reading order."""
     total, unit = source.total()
     with tqdm(total=total, unit=unit, unit_scale=True, desc=f"{desc} ({source.describe()})", disable=None) as progress:
-        doc: list[str] = []
+        doc, has_text = 0, False
         for text, ends in dataset.iter_pieces(source, args, progress, tmp):
             if text:
-                doc.append(text)
-            if ends and doc:
-                yield doc
-                doc = []
-        if doc:
-            yield doc
+                has_text = True
+                yield doc, text
+            if ends and has_text:
+                doc, has_text = doc + 1, False
 
 
 # ----------------------------------------------------------------------------------------------

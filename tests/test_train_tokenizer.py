@@ -108,6 +108,23 @@ def test_a_single_document_holds_out_its_end(tmp_path):
     assert report["trained"]["bytes"] == cut
 
 
+def test_a_large_single_document_is_streamed_not_held(tmp_path):
+    import tracemalloc
+
+    line = "".join(f"{unique_word(i)} the quick brown fox jumps over the lazy dog {i}\n" for i in range(1000))
+    (tmp_path / "book.txt").write_text(line * 200)  # 10 MB, one document
+    train_bpe(dataset_name="builtin", vocab_size=300, out=tmp_path / "warm")  # imports and GPT-2's BPE: not counted
+    tracemalloc.start()
+    try:
+        _, report = train_bpe(dataset_path=str(tmp_path / "book.txt"), vocab_size=300, out=tmp_path / "tok", val_split=0.01)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert report["trained"]["bytes"] == int(len(line) * 200 * 0.99) and report["held_out"]["documents"] == 1
+    # Never the whole document at once (reading holds a 1 MB piece in a few forms; the trainer 256 small parts).
+    assert peak < 8e6, f"{peak / 1e6:.1f} MB of Python objects at once for a 10 MB document"
+
+
 def test_an_official_validation_split_is_the_held_out_text(tmp_path):
     for split, n in (("train", 30), ("valid", 7)):
         with open(tmp_path / f"small-117M.{split}.jsonl", "w") as f:
@@ -249,6 +266,23 @@ def test_train_py_sizes_the_model_and_saves_the_tokenizer(trained_on_own_tokeniz
     assert config["eos_token_id"] == config["bos_token_id"] == 0
     saved, ours = AutoTokenizer.from_pretrained(final), AutoTokenizer.from_pretrained(tokenizer_dir)
     assert saved.get_vocab() == ours.get_vocab() and len(saved) == 512
+
+
+def test_train_py_reports_validation_bits_per_byte(trained_on_own_tokenizer):
+    import generate
+    from perplexity import evaluate_perplexity
+
+    tokenizer_dir, final, log = trained_on_own_tokenizer
+    results = json.loads((final / "eval_results.json").read_text())
+    _, _, val = dataset.get_dataset_and_tokenizer(dataset_name="builtin", tokenizer_name=str(tokenizer_dir), block_size=32,
+                                                  cache_dir=str(final.parent.parent / "cache"))
+    tokenizer, model, _ = generate.load_model(final, device="cpu", dtype=None)
+    scored = evaluate_perplexity(model, tokenizer, val, progress=False)
+    assert results["eval_loss"] == pytest.approx(scored["loss"], rel=1e-4)
+    assert results["eval_bits_per_byte"] == pytest.approx(scored["bits_per_byte"], rel=1e-4)
+    assert f"{results['eval_bits_per_byte']:.4f} bits per byte" in log
+    metrics = [json.loads(line) for line in (final.parent / "metrics.jsonl").read_text().splitlines()]
+    assert sum("eval_bits_per_byte" in m for m in metrics) >= 2  # every evaluation, not only the last
 
 
 def test_generate_py_samples_with_the_folder_tokenizer(trained_on_own_tokenizer):
