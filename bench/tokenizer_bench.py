@@ -384,7 +384,7 @@ def part_budget(tmp: Path, budget_steps: int, calibration_steps: int, repeats: i
                                "score": True}) for k, tok in configs.items()}
 
     labels = {"gpt2": "GPT-2 BPE", "8k": f"ours {TRAIN_VOCAB} (min_frequency {min_frequency})"}
-    print(f"\n## 3. The main job's budget at equal wall time (built-in corpus, small preset, block 128, batch 8)\n")
+    print("\n## 3. The main job's budget at equal wall time (built-in corpus, small preset, block 128, batch 8)\n")
     print(f"Calibration: {repeats} x {calibration_steps} steps each, interleaved; s/step medians GPT-2 {t['gpt2']:.3f}, "
           f"8k {t['8k']:.3f} (all: GPT-2 {', '.join(f'{x:.3f}' for x in per_step['gpt2'])}; "
           f"8k {', '.join(f'{x:.3f}' for x in per_step['8k'])}) -> 8k trains round({budget_steps} x {t['gpt2']:.3f} / "
