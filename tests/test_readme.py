@@ -23,3 +23,5 @@ def test_requirements_are_pinned():
     lines = [l for l in (ROOT / "requirements.txt").read_text().splitlines() if l and not l.startswith("#")]
     assert lines and all("==" in l for l in lines)
     assert "torch==2.13.0" in lines
+    extra = [l for l in (ROOT / "requirements-test.txt").read_text().splitlines() if l and not l.startswith("#")]
+    assert extra[0] == "-r requirements.txt" and all("==" in l for l in extra[1:])
