@@ -23,6 +23,17 @@ compare side by side):
     --train_data, the share of generated 8-grams of token ids that occur verbatim in the training
     data (the copy rate).
 
+With --tasks hellaswag,lambada_openai,... EleutherAI's lm-evaluation-harness (the `lm-eval` library, pinned
+in requirements.txt) scores each model on those tasks too, and their scores become columns of the same table
+(`hellaswag acc_norm`, `lambada_openai acc`, `lambada_openai perplexity`, ...): the numbers papers, llm.c and
+nanoGPT quote. Model folders go through the harness's own `hf` model (pretrained=<folder>), quantize.py's
+int8/int4 folders through an HFLM wrapped around our loader's model. --limit, --num_fewshot and
+--batch_size pass through; --include_path adds task YAMLs of your own (e.g. a Hub task over local JSON files:
+`dataset_path: json` with `dataset_kwargs: {data_files: ...}`). The Hub tasks download their data once; without
+network, point --include_path at such a local copy. --tasks alone (no --dataset_path) runs only the harness:
+
+    python evaluation.py --model_path logs/final_model --tasks hellaswag,lambada_openai --limit 500
+
 As a library (the scoring functions take any Hugging Face causal LM):
 
     from evaluation import evaluate_perplexity, evaluate_texts
@@ -35,6 +46,7 @@ and only running sums are kept.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import sys
@@ -293,18 +305,36 @@ COLUMNS = [  # (key path, header, format)
 ]
 
 
-def _get(d: dict, path: str):
-    for part in path.split("."):
+def _get(d: dict, path):
+    for part in path.split(".") if isinstance(path, str) else path:  # a tuple: task names hold dots
         if not isinstance(d, dict) or part not in d:
             return None
         d = d[part]
     return d
 
 
+def task_columns(rows: list) -> list:
+    """(key path, header, format) of the harness's scores the rows hold: `<task> <metric>` in the order they
+    come; perplexities with 2 decimals, accuracies and the rest with 4."""
+    cols, seen = [], set()
+    for r in rows:
+        for task, scores in (r.get("tasks") or {}).items():
+            for metric in scores:
+                if metric in HARNESS_INFO_KEYS or metric.endswith("_stderr") or (task, metric) in seen:
+                    continue
+                seen.add((task, metric))
+                fmt = "{:.2f}" if "perplexity" in metric else "{:.4f}"
+                cols.append(((("tasks", task, metric)), f"{task} {metric}", fmt))
+    return cols
+
+
+HARNESS_INFO_KEYS = ("samples", "num_fewshot")  # in a task's scores, but not a score
+
+
 def markdown_table(results: dict) -> str:
-    """One row per model; only the columns some model has a value for."""
+    """One row per model; only the columns some model has a value for (then the harness's task scores)."""
     rows = results["models"]
-    cols = [c for c in COLUMNS if any(_get(r, c[0]) is not None for r in rows)]
+    cols = [c for c in COLUMNS if any(_get(r, c[0]) is not None for r in rows)] + task_columns(rows)
     lines = ["| model | " + " | ".join(h for _, h, _ in cols) + " |", "|---|" + "---:|" * len(cols)]
     for r in rows:
         cells = []
@@ -353,7 +383,7 @@ class EvalArguments:
         default=None, metadata={"help": "Sliding-window step in tokens (default: half the context). Each window scores "
                                 "only its last `stride` tokens; stride == context means non-overlapping windows."})
     context: Optional[int] = field(default=None, metadata={"help": "Window length in tokens (default and maximum: the model's context)."})
-    batch_size: int = field(default=8, metadata={"help": "Windows per forward pass (perplexity)."})
+    batch_size: int = field(default=8, metadata={"help": "Windows per forward pass (perplexity); requests per batch of the harness (--tasks)."})
     add_start_token: bool = field(
         default=True, metadata={"help": "Put <|endoftext|> in front of the text so that its first token is scored too "
                                 "(False: as the Hugging Face perplexity guide does)."})
@@ -379,6 +409,18 @@ class EvalArguments:
         default=None, metadata={"help": "Training data for the copy rate (share of generated 8-grams of tokens found "
                                 "verbatim in it): a file, folder or glob, or a dataset name as --dataset_name (its train split)."})
     copy_ngram: int = field(default=8, metadata={"help": "n of the copy rate's n-grams."})
+    tasks: Optional[str] = field(
+        default=None, metadata={"help": "lm-evaluation-harness tasks, comma-separated (hellaswag,lambada_openai,arc_easy,"
+                                "piqa,wikitext, ... or your own from --include_path): their scores become columns of the "
+                                "table. The Hub tasks download their data once (network needed)."})
+    include_path: Optional[str] = field(
+        default=None, metadata={"help": "Folder of task YAMLs of your own for --tasks (e.g. a Hub task over local JSON "
+                                "files: dataset_path: json, dataset_kwargs: {data_files: ...})."})
+    limit: Optional[float] = field(
+        default=None, metadata={"help": "--tasks: only the first N examples of each task (a fraction below 1: that share); "
+                                "the harness's own --limit."})
+    num_fewshot: Optional[int] = field(default=None, metadata={"help": "--tasks: examples put in front of each question "
+                                                               "(default: each task's own, usually 0)."})
     device: str = field(default="auto", metadata={"help": "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, ..."})
     precision: str = field(default="fp32", metadata={"help": "Weights' precision: fp32, bf16, fp16, or auto (bf16/fp16 on a GPU, fp32 on CPU)."})
     output_json: Optional[str] = field(default=None, metadata={"help": "Write all results (and the samples) to this JSON file."})
@@ -398,11 +440,21 @@ class EvalArguments:
 def check_arguments(args: EvalArguments) -> None:
     if not args.model_path:
         raise EvaluationError("pass --model_path with one or more model folders (e.g. logs/final_model).")
-    if not args.dataset_path and not args.dataset_name:
-        raise EvaluationError("no data to evaluate on: pass --dataset_path (a file, folder or glob) or --dataset_name.")
+    if not args.dataset_path and not args.dataset_name and not args.tasks:
+        raise EvaluationError("no data to evaluate on: pass --dataset_path (a file, folder or glob) or --dataset_name, "
+                              "or harness tasks with --tasks.")
+    if args.tasks is not None and not task_names(args.tasks):
+        raise EvaluationError("--tasks is empty: name harness tasks, e.g. --tasks hellaswag,lambada_openai.")
+    if not args.tasks and (args.include_path or args.limit is not None or args.num_fewshot is not None):
+        raise EvaluationError("--include_path, --limit and --num_fewshot are for the harness: add --tasks.")
+    if args.limit is not None and args.limit <= 0 or args.num_fewshot is not None and args.num_fewshot < 0:
+        raise EvaluationError("--limit must be above 0 and --num_fewshot at least 0.")
+    if args.include_path and not Path(args.include_path).expanduser().is_dir():
+        raise EvaluationError(f"--include_path {args.include_path} is not a folder: pass the folder holding the task YAMLs.")
+    has_data = bool(args.dataset_path or args.dataset_name)
     if args.train_data and args.num_samples <= 0:
         raise EvaluationError("--train_data is for the copy rate of generated samples: add --num_samples N.")
-    if args.skip_perplexity and args.num_samples <= 0:
+    if args.skip_perplexity and args.num_samples <= 0 and not args.tasks:
         raise EvaluationError("--skip_perplexity with --num_samples 0 leaves nothing to evaluate.")
     for name in ("stride", "context", "max_documents"):
         value = getattr(args, name)
@@ -411,6 +463,8 @@ def check_arguments(args: EvalArguments) -> None:
     if args.batch_size < 1 or args.num_samples < 0 or args.copy_ngram < 1:
         raise EvaluationError("--batch_size and --copy_ngram must be at least 1, --num_samples at least 0.")
     if args.num_samples:
+        if not has_data:
+            raise EvaluationError("--num_samples prompts with documents: add --dataset_path or --dataset_name.")
         args.sampling().check()
 
 
@@ -418,11 +472,14 @@ def evaluate(args: EvalArguments) -> dict:
     """Run everything the arguments ask for; returns the results (what --output_json holds)."""
     check_arguments(args)
     data = args.eval_data()
-    source = resolve_source(data)
+    source = resolve_source(data) if data.dataset_path or data.dataset_name else None
+    harness = Harness(args) if args.tasks else None  # the tasks and their data load now, before any model
     train = _train_data(args) if args.train_data else None
     train_source = resolve_source(train, "--train_data") if train else None  # bad --train_data fails now, not at the end
     settings = args.sampling()
-    results: dict[str, Any] = {"data": source.describe(), "settings": _settings(args), "models": []}
+    results: dict[str, Any] = {"data": source.describe() if source else None, "settings": _settings(args), "models": []}
+    if harness:
+        results["harness"] = harness.describe()
     generated: dict[str, tuple[str, list]] = {}  # model -> (tokenizer fingerprint, generated ids), for the copy rate
     references: dict[str, list] = {}  # tokenizer fingerprint -> reference ids
     tokenizers: dict[str, Any] = {}  # tokenizer fingerprint -> tokenizer
@@ -438,7 +495,7 @@ def evaluate(args: EvalArguments) -> dict:
             raise EvaluationError(f"--stride {args.stride} is larger than the window of {win} tokens: tokens would be skipped.")
         if args.num_samples:
             settings.check(context)  # before the perplexity run, not after it
-        if not args.skip_perplexity:
+        if source is not None and not args.skip_perplexity:
             row["perplexity"] = perplexity_on_source(
                 model, tokenizer, source, data, stride=args.stride, context=args.context, batch_size=args.batch_size,
                 add_start_token=args.add_start_token, progress=args.progress, desc=f"Perplexity {path}")
@@ -462,6 +519,8 @@ def evaluate(args: EvalArguments) -> dict:
             generated[path] = (fp, [s["generated_ids"] for s in samples])
             references.setdefault(fp, [s["reference_ids"] for s in samples])
             tokenizers.setdefault(fp, tokenizer)
+        if harness:
+            row["tasks"], row["harness_table"] = harness.run(path, model, tokenizer, args)
         results["models"].append(row)
         del model
         if torch.cuda.is_available():
@@ -469,6 +528,127 @@ def evaluate(args: EvalArguments) -> dict:
     if train_source is not None and generated:
         add_copy_rates(results, args, train, train_source, generated, references, tokenizers)
     return results
+
+
+# ----------------------------------------------------------------------------------------------
+# lm-evaluation-harness (--tasks)
+
+
+def task_names(spec: str) -> list[str]:
+    return [t.strip() for t in spec.split(",") if t.strip()]
+
+
+LOCAL_COPY_HINT = ("to run it offline, download it once where there is network (the harness caches it in "
+                   "~/.cache/huggingface/datasets), or write a task YAML over local JSON files (copy the task's YAML from "
+                   "lm_eval/tasks/, set `dataset_path: json` and `dataset_kwargs: {data_files: {test: my_copy.jsonl}}`) "
+                   "into a folder and pass it with --include_path")
+
+
+class Harness:
+    """The harness's tasks (checked and loaded once, before any model) and one run per model."""
+
+    def __init__(self, args: EvalArguments):
+        try:
+            import lm_eval
+            from lm_eval.tasks import TaskManager
+        except ImportError as e:
+            raise EvaluationError(f"--tasks needs lm-evaluation-harness ({first_line(e)}): pip install -r requirements.txt.") from None
+        _quiet_harness()
+        self.version = lm_eval.__version__
+        self.names = task_names(args.tasks)
+        self.include_path = str(Path(args.include_path).expanduser()) if args.include_path else None
+        self.manager = TaskManager(include_path=self.include_path)
+        unknown = [t for t in self.names if not self.manager.match_tasks([t])]
+        if unknown:
+            where = f" nor in --include_path {args.include_path}" if args.include_path else ""
+            raise EvaluationError(f"--tasks: {', '.join(unknown)} is not a task of lm-evaluation-harness {self.version}"
+                                  f"{where} (`lm-eval ls tasks` lists them; a task of your own needs --include_path).")
+        for name in self.names:  # one at a time, so that the error names the task
+            try:
+                with contextlib.redirect_stdout(sys.stderr):
+                    self.manager.load([name])
+            except Exception as e:  # datasets' and huggingface_hub's errors, a bad YAML, a missing data file
+                raise EvaluationError(_task_error(name, e)) from None
+
+    def describe(self) -> dict:
+        return {"lm_eval": self.version, "tasks": self.names, "include_path": self.include_path}
+
+    def run(self, path: str, model, tokenizer, args: EvalArguments) -> tuple[dict, str]:
+        """({task: {metric: value, metric_stderr: ..., samples: N}}, the harness's own table) of one model."""
+        import lm_eval
+        from lm_eval.utils import make_table
+
+        lm = self.model(path, model, tokenizer, args)
+        try:
+            with contextlib.redirect_stdout(sys.stderr):  # the harness prints ("bootstrapping ..."): stdout is the table's
+                out = lm_eval.simple_evaluate(model=lm, tasks=list(self.names), task_manager=self.manager,
+                                              num_fewshot=args.num_fewshot, limit=args.limit, batch_size=args.batch_size,
+                                              log_samples=False, verbosity="ERROR")
+        except Exception as e:
+            if isinstance(e, torch.cuda.OutOfMemoryError):
+                raise
+            raise EvaluationError(f"lm-evaluation-harness failed on {path}: {first_line(e, limit=500)}") from None
+        finally:
+            del lm
+        scores = {}
+        for task, values in out["results"].items():
+            row: dict[str, Any] = {}
+            for key, value in values.items():
+                if "," not in key or not isinstance(value, (int, float)):
+                    continue  # alias, name, sample_len
+                metric, filt = key.split(",", 1)
+                if filt != "none":
+                    metric = f"{metric} ({filt})"
+                row[metric] = None if isinstance(value, float) and not np.isfinite(value) else value
+            n = out.get("n-samples", {}).get(task, {})
+            if n:
+                row["samples"] = n.get("effective")
+            shots = out.get("n-shot", {}).get(task)
+            if shots is not None:
+                row["num_fewshot"] = shots
+            scores[task] = row
+        return scores, make_table(out)
+
+    @staticmethod
+    def model(path: str, model, tokenizer, args: EvalArguments):
+        """The harness's HFLM: for a model folder or Hub name its own loading (pretrained=<folder>, as
+        `lm_eval --model hf` does), for a quantize.py folder around our loader's model (from_pretrained cannot
+        read quantize.py's format)."""
+        from lm_eval.models.huggingface import HFLM
+
+        import quantize
+
+        try:
+            if quantize.is_quantized_folder(Path(path).expanduser()):
+                return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size)
+            folder = Path(path).expanduser()
+            own_tokenizer = not args.tokenizer_name and (not folder.is_dir() or any(
+                (folder / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json")))
+            dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+            return HFLM(pretrained=str(folder) if folder.is_dir() else path, tokenizer=None if own_tokenizer else tokenizer,
+                        device=str(_device_of(model)), dtype=dtype, batch_size=args.batch_size)
+        except (OSError, ValueError) as e:
+            raise EvaluationError(f"lm-evaluation-harness could not load {path}: {first_line(e, limit=500)}") from None
+
+
+def _task_error(name: str, e: Exception) -> str:
+    text = first_line(e, limit=300)
+    network = isinstance(e, ConnectionError) or any(w in f"{type(e).__name__} {e}".lower() for w in (
+        "offline", "connect", "couldn't reach", "could not reach", "network", "resolve", "timed out", "timeout",
+        "max retries", "doesn't exist on the hub", "localentrynotfound"))
+    if network:
+        return (f"--tasks {name}: its data could not be downloaded from the Hugging Face Hub (no network, or "
+                f"HF_DATASETS_OFFLINE/HF_HUB_OFFLINE set; {text}): {LOCAL_COPY_HINT}.")
+    return f"--tasks {name}: the harness could not load the task ({text}); if its data is a local copy, check the YAML and its data_files."
+
+
+def _quiet_harness() -> None:
+    """The harness logs every request batch and config at INFO/WARNING: keep only its errors (ours say what is
+    going on)."""
+    import logging
+
+    for name in ("lm_eval", "lm-eval"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _tokenizer_key(tokenizer) -> str:

@@ -1,5 +1,5 @@
 """Sample text from a trained GPT-2: the API (`load_model`, `generate`, `generate_once`, `generate_batch`,
-`stream`) and the CLI.
+`stream`, and `score`: log-probabilities of given tokens) and the CLI.
 
     python generate.py --model_path logs/final_model --prompt "To be, or not" --length 100
     python generate.py --help
@@ -111,6 +111,8 @@ class Completion:
     finish_reason: str  # "eos", "stop" (a stop string) or "length"
     # The sampled token ids, without EOS (with a stop string: up to the token that completed it).
     completion_ids: list[int] = field(default_factory=list, repr=False)
+    # The prompt's token ids as the model saw them ([EOS] for an empty prompt).
+    prompt_ids: list[int] = field(default_factory=list, repr=False)
 
     @property
     def text(self) -> str:
@@ -209,7 +211,7 @@ def _generate(tokenizer, model, device, prompts, max_new_tokens, top_k, top_p, t
 
 
 def _completions(prompts: list[str], rows: list[list[int]], num_return_sequences: int, out: RowsOut) -> list[Completion]:
-    return [Completion(prompts[b // num_return_sequences], text, len(rows[b]), len(tokens), finish, tokens)
+    return [Completion(prompts[b // num_return_sequences], text, len(rows[b]), len(tokens), finish, tokens, list(rows[b]))
             for b, (text, tokens, finish) in enumerate(out.results())]
 
 
@@ -245,6 +247,79 @@ def _sample_hf(tokenizer, model, device, encoded, max_new_tokens, top_k, top_p, 
                 for token in seq:
                     if not out.add(i * num_return_sequences + j, token):
                         break
+    return out
+
+
+@dataclass
+class Scored:
+    """Log-probabilities of one token sequence under the model (see `score`)."""
+
+    ids: list[int]
+    # log p(ids[t] | ids[:t]) for each position; None at position 0, which has no context.
+    logprobs: list[float | None]
+    # The `top_n` most likely tokens among the tokenizer's ids at each position, as (id, logprob), most
+    # likely first; None at position 0.
+    top: list[list[tuple[int, float]] | None]
+
+
+def score(tokenizer, model, device, prompts: str | list[str] | list[list[int]], top_n: int = 0, threads: int | None = None,
+          batch_size: int = 8) -> list[Scored]:
+    """The model's log-probability of every token of each prompt given the tokens before it, and the
+    `top_n` most likely alternatives at each position: a teacher-forced forward, no sampling.
+
+    `prompts`: a str, or a list of prompts, each a str or a list of token ids (an empty one is [EOS],
+    as in `generate`). A prompt longer than the model's context is a ValueError (never cut: that would
+    change what is scored). Log-probabilities are `log_softmax` in float32 over all the model's output
+    rows, as training's loss and perplexity normalize (a vocabulary padded beyond the tokenizer has
+    rows no text can hold; a trained model gives them next to no mass); the alternatives are only the
+    tokenizer's ids. No temperature or penalty applies. The forward is the model's own (its
+    transformer, then its LM head, so int8/int4 models from quantize.py score with their kernels), in
+    right-padded batches of `batch_size` with an attention mask. `threads` as in `generate`.
+    """
+    if isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 0:
+        raise ValueError(f"top_n must be an integer >= 0, got {top_n!r}")
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if any(isinstance(p, int) for p in prompts):
+        raise ValueError("prompts are a str, or a list of prompts each a str or a list of token ids; got a list of ints: wrap it in a list")
+    context = _context(model)
+    vocab = min(len(tokenizer), model.get_input_embeddings().weight.shape[0])
+    rows = []
+    for i, p in enumerate(prompts):
+        ids = _encode_prompt(tokenizer, p, 10**9, 0, vocab)  # checked against the context below, never cut
+        if len(ids) > context:
+            raise ValueError(f"prompt {i} has {len(ids)} tokens, more than the model's context of {context}: shorten it")
+        rows.append(ids)
+    device = torch.device(device)
+    with decode.cpu_threads(device, threads), torch.inference_mode():
+        out = []
+        for start in range(0, len(rows), batch_size):
+            out.extend(_score_batch(model, device, rows[start : start + batch_size], top_n, vocab))
+        return out
+
+
+def _score_batch(model, device, rows: list[list[int]], top_n: int, vocab: int, chunk: int = 256) -> list[Scored]:
+    T = max(len(r) for r in rows)
+    ids = torch.tensor([r + [0] * (T - len(r)) for r in rows], device=device)
+    mask = torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in rows], device=device)
+    base, head = getattr(model, model.base_model_prefix, None), model.get_output_embeddings()
+    if base is not None and head is not None:  # GPT2LMHeadModel.forward is exactly head(base(...)[0])
+        hidden = base(input_ids=ids, attention_mask=mask)[0]
+    else:
+        hidden, head = model(input_ids=ids, attention_mask=mask).logits, None
+    out = []
+    for b, r in enumerate(rows):
+        logprobs, top = [None], [None]
+        for s in range(0, len(r) - 1, chunk):  # position t predicts token t + 1; chunks bound the (t, V) logits
+            e = min(s + chunk, len(r) - 1)
+            logits = hidden[b, s:e] if head is None else head(hidden[b, s:e])
+            lp = torch.log_softmax(logits.float(), -1)
+            logprobs += lp.gather(1, ids[b, s + 1 : e + 1, None]).squeeze(1).tolist()
+            if top_n:
+                vals, idx = torch.topk(lp[:, :vocab], min(top_n, vocab), dim=-1)
+                top += [list(zip(i, v)) for i, v in zip(idx.tolist(), vals.tolist())]
+            else:
+                top += [[] for _ in range(e - s)]
+        out.append(Scored(list(r), logprobs, top))
     return out
 
 

@@ -2,8 +2,8 @@
 
 `build_api(tokenizer, model, device, WebDemoArguments(...))` returns the FastAPI app without the page
 (POST /api/generate, POST /v1/completions, GET /v1/models); web_demo.py mounts its Gradio page on it and
-runs the command line. Sampling is generate.py's `generate`; this module only validates, queues and
-formats, and never imports web_demo.
+runs the command line. Sampling is generate.py's `generate` and log-probabilities its `score`; this
+module only validates, queues and formats, and never imports web_demo.
 """
 
 import asyncio
@@ -18,7 +18,13 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from generate import DEFAULT_MODEL_PATH, check_sampling_args, generate
+from generate import (
+    DEFAULT_MODEL_PATH,
+    Completion,
+    check_sampling_args,
+    generate,
+    score,
+)
 
 API_KEY_ENV = "WEB_DEMO_API_KEY"
 
@@ -136,14 +142,21 @@ class Engine:
                 job.put("text", row, piece)
 
             try:
-                job.put("done", generate(self.tokenizer, self.model, self.device, on_text=on_text, threads=self.threads, **job.kwargs))
+                if "logprobs" in job.kwargs:  # a /v1/completions request with logprobs or max_tokens 0
+                    result = _generate_scored(self.tokenizer, self.model, self.device, on_text, self.threads, **job.kwargs)
+                else:
+                    result = generate(self.tokenizer, self.model, self.device, on_text=on_text, threads=self.threads, **job.kwargs)
+                job.put("done", result)
             except _Cancelled:
                 pass
             except Exception as e:  # handed to the request, which answers with it
                 job.put("error", e)
 
     async def run(self, kwargs: dict):
-        """Queue one `generate(**kwargs)`; yield ("text", row, piece) events, then ("done", completions)."""
+        """Queue one `generate(**kwargs)`; yield ("text", row, piece) events, then ("done", completions).
+
+        With "logprobs" and "echo" in kwargs: `_generate_scored(**kwargs)`, and ("done", (completions, logprobs)).
+        """
         job = _Job(kwargs, asyncio.get_running_loop())
         with self._changed:
             if len(self._waiting) >= self.queue_size:
@@ -166,6 +179,72 @@ class Engine:
             with self._changed:
                 if job in self._waiting:
                     self._waiting.remove(job)
+
+
+def _generate_scored(tokenizer, model, device, on_text, threads, logprobs: int | None, echo: bool, **kwargs):
+    """`generate(**kwargs)` (nothing when max_new_tokens is 0), then OpenAI's `logprobs` object of each
+    completion (None when `logprobs` is None), from one scoring pass (generate.score) over prompt + completion.
+
+    The logprob of a sampled token is the model's own (log_softmax of its logits): no temperature,
+    top-k/top-p or penalty, as OpenAI reports it. A completion that ended at EOS has that token last.
+    """
+    n, top_n = kwargs["num_return_sequences"], logprobs or 0
+    if kwargs["max_new_tokens"] == 0:  # score the prompts: nothing is generated
+        scored = score(tokenizer, model, device, kwargs["prompts"], top_n, threads=threads)
+        done = [Completion(p if isinstance(p, str) else tokenizer.decode(p, skip_special_tokens=True), "", len(s.ids), 0, "length",
+                           [], s.ids) for p, s in zip(kwargs["prompts"], scored) for _ in range(n)]
+        if logprobs is None:
+            return done, None
+        scored = [s for s in scored for _ in range(n)]
+    else:
+        done = generate(tokenizer, model, device, on_text=on_text, threads=threads, **kwargs)
+        if logprobs is None:
+            return done, None
+        eos = tokenizer.eos_token_id
+        scored = score(tokenizer, model, device, [c.prompt_ids + c.completion_ids + ([eos] if c.finish_reason == "eos" else [])
+                                                  for c in done], top_n, threads=threads)
+    return done, [_openai_logprobs(tokenizer, c, s, echo, logprobs) for c, s in zip(done, scored)]
+
+
+def _openai_logprobs(tokenizer, c, s, echo: bool, top_n: int) -> dict:
+    """OpenAI's legacy `logprobs` of one choice: its tokens (the prompt's first with echo), their logprobs,
+    the `top_n` most likely tokens at each position (plus the chosen one when it is not among them, as
+    OpenAI documents: up to top_n + 1 entries) and each token's character offset in the choice's text."""
+    P = len(c.prompt_ids)
+    start = 0 if echo else P
+    ids, logprobs, tops = s.ids[start:], s.logprobs[start:], s.top[start:]
+    names: dict[int, str] = {}
+
+    def name(t):
+        if t not in names:
+            names[t] = tokenizer.decode([t])  # special tokens too: a final EOS reads "<|endoftext|>"
+        return names[t]
+
+    top_logprobs = []
+    for t, lp, top in zip(ids, logprobs, tops):
+        if top is None:
+            top_logprobs.append(None)
+            continue
+        alternatives = {}
+        for alt, alt_lp in [*top, (t, lp)][: top_n + (t not in {a for a, _ in top})]:
+            alternatives.setdefault(name(alt), alt_lp)  # two ids may read the same (byte pieces): keep the likelier
+        top_logprobs.append(alternatives)
+    prompt_text = c.prompt if echo else ""
+    offsets = (_text_offsets(tokenizer, s.ids[:P], len(prompt_text), 0) if echo else []) + \
+        _text_offsets(tokenizer, s.ids[P:], len(c.completion), len(prompt_text))
+    return {"tokens": [name(t) for t in ids], "token_logprobs": logprobs, "top_logprobs": top_logprobs, "text_offset": offsets}
+
+
+def _text_offsets(tokenizer, ids: list[int], length: int, base: int) -> list[int]:
+    """Where each token starts in a text of `length` characters that these ids decode to, plus `base`: the
+    characters the tokens before it complete (a token inside a multi-byte character starts where it does)."""
+    offsets, done, pending = [], 0, 0
+    for i in range(len(ids)):
+        offsets.append(base + min(done, length))
+        piece = tokenizer.decode(ids[pending : i + 1], skip_special_tokens=True)
+        if not piece.endswith("\ufffd"):
+            done, pending = done + len(piece), i + 1
+    return offsets
 
 
 async def collect(engine: Engine, kwargs: dict):
@@ -219,24 +298,27 @@ def _check_text(text: str, where: str, param: str):
 class Limits:
     """The caps of WebDemoArguments and the model's context, checked before a request is queued."""
 
-    def __init__(self, args: WebDemoArguments, tokenizer, context: int):
+    def __init__(self, args: WebDemoArguments, tokenizer, context: int, vocab: int | None = None):
         self.args, self.tokenizer, self.context = args, tokenizer, context
+        self.vocab = vocab or len(tokenizer)  # the token ids a prompt of ids may hold
 
     @property
     def max_new_tokens(self) -> int:
         return min(self.args.max_tokens_cap, self.context - 1)
 
-    def generate_kwargs(self, prompts: list[str], max_new_tokens, n, temperature, top_k, top_p, repetition_penalty,
-                        no_repeat_ngram_size=0, seed=None, stop=None, names=None) -> dict:
+    def generate_kwargs(self, prompts: list[str] | list[list[int]], max_new_tokens, n, temperature, top_k, top_p, repetition_penalty,
+                        no_repeat_ngram_size=0, seed=None, stop=None, names=None, scoring=False) -> dict:
         """Checked keyword arguments for generate(); RequestError(400) naming the parameter otherwise.
 
-        `names` maps generate's parameter names to the ones the caller's API uses in messages.
+        `names` maps generate's parameter names to the ones the caller's API uses in messages. A prompt
+        is text or a list of token ids. `scoring`: max_new_tokens may be 0 (the prompt is only scored),
+        and the prompt's tokens count against the same limits.
         """
         names = names or {}
         name = lambda k: names.get(k, k)  # noqa: E731
         if not prompts:
             raise RequestError(400, "prompt must not be an empty list", param=name("prompt"))
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < (0 if scoring else 1):
             raise RequestError(400, f"{name('max_new_tokens')} must be a positive integer, got {max_new_tokens!r}", param=name("max_new_tokens"))
         if max_new_tokens > self.max_new_tokens:
             raise RequestError(400, f"{name('max_new_tokens')} must be at most {self.max_new_tokens} on this server, got {max_new_tokens}", param=name("max_new_tokens"))
@@ -261,8 +343,14 @@ class Limits:
             _check_text(s, where, name("stop"))
         for i, prompt in enumerate(prompts):
             where = f"prompt {i}" if len(prompts) > 1 else "the prompt"
-            _check_text(prompt, where, name("prompt"))
-            n_tokens = len(self.tokenizer.encode(prompt, verbose=False)) if prompt else 1
+            if isinstance(prompt, str):
+                _check_text(prompt, where, name("prompt"))
+                n_tokens = len(self.tokenizer.encode(prompt, verbose=False)) if prompt else 1
+            else:
+                if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab for t in prompt):
+                    raise RequestError(400, f"{where} is a list of token ids, which must be integers from 0 to {self.vocab - 1} "
+                                            "(the tokenizer's vocabulary)", param=name("prompt"))
+                n_tokens = len(prompt) or 1
             if n_tokens > self.args.max_prompt_tokens:
                 raise RequestError(400, f"{where} has {n_tokens} tokens; this server accepts at most {self.args.max_prompt_tokens}", param=name("prompt"))
             if n_tokens + max_new_tokens > self.context:
@@ -278,7 +366,7 @@ class Limits:
             if not math.isfinite(value):  # JSON parsers accept NaN and Infinity, which no range check catches
                 raise RequestError(400, f"{name(key)} must be a finite number, got {value}", param=name(key))
         try:
-            check_sampling_args(max_new_tokens, top_k, top_p, temperature, repetition_penalty, no_repeat_ngram_size, n)
+            check_sampling_args(max(max_new_tokens, 1), top_k, top_p, temperature, repetition_penalty, no_repeat_ngram_size, n)
         except ValueError as e:
             raise RequestError(400, str(e), param=name(str(e).split()[0])) from None
         return dict(prompts=prompts, max_new_tokens=max_new_tokens, num_return_sequences=n, temperature=float(temperature),
@@ -309,7 +397,8 @@ def _request_models():
 
     class CompletionRequest(Strict):
         model: str | None = None
-        prompt: str | list[str] = "<|endoftext|>"
+        # Text, texts, token ids or lists of token ids, as OpenAI accepts (lm-evaluation-harness sends ids).
+        prompt: str | list[str] | list[Int] | list[list[Int]] = "<|endoftext|>"
         max_tokens: Int | None = 16
         temperature: Float = 1.0
         top_p: Float = 1.0
@@ -319,12 +408,12 @@ def _request_models():
         stop: str | list[str] | None = None
         seed: Int | None = None
         echo: bool = False
+        logprobs: Int | None = None
         user: str | None = None
         # OpenAI parameters without a counterpart here: accepted at their neutral values only.
         presence_penalty: Float = 0.0
         frequency_penalty: Float = 0.0
         best_of: Int | None = None
-        logprobs: Int | None = None
         logit_bias: dict | None = None
         suffix: str | None = None
         # Extensions, as in generate.py.
@@ -422,7 +511,7 @@ def build_api(tokenizer, model, device, args: WebDemoArguments | None = None):
     args = args or WebDemoArguments()
     api_key = resolve_api_key(args)
     model_name = args.model_name or Path(str(args.model_path).rstrip("/")).name or "gpt2"
-    limits = Limits(args, tokenizer, model.config.n_positions)
+    limits = Limits(args, tokenizer, model.config.n_positions, min(len(tokenizer), model.get_input_embeddings().weight.shape[0]))
     engine = Engine(tokenizer, model, device, args.queue_size, args.threads)
 
     @contextlib.asynccontextmanager
@@ -496,7 +585,6 @@ def _refuse_unsupported(req) -> None:
     unsupported = [
         ("presence_penalty", req.presence_penalty not in (0, None), "use repetition_penalty"),
         ("frequency_penalty", req.frequency_penalty not in (0, None), "use repetition_penalty"),
-        ("logprobs", req.logprobs is not None, None),
         ("logit_bias", bool(req.logit_bias), None),
         ("suffix", bool(req.suffix), None),
         ("best_of", req.best_of not in (None, req.n), None),
@@ -526,14 +614,29 @@ def _add_openai_routes(app, auth, engine: Engine, limits: Limits, model_name: st
     @app.post("/v1/completions", dependencies=auth)
     async def completions(req: CompletionRequest, request: Request):
         _refuse_unsupported(req)
-        prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
+        if req.logprobs is not None and not 0 <= req.logprobs <= 5:
+            raise RequestError(400, f"logprobs must be an integer from 0 to 5, got {req.logprobs}", param="logprobs")
+        if req.max_tokens == 0 and not req.echo:
+            raise RequestError(400, "max_tokens must be a positive integer, got 0 (0 only with echo: true, which scores the prompt "
+                                    "with logprobs)", param="max_tokens")
+        scoring = req.logprobs is not None or req.max_tokens == 0
+        if scoring and req.stream:
+            raise RequestError(400, "stream: true does not carry logprobs or max_tokens 0 here: send stream: false", param="stream")
+        if isinstance(req.prompt, str):
+            prompts = [req.prompt]
+        elif req.prompt and all(isinstance(t, int) for t in req.prompt):
+            prompts = [list(req.prompt)]  # one prompt of token ids
+        else:
+            prompts = [p if isinstance(p, str) else list(p) for p in req.prompt]
         # "<|endoftext|>" is OpenAI's default prompt; generate.py starts an empty prompt from it.
         prompts = ["" if p == "<|endoftext|>" else p for p in prompts]
         kwargs = limits.generate_kwargs(
             prompts, req.max_tokens if req.max_tokens is not None else limits.max_new_tokens, req.n, req.temperature,
             req.top_k, req.top_p, req.repetition_penalty, req.no_repeat_ngram_size, req.seed, req.stop,
-            names={"max_new_tokens": "max_tokens", "num_return_sequences": "n"},
+            names={"max_new_tokens": "max_tokens", "num_return_sequences": "n"}, scoring=scoring,
         )
+        if scoring:
+            kwargs.update(logprobs=req.logprobs, echo=req.echo)
         cid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         def usage(done):
@@ -546,7 +649,8 @@ def _add_openai_routes(app, auth, engine: Engine, limits: Limits, model_name: st
 
         if not req.stream:
             done = await _unless_disconnected(request.receive, collect(engine, kwargs))
-            choices = [{"text": (c.prompt if req.echo else "") + c.completion, "index": i, "logprobs": None,
+            done, logprobs = done if scoring else (done, None)
+            choices = [{"text": (c.prompt if req.echo else "") + c.completion, "index": i, "logprobs": logprobs[i] if logprobs else None,
                         "finish_reason": _openai_finish(c.finish_reason)} for i, c in enumerate(done)]
             return chunk(choices, usage=usage(done))
 

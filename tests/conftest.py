@@ -121,3 +121,77 @@ def small_bpe_folder(tmp_path_factory):
     path = tmp_path_factory.mktemp("small_bpe")
     tokenizer.save_pretrained(path)
     return path
+
+
+HARNESS_TASKS = ("local_mc", "local_lastword")
+
+
+def _harness_sentences(limit: int = 400) -> list[str]:
+    """Plain sentences of 10-40 words: the WebText test sample of ../shared/data when present, else the
+    built-in documents (dataset.builtin_documents(): Python's documentation)."""
+    import re
+
+    path = SHARED_DATA / "gpt2-output" / "webtext.test.head30.jsonl"
+    if path.is_file():
+        texts = [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
+    else:
+        import dataset
+
+        texts = dataset.builtin_documents()
+    out = []
+    for text in texts:
+        for s in re.split(r"(?<=[.!?])\s+", " ".join(text.split())):
+            words = s.split()
+            if 10 <= len(words) <= 40 and s[0].isalpha() and re.fullmatch(r"[A-Za-z]+[.!?]", words[-1]):
+                out.append(s)
+    return out[:limit]
+
+
+def write_harness_tasks(folder, n: int = 20) -> tuple[Path, list[str]]:
+    """Write two small lm-evaluation-harness tasks into `folder`: task YAMLs over local JSONL (no Hub):
+      - local_mc: multiple choice, HellaSwag-like: a sentence's first half, 4 endings (its own and three other
+        sentences' endings), acc and acc_norm;
+      - local_lastword: LAMBADA-like last-word prediction (output_type loglikelihood), acc and perplexity.
+    n items each. Returns (the folder for --include_path / TaskManager(include_path=...), the task names)."""
+    import random
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sentences = _harness_sentences()
+    assert len(sentences) >= 2 * n, f"only {len(sentences)} usable sentences"
+    rng = random.Random(0)
+    mc_sents, last_sents = sentences[:n], sentences[n:2 * n]
+    splits = [s.split() for s in mc_sents]
+    halves = [(" ".join(w[:len(w) // 2]), " " + " ".join(w[len(w) // 2:])) for w in splits]
+    mc = []
+    for i, (context, ending) in enumerate(halves):
+        others = rng.sample([e for j, (_, e) in enumerate(halves) if j != i], 3)
+        label = i % 4
+        choices = others[:label] + [ending] + others[label:]
+        mc.append({"context": context, "choices": choices, "label": label})
+    last = [{"text": s.rstrip(".!?")} for s in last_sents]  # the last word without its full stop, as LAMBADA's
+    for name, rows in (("local_mc", mc), ("local_lastword", last)):
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = "dataset_path: json\ntest_split: test\nmetadata:\n  version: 1.0\n"
+    (folder / "local_mc.yaml").write_text(
+        f"task: local_mc\n{common}dataset_kwargs:\n  data_files:\n    test: {json.dumps(str(folder / 'local_mc.jsonl'))}\n"
+        "output_type: multiple_choice\n"
+        'doc_to_text: "{{context}}"\ndoc_to_target: "{{label}}"\ndoc_to_choice: "{{choices}}"\n'
+        "target_delimiter: \"\"\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+        "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n")
+    (folder / "local_lastword.yaml").write_text(
+        f"task: local_lastword\n{common}dataset_kwargs:\n  data_files:\n    test: {json.dumps(str(folder / 'local_lastword.jsonl'))}\n"
+        "output_type: loglikelihood\n"
+        "doc_to_text: \"{{text.split(' ')[:-1]|join(' ')}}\"\n"
+        "doc_to_target: \"{{' '+text.split(' ')[-1]}}\"\n"
+        "metric_list:\n  - metric: perplexity\n    aggregation: perplexity\n    higher_is_better: false\n"
+        "  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    return folder, list(HARNESS_TASKS)
+
+
+@pytest.fixture(scope="session")
+def harness_tasks(tmp_path_factory):
+    """(include_path folder, ["local_mc", "local_lastword"]): two small local lm-evaluation-harness tasks (see
+    write_harness_tasks), for the harness's offline tests (evaluation.py --tasks, the API's local-completions)."""
+    return write_harness_tasks(tmp_path_factory.mktemp("harness_tasks"))

@@ -513,3 +513,129 @@ def test_a_full_disk_at_the_end_keeps_the_previous_file_and_the_results(tmp_path
     assert captured.err.startswith(f"error: {out} could not be written (No space left on device)")
     assert out.read_text() == '{"previous": "results"}\n'  # not half of the new one
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+# ----------------------------------------------------------------------------------------------
+# lm-evaluation-harness (--tasks): the real harness, offline, on the local tasks of conftest.harness_tasks
+
+
+def _harness_direct(folder, harness_tasks, **kwargs):
+    """lm_eval.simple_evaluate(model="hf", model_args="pretrained=<folder>") on the local tasks, as a user would run it."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    include, names = harness_tasks
+    return lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={folder},device=cpu", tasks=names,
+                                   task_manager=TaskManager(include_path=str(include)), log_samples=False,
+                                   batch_size=8, verbosity="ERROR", **kwargs)
+
+
+def _harness_cli(models, harness_tasks, tmp_path, capsys, *extra):
+    include, names = harness_tasks
+    out_json, out_md = tmp_path / "h.json", tmp_path / "h.md"
+    code = ev.main(["--model_path", *map(str, models), "--tasks", ",".join(names), "--include_path", str(include),
+                    "--device", "cpu", "--output_json", str(out_json), "--output_md", str(out_md), "--no_progress",
+                    *map(str, extra)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-2000:]
+    return json.loads(out_json.read_text()), out_md.read_text(), captured.out
+
+
+def test_tasks_columns_equal_the_harness_hf_model(tiny_model_dir, harness_tasks, tmp_path, text_file, capsys):
+    """--tasks adds the harness's scores to the same table and JSON as perplexity, and they are the scores
+    `lm_eval --model hf --model_args pretrained=<folder>` gives (accuracies exactly)."""
+    from lm_eval.utils import make_table
+
+    results, table, stdout = _harness_cli([tiny_model_dir], harness_tasks, tmp_path, capsys, "--dataset_path", text_file)
+    row = results["models"][0]
+    assert row["perplexity"]["documents"] == 6
+    scores = row["tasks"]
+    assert set(scores) == {"local_mc", "local_lastword"}
+    assert scores["local_mc"]["samples"] == 20 and scores["local_lastword"]["samples"] == 20
+    header = table.splitlines()[0]
+    for col in ("perplexity", "bits/byte", "local_mc acc", "local_mc acc_norm", "local_lastword acc",
+                "local_lastword perplexity"):
+        assert f"| {col} |" in header, header
+    assert stdout.strip() == table.strip()  # the harness's own prints went to stderr
+    assert results["harness"]["tasks"] == ["local_mc", "local_lastword"] and results["harness"]["lm_eval"]
+
+    out = _harness_direct(tiny_model_dir, harness_tasks)
+    print(make_table(out))  # the harness's own table (pytest -s shows it)
+    direct = out["results"]
+    for task, metric in (("local_mc", "acc"), ("local_mc", "acc_norm"), ("local_lastword", "acc")):
+        assert scores[task][metric] == direct[task][f"{metric},none"], (task, metric)
+    assert scores["local_lastword"]["perplexity"] == pytest.approx(direct["local_lastword"]["perplexity,none"], rel=1e-6)
+    assert 0 <= scores["local_mc"]["acc"] <= 1 and scores["local_lastword"]["perplexity"] > 1
+    assert row["harness_table"].startswith("|") and "local_mc" in row["harness_table"]
+
+
+def test_tasks_on_an_int8_folder_run_through_our_loader_close_to_fp32(tiny_model_dir, harness_tasks, tmp_path, capsys):
+    """quantize.py's int8 folder (which from_pretrained cannot read) goes through an HFLM around our loader's
+    model; its scores are close to the fp32 folder's."""
+    import quantize
+
+    int8 = tmp_path / "int8"
+    assert quantize.main(["--model_path", str(tiny_model_dir), "--mode", "int8", "--out", str(int8)]) == 0
+    capsys.readouterr()
+    results, table, _ = _harness_cli([tiny_model_dir, int8], harness_tasks, tmp_path, capsys)
+    fp32, q8 = (row["tasks"] for row in results["models"])
+    assert f"| {int8} |" in table
+    for task, metric in (("local_mc", "acc"), ("local_mc", "acc_norm"), ("local_lastword", "acc")):
+        assert abs(fp32[task][metric] - q8[task][metric]) <= 0.1, (task, metric, fp32[task], q8[task])  # 2 of 20 items
+    assert q8["local_lastword"]["perplexity"] == pytest.approx(fp32["local_lastword"]["perplexity"], rel=0.05)
+
+
+@pytest.mark.parametrize("kind", ["padded vocabulary", "own tokenizer", "no tokenizer files"])
+def test_tasks_with_our_kinds_of_model_folders(kind, harness_tasks, tmp_path, small_bpe_folder, tokenizer, capsys):
+    """The harness's hf model reads our folders offline: a vocabulary padded to 50304 (> the tokenizer's 50257),
+    a tokenizer of our own (train_tokenizer.py's kind: byte-level BPE, <|endoftext|> id 0), a checkpoint-N
+    folder without tokenizer files (the official GPT-2 tokenizer is passed)."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "model"
+    vocab = {"padded vocabulary": 50304, "own tokenizer": 300, "no tokenizer files": 50257}[kind]
+    _tiny_model(seed=2, vocab_size=vocab).save_pretrained(folder)
+    if kind == "padded vocabulary":
+        tokenizer.save_pretrained(folder)
+    elif kind == "own tokenizer":
+        AutoTokenizer.from_pretrained(small_bpe_folder).save_pretrained(folder)
+    results, table, _ = _harness_cli([folder], harness_tasks, tmp_path, capsys, "--limit", 5)
+    scores = results["models"][0]["tasks"]
+    assert scores["local_mc"]["samples"] == 5 and 0 <= scores["local_mc"]["acc"] <= 1
+    assert math.isfinite(scores["local_lastword"]["perplexity"])
+    assert "local_lastword perplexity" in table
+
+
+def test_hub_task_without_network_is_a_one_line_error(tiny_gpt2_dir, capsys):
+    """Offline, a Hub task cannot download: one line that says so and how to point the harness at a local copy."""
+    assert ev.main(["--model_path", str(tiny_gpt2_dir), "--tasks", "hellaswag", "--no_progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --tasks hellaswag: its data could not be downloaded") and len(err.splitlines()) == 1, err
+    assert "--include_path" in err and "dataset_path: json" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("case", ["unknown task", "include_path not a folder", "limit without tasks", "empty tasks"])
+def test_bad_task_arguments_are_one_line_errors(case, tiny_gpt2_dir, tmp_path, text_file, capsys):
+    argv = {"unknown task": ["--tasks", "no_such_task_xyz"],
+            "include_path not a folder": ["--tasks", "local_mc", "--include_path", str(tmp_path / "nope")],
+            "limit without tasks": ["--dataset_path", str(text_file), "--limit", "5"],
+            "empty tasks": ["--tasks", ","]}[case]
+    expected = {"unknown task": "no_such_task_xyz is not a task of lm-evaluation-harness",
+                "include_path not a folder": "is not a folder", "limit without tasks": "add --tasks",
+                "empty tasks": "--tasks is empty"}[case]
+    assert ev.main(["--model_path", str(tiny_gpt2_dir), *argv, "--no_progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and expected in err and len(err.splitlines()) == 1, err
+
+
+def test_markdown_table_has_task_columns():
+    results = {"models": [
+        {"model": "a", "parameters": 124_000_000, "tasks": {"hellaswag": {"acc": 0.289, "acc_stderr": 0.004, "acc_norm": 0.3115,
+                                                                          "samples": 10042},
+                                                            "lambada_openai": {"perplexity": 40.0621, "acc": 0.3256}}},
+        {"model": "b", "parameters": 124_000_000, "tasks": {"hellaswag": {"acc": 0.28, "acc_norm": 0.30}}},
+    ]}
+    lines = ev.markdown_table(results).splitlines()
+    assert lines[0] == "| model | params | hellaswag acc | hellaswag acc_norm | lambada_openai perplexity | lambada_openai acc |"
+    assert lines[2] == "| a | 124.0M | 0.2890 | 0.3115 | 40.06 | 0.3256 |"
+    assert lines[3] == "| b | 124.0M | 0.2800 | 0.3000 | – | – |"

@@ -628,3 +628,27 @@ def test_token_id_prompts_stay_within_the_tokenizer(padded):
         G.generate(tok, model, CPU, [[1, 305]], max_new_tokens=2)
     (c,) = G.generate(tok, model, CPU, [[1, 299]], max_new_tokens=2, temperature=0)
     assert c.prompt_tokens == 2
+
+
+def test_score_is_the_models_own_log_softmax(padded):
+    # Log-probabilities normalize over every output row, as training's loss and perplexity (and lm-eval's
+    # `hf` model) do, padding rows included; the alternatives offered are only ids the tokenizer has.
+    tok, model = padded
+    prompts = ["The", "def f(x):\n    return x", [5, 6, 7, 8, 9, 10, 11]]
+    scored = G.score(tok, model, CPU, prompts, top_n=3)  # one right-padded batch
+    for p, s, alone in zip(prompts, scored, G.score(tok, model, CPU, prompts, top_n=3, batch_size=1)):
+        assert s.ids == (tok.encode(p) if isinstance(p, str) else p) and s.logprobs[0] is None and s.top[0] is None
+        with torch.no_grad():
+            ref = torch.log_softmax(model(torch.tensor([s.ids])).logits.float(), -1)[0]
+        for t in range(1, len(s.ids)):
+            assert abs(s.logprobs[t] - ref[t - 1, s.ids[t]].item()) < 1e-4
+            vals, idx = torch.topk(ref[t - 1, : len(tok)], 3)  # not the padding rows, whose logits are the largest here
+            assert [i for i, _ in s.top[t]] == idx.tolist() and all(abs(v - w) < 1e-4 for (_, v), w in zip(s.top[t], vals.tolist()))
+        assert all(a is b is None or abs(a - b) < 1e-4 for a, b in zip(s.logprobs, alone.logprobs))  # padding changes nothing (~400 logits: float32 rounding)
+    assert G.score(tok, model, CPU, [""])[0].ids == [tok.eos_token_id]  # an empty prompt is EOS, as in generate
+    with pytest.raises(ValueError, match="more than the model's context of 64"):
+        G.score(tok, model, CPU, [list(range(65))])
+    with pytest.raises(ValueError, match="token ids must hold integers from 0 to 299"):
+        G.score(tok, model, CPU, [[1, 305]])
+    (c,) = G.generate(tok, model, CPU, [[1, 2, 3]], max_new_tokens=2, temperature=0)
+    assert c.prompt_ids == [1, 2, 3]

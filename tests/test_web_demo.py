@@ -135,6 +135,167 @@ def test_several_prompts_and_sequences(server):
     assert body["usage"]["prompt_tokens"] == 3  # each prompt counted once, not once per sequence
 
 
+# ----------------------------------------------------------------------------- log-probabilities (issue 17)
+
+
+def reference_logprobs(model, ids):
+    """The model's own log_softmax at each position of `ids` (T, V), in fp32."""
+    import torch
+
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids])).logits.float(), -1)[0]
+
+
+def check_scores(logprobs, ids, ref, tokenizer, top_n, first=0):
+    """`logprobs` (OpenAI's object) holds tokens ids[first:] scored as `ref` (log_softmax over ids) says."""
+    import torch
+
+    assert logprobs["tokens"] == [tokenizer.decode([t]) for t in ids[first:]]
+    for j, (t, lp, top) in enumerate(zip(ids[first:], logprobs["token_logprobs"], logprobs["top_logprobs"]), start=first):
+        if j == 0:
+            assert lp is None and top is None
+            continue
+        assert abs(lp - ref[j - 1, t].item()) < 1e-4, (j, lp, ref[j - 1, t].item())
+        vals, idx = torch.topk(ref[j - 1, : len(tokenizer)], top_n)
+        # The top_n most likely tokens, then the chosen one when it is not among them; two ids that read the
+        # same (pieces of one UTF-8 character read "\ufffd") are one entry, the likelier.
+        expected = {}
+        for i, v in [*zip(idx.tolist(), vals.tolist()), (t, ref[j - 1, t].item())][: top_n + (t not in idx.tolist())]:
+            expected.setdefault(tokenizer.decode([i]), v)
+        assert list(top) == list(expected) and all(abs(top[k] - v) < 1e-4 for k, v in expected.items())
+        if t == idx[0].item():  # lm-eval's is_greedy compares the two as floats
+            assert lp == max(top.values())
+
+
+def test_echo_with_max_tokens_0_scores_the_prompt(server, loaded):
+    tokenizer, model, _ = loaded
+    prompt = "The quick brown fox jumps over the lazy dog."
+    status, body = call(server, "/v1/completions", {"prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 5})
+    assert status == 200, body
+    (choice,) = body["choices"]
+    ids = tokenizer.encode(prompt)
+    assert choice["text"] == prompt and choice["finish_reason"] == "length"
+    check_scores(choice["logprobs"], ids, reference_logprobs(model, ids), tokenizer, 5)
+    offsets = choice["logprobs"]["text_offset"]  # each token's text starts where the text has it
+    assert [prompt[a:b] for a, b in zip(offsets, offsets[1:] + [len(prompt)])] == choice["logprobs"]["tokens"]
+    assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}
+    # Without logprobs, max_tokens 0 with echo gives the prompt back and computes nothing more.
+    _, plain = call(server, "/v1/completions", {"prompt": prompt, "max_tokens": 0, "echo": True})
+    assert plain["choices"][0]["text"] == prompt and plain["choices"][0]["logprobs"] is None
+
+
+@pytest.mark.parametrize("echo", [False, True])
+def test_generated_tokens_logprobs_are_the_models_not_the_samplers(server, loaded, echo):
+    # Temperature, top-k and the repetition penalty choose the tokens; the logprobs reported are the model's own.
+    tokenizer, model, _ = loaded
+    prompt, settings = "Once upon a time", dict(max_tokens=10, seed=3, temperature=0.7, top_k=40, repetition_penalty=1.3)
+    status, body = call(server, "/v1/completions", {"prompt": prompt, "logprobs": 2, "echo": echo, **settings})
+    assert status == 200, body
+    (choice,) = body["choices"]
+    (c,) = G.generate(*loaded, prompt, max_new_tokens=10, seed=3, temperature=0.7, top_k=40, top_p=1.0, repetition_penalty=1.3)
+    assert choice["text"] == (prompt if echo else "") + c.completion
+    ids = c.prompt_ids + c.completion_ids + ([tokenizer.eos_token_id] if c.finish_reason == "eos" else [])
+    first = 0 if echo else len(c.prompt_ids)
+    check_scores(choice["logprobs"], ids, reference_logprobs(model, ids), tokenizer, 2, first)
+    (scored,) = G.score(tokenizer, model, "cpu", [ids], 2)  # the library's scoring pass gives the same numbers
+    assert choice["logprobs"]["token_logprobs"] == scored.logprobs[first:]
+    offsets = choice["logprobs"]["text_offset"]
+    assert offsets == sorted(offsets) and offsets[0] == 0 and offsets[-1] <= len(choice["text"])
+    if echo:
+        assert offsets[: len(c.prompt_ids)] == [0, 4, 9, 11]  # "Once", " upon", " a", " time"
+        assert offsets[len(c.prompt_ids)] == len(prompt)
+
+
+def test_batched_prompts_as_text_and_as_token_ids(server, loaded):
+    tokenizer, model, _ = loaded
+    texts = ["Hello world, this is a test", "A", "The cat sat on the mat"]
+    ids = [tokenizer.encode(t) for t in texts]
+    req = {"max_tokens": 0, "echo": True, "logprobs": 1}
+    status, by_text = call(server, "/v1/completions", {"prompt": texts, **req})
+    assert status == 200, by_text
+    status, by_ids = call(server, "/v1/completions", {"prompt": ids, **req})
+    assert status == 200, by_ids
+    assert [c["index"] for c in by_ids["choices"]] == [0, 1, 2]
+    for i, (t, row) in enumerate(zip(texts, ids)):
+        a, b = by_text["choices"][i], by_ids["choices"][i]
+        assert a["text"] == b["text"] == t
+        check_scores(a["logprobs"], row, reference_logprobs(model, row), tokenizer, 1)
+        for key in ("tokens", "token_logprobs", "text_offset"):  # padded in one batch or not, the same numbers
+            assert a["logprobs"][key] == b["logprobs"][key] or key == "token_logprobs" and all(
+                x is y is None or abs(x - y) < 1e-5 for x, y in zip(a["logprobs"][key], b["logprobs"][key]))
+    assert by_text["usage"]["prompt_tokens"] == sum(map(len, ids))
+    # One list of ints is one prompt of token ids.
+    status, one = call(server, "/v1/completions", {"prompt": ids[2], **req})
+    assert status == 200 and len(one["choices"]) == 1 and one["choices"][0]["logprobs"]["tokens"] == by_ids["choices"][2]["logprobs"]["tokens"]
+
+
+def test_lm_evaluation_harness_local_completions_request(server, loaded):
+    # What lm-eval 0.4.13's `local-completions` sends for loglikelihood (LocalCompletionsAPI._create_payload,
+    # generate=False, tokenized requests) and how it reads the answer (parse_logprobs): echo, one generated
+    # token that it drops ([ctxlen:-1]), is_greedy from top_logprobs.
+    tokenizer, model, _ = loaded
+    pairs = [("The capital of France is", " Paris"), ("Two plus two equals", " four or five"), ("Hello", " world")]
+    contexts = [tokenizer.encode(c) for c, _ in pairs]
+    inputs = [c + tokenizer.encode(x) for c, (_, x) in zip(contexts, pairs)]
+    payload = {"model": "final_model", "prompt": inputs, "temperature": 0, "max_tokens": 1, "logprobs": 1, "seed": 1234, "echo": True}
+    status, body = call(server, "/v1/completions", payload)
+    assert status == 200, body
+    expected = []
+    for inp, ctx in zip(inputs, contexts):
+        ref = reference_logprobs(model, inp)
+        cont = range(len(ctx), len(inp))
+        expected.append((sum(ref[j - 1, inp[j]].item() for j in cont),
+                         all(ref[j - 1, : len(tokenizer)].argmax().item() == inp[j] for j in cont)))
+    for choice, inp in zip(body["choices"], inputs):
+        assert len(choice["logprobs"]["token_logprobs"]) == len(inp) + 1  # the prompt's tokens, then the generated one
+    lm_eval = pytest.importorskip("lm_eval.models.openai_completions")
+    got = lm_eval.LocalCompletionsAPI.parse_logprobs(outputs=body, tokens=inputs, ctxlens=[len(c) for c in contexts])
+    assert [g for _, g in got] == [g for _, g in expected]
+    assert all(abs(a - b) < 1e-4 for (a, _), (b, _) in zip(got, expected))
+    # A greedy continuation is recognised as greedy: top_logprobs and token_logprobs hold the same float.
+    (c,) = G.generate(*loaded, [contexts[0]], max_new_tokens=3, temperature=0, top_k=0, top_p=1.0)
+    greedy = contexts[0] + c.completion_ids
+    _, body = call(server, "/v1/completions", {**payload, "prompt": [greedy]})
+    [(_, is_greedy)] = lm_eval.LocalCompletionsAPI.parse_logprobs(outputs=body, tokens=[greedy], ctxlens=[len(contexts[0])])
+    assert is_greedy
+
+
+def test_quantized_int8_model_scores_through_the_api(model_dir, tmp_path):
+    import torch
+
+    import quantize as Q
+
+    tokenizer, model, _ = G.load_model(model_dir, device="cpu")
+    folder = Q.save_quantized(Q.quantize_model(model, "int8"), tokenizer, tmp_path / "final_model-int8", source_dir=model_dir)
+    loaded = G.load_model(folder, device="cpu")
+    s = Server(W.build_app(*loaded, W.WebDemoArguments(model_path=str(folder), **LIMITS), page=False))
+    try:
+        prompts = ["It was the best of times, it was the worst of times", "Call me Ishmael."]
+        status, body = call(s, "/v1/completions", {"prompt": prompts, "max_tokens": 0, "echo": True, "logprobs": 3})
+        assert status == 200, body
+        own = Q.load_quantized(folder)  # quantize's own model, not the server's object
+        for choice, p in zip(body["choices"], prompts):
+            ids = tokenizer.encode(p)
+            check_scores(choice["logprobs"], ids, reference_logprobs(own, ids), tokenizer, 3)
+        fp32 = reference_logprobs(G.load_model(model_dir, device="cpu")[1], tokenizer.encode(prompts[0]))
+        assert not torch.equal(fp32, reference_logprobs(own, tokenizer.encode(prompts[0])))  # it is the int8 model that was scored
+    finally:
+        s.stop()
+
+
+def test_scoring_counts_the_prompt_against_the_context(loaded):
+    tokenizer = loaded[0]
+    limits = A.Limits(A.WebDemoArguments(max_prompt_tokens=1000), tokenizer, 128)
+    settings = dict(n=1, temperature=0, top_k=0, top_p=1.0, repetition_penalty=1.0, names={"max_new_tokens": "max_tokens"}, scoring=True)
+    assert limits.generate_kwargs([list(range(128))], 0, **settings)["max_new_tokens"] == 0
+    with pytest.raises(A.RequestError, match="has 129 tokens and max_tokens=0: together more than the model's context of 128"):
+        limits.generate_kwargs([list(range(129))], 0, **settings)
+    with pytest.raises(A.RequestError, match="context of 128"):
+        limits.generate_kwargs([list(range(128))], 1, **settings)  # lm-eval's max_tokens 1: one token must fit after the prompt
+    with pytest.raises(ValueError, match="more than the model's context of 128"):
+        G.score(*loaded, [list(range(129))])
+
+
 @pytest.mark.parametrize(
     "body, status, words",
     [
@@ -152,7 +313,14 @@ def test_several_prompts_and_sequences(server):
         ({"prompt": " word" * 70, "max_tokens": 64}, 400, "context of 128 tokens"),
         ({"prompt": []}, 400, "empty list"),
         ({"prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty is not supported"),
-        ({"prompt": "x", "logprobs": 2}, 400, "logprobs is not supported"),
+        ({"prompt": "x", "logprobs": 6}, 400, "logprobs must be an integer from 0 to 5, got 6"),
+        ({"prompt": "x", "logprobs": -1}, 400, "logprobs must be an integer from 0 to 5"),
+        ({"prompt": "x", "logprobs": 1, "stream": True}, 400, "stream: true does not carry logprobs"),
+        ({"prompt": "x", "max_tokens": 0, "echo": True, "stream": True}, 400, "stream: true does not carry logprobs or max_tokens 0"),
+        ({"prompt": " word" * 101, "max_tokens": 0, "echo": True, "logprobs": 1}, 400, "has 101 tokens; this server accepts at most 100"),
+        ({"prompt": [[1, 2], [3, 50257]], "max_tokens": 0, "echo": True}, 400, "prompt 1 is a list of token ids, which must be integers from 0 to 50256"),
+        ({"prompt": [1, -2], "max_tokens": 0, "echo": True}, 400, "the prompt is a list of token ids"),
+        ({"prompt": "x", "max_tokens": -1, "echo": True}, 400, "max_tokens must be a positive integer"),
         ({"prompt": "x", "max_token": 5}, 422, "unknown parameter 'max_token'"),
         ({"prompt": 5}, 422, "prompt"),
         ({"prompt": "x", "n": "many"}, 422, "n: "),
@@ -513,3 +681,64 @@ def test_same_seed_same_text_from_generate_once_the_cli_and_the_api(server, load
                           "--seed", "5", "--json"], capture_output=True, text=True, timeout=240, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert cli.returncode == 0, cli.stderr
     assert json.loads(cli.stdout)["completion"] == api
+
+
+# ----------------------------------------------------------------------------- lm-evaluation-harness through the API
+
+
+def _harness(model, model_args, harness_tasks):
+    """lm_eval.simple_evaluate on the local tasks (tests/conftest.py), with every document's log-likelihoods."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    include, names = harness_tasks
+    out = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=names, log_samples=True, verbosity="ERROR",
+                                  task_manager=TaskManager(include_path=str(include)), batch_size=4)
+    lls = {task: [[r[0] for r in s["filtered_resps"]] for s in sorted(samples, key=lambda s: s["doc_id"])]
+           for task, samples in out["samples"].items()}
+    return out["results"], lls
+
+
+def _assert_same_scores(api, reference):
+    (api_results, api_lls), (ref_results, ref_lls) = api, reference
+    for task, metric in (("local_mc", "acc,none"), ("local_mc", "acc_norm,none"), ("local_lastword", "acc,none")):
+        assert api_results[task][metric] == ref_results[task][metric], (task, metric)
+    for task in ref_lls:
+        np_api, np_ref = (sum(x, []) for x in (api_lls[task], ref_lls[task]))
+        assert len(np_api) == len(np_ref) and max(abs(a - b) for a, b in zip(np_api, np_ref)) < 1e-3, task
+    assert api_results["local_lastword"]["perplexity,none"] == pytest.approx(ref_results["local_lastword"]["perplexity,none"],
+                                                                          rel=1e-3)
+
+
+def _api_args(server, folder, context):
+    return (f"model=final_model,base_url={server.url}/v1/completions,tokenizer_backend=huggingface,tokenizer={folder},"
+            f"max_length={context},num_concurrent=1,max_retries=1,tokenized_requests=True")
+
+
+def test_harness_through_the_api_equals_the_hf_model(loaded, model_dir, harness_tasks):
+    """lm-eval's local-completions against our server scores exactly as its `hf` model on the same folder."""
+    server = Server(W.build_app(*loaded, W.WebDemoArguments(model_path=str(model_dir), max_prompt_tokens=128), page=False))
+    try:
+        api = _harness("local-completions", _api_args(server, model_dir, 128), harness_tasks)
+    finally:
+        server.stop()
+    _assert_same_scores(api, _harness("hf", f"pretrained={model_dir},device=cpu", harness_tasks))
+
+
+def test_harness_through_the_api_on_an_int8_folder_equals_our_loader(model_dir, harness_tasks, tmp_path):
+    """The same for quantize.py's int8 folder: through the API, and as an HFLM around quantize's own loader."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.models.huggingface import HFLM
+
+    import quantize as Q
+
+    subprocess.run([sys.executable, "quantize.py", "--model_path", str(model_dir), "--mode", "int8", "--out", str(tmp_path / "int8")],
+                   cwd=Path(__file__).resolve().parents[1], check=True, capture_output=True)
+    int8 = G.load_model(tmp_path / "int8", device="cpu")
+    server = Server(W.build_app(*int8, W.WebDemoArguments(model_path=str(tmp_path / "int8"), max_prompt_tokens=128), page=False))
+    try:
+        api = _harness("local-completions", _api_args(server, tmp_path / "int8", 128), harness_tasks)
+    finally:
+        server.stop()
+    model = Q.load_quantized(tmp_path / "int8")
+    _assert_same_scores(api, _harness(HFLM(pretrained=model, tokenizer=int8[0], batch_size=4), None, harness_tasks))
