@@ -297,6 +297,11 @@ def lm_head_dtype_for(weight) -> torch.dtype:
 _FAST = weakref.WeakKeyDictionary()
 
 
+def forget_fast_forward(model) -> None:
+    """Drop `model`'s cached fast forward and its LM-head copies (train.py samples mid-run, then trains on)."""
+    _FAST.pop(model, None)
+
+
 def fast_forward(model, n_tokens: int | None = None) -> FastGPT2:
     """The cached fast forward for `model` over its first `n_tokens` vocabulary rows (the tokenizer's; default all),
     rebuilt when its LM-head weights or n_tokens changed."""

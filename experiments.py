@@ -29,8 +29,8 @@ complete checkpoint (train.py --resume auto). Every run's arguments are checked 
 starts: an unknown name (with close matches) or an invalid value stops the sweep, naming the file, run
 and key.
 
-Outputs in the sweep's folder: comparison.md, comparison.csv, comparison.png (validation loss of every
-run on shared axes; tokens/s per run). Each run folder also gets experiment.json: its arguments and one
+Outputs in the sweep's folder: comparison.md (with each run's last samples under the table), comparison.csv,
+comparison.png (validation loss of every run on shared axes; tokens/s per run). Each run folder also gets experiment.json: its arguments and one
 entry per session (start step, wall time, outcome). Tokens/s is measured by the Trainer in every
 session that ended (train_samples_per_second x train_runtime, summed, x block_size, over the summed
 train_runtime: the training loop including its periodic evaluations and checkpoints); time lost to a
@@ -259,7 +259,7 @@ def compare(run_dirs: list[str | Path], out_dir: str | Path = DEFAULT_COMPARE_DI
         if names.count(s["row"]["run"]) > 1:
             s["row"]["run"] = str(s["dir"])
     rows = [s["row"] for s in summaries]
-    _write_atomic(out_dir / "comparison.md", comparison_table(rows))
+    _write_atomic(out_dir / "comparison.md", comparison_table(rows) + samples_section(summaries))
     table = io.StringIO()
     writer = csv.DictWriter(table, fieldnames=[k for k, _ in COLUMNS] + ["run_dir"])
     writer.writeheader()
@@ -329,7 +329,47 @@ def summarize(run_dir: Path) -> dict[str, Any]:
         "wall_time_s": _round(wall, 1),
         "parameters": saved_parameter_count(final if results else latest) if (results or latest) else None,
     }
-    return {"dir": run_dir, "row": row, "curve": curve, "tokens_per_step": tokens_per_step}
+    return {"dir": run_dir, "row": row, "curve": curve, "tokens_per_step": tokens_per_step,
+            "samples": last_samples(run_dir, None if results or not latest else steps)}
+
+
+def last_samples(run_dir: Path, up_to: int | None = None) -> tuple[int, list[dict[str, Any]]] | None:
+    """(step, rows) of the last step in the run's samples.jsonl (up to step `up_to`: an interrupted run's
+    checkpoint, which a resumed run continues from), or None without samples."""
+    import tracking
+
+    rows = [r for r in tracking.read_samples(run_dir / tracking.SAMPLES_FILE) if up_to is None or r["step"] <= up_to]
+    if not rows:
+        return None
+    step = max(r["step"] for r in rows)
+    last: dict[str, dict] = {}
+    for r in rows:
+        if r["step"] == step:
+            last[r.get("prompt", "")] = r  # a prompt written twice (a rerun's samples appended): the later one
+    return step, list(last.values())
+
+
+SAMPLE_CHARS = 200
+
+
+def samples_section(summaries: list[dict[str, Any]]) -> str:
+    """comparison.md's part under the table: each run's last samples during training (samples.jsonl), one line
+    per prompt, cut to SAMPLE_CHARS characters; empty when no run has samples."""
+    import tracking
+
+    parts = []
+    for s in summaries:
+        if not s.get("samples"):
+            continue
+        step, rows = s["samples"]
+        lines = [f"- {_markdown_text(tracking.one_line(r['text'], SAMPLE_CHARS))}" for r in rows]
+        parts.append(f"**{_markdown_text(str(s['row']['run']))}** (step {step}):\n\n" + "\n".join(lines) + "\n")
+    return "\n## Last samples\n\n" + "\n".join(parts) if parts else ""
+
+
+def _markdown_text(text: str) -> str:
+    """Model text shown as itself in Markdown: its markup characters escaped."""
+    return "".join("\\" + c if c in "\\`*_{}[]<>#|!~" else c for c in text)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -1,13 +1,16 @@
-"""What a run records besides its checkpoints: metrics.jsonl, loss_curve.png, WandB, and final_model's manifest.
+"""What a run records besides its checkpoints: metrics.jsonl, loss_curve.png, samples during training, WandB,
+and final_model's manifest.
 
 metrics.jsonl and the plot are always written (by LocalMetricsCallback); WandB is one run per output
 folder, offline unless an account is configured, so a resumed training continues the same WandB run.
+SampleCallback samples fixed prompts during training into samples.jsonl, the console, WandB and TensorBoard.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -16,10 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import quiet_imports  # noqa: F401, I001  (before transformers: keeps torchao's import-time warnings off stderr)
+import torch
 from transformers import TrainerCallback
+
+import decode
+import generate
 
 REPO_DIR = Path(__file__).resolve().parent
 WANDB_ID_FILE = "wandb_run_id.txt"
+SAMPLES_FILE = "samples.jsonl"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -107,6 +115,130 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     save_figure(fig, png_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Samples: the same prompts and seed at each evaluation (or every --sample_every steps)
+
+
+def draw_samples(model, tokenizer, prompts: list[str], max_new_tokens: int, seed: int) -> list[generate.Completion]:
+    """Each prompt sampled with the toolkit's one sampler (generate.generate: top-k 50, temperature 0.8, `seed`),
+    in eval mode. The model's train/eval mode and every RNG training draws from (torch's CPU and CUDA, Python's
+    random, NumPy's) are as they were, so sampling during training changes no weight (tested)."""
+    device = next(model.parameters()).device
+    # A model with a short context (--n_positions) keeps room for a prompt of at least one token.
+    max_new_tokens = min(max_new_tokens, model.config.n_positions - 1)
+    was_training = model.training
+    python_state = random.getstate()
+    numpy_state = _numpy_rng_state()
+    # generate(seed=...) draws from a torch.Generator of its own (the fallback path forks the RNG); fork anyway.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        model.eval()
+        try:
+            return generate.generate(tokenizer, model, device, prompts, max_new_tokens=max_new_tokens, top_k=50, top_p=1.0,
+                                     temperature=0.8, seed=seed)
+        finally:
+            model.train(was_training)
+            random.setstate(python_state)
+            if numpy_state is not None:
+                import numpy as np
+
+                np.random.set_state(numpy_state)
+
+
+def _numpy_rng_state():
+    try:
+        import numpy as np
+    except ImportError:
+        return None
+    return np.random.get_state()
+
+
+def one_line(text: str, limit: int) -> str:
+    """`text` on one line (runs of whitespace become one space), cut to `limit` characters with an ellipsis."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "\u2026"
+
+
+def read_samples(path: Path, warn: bool = False) -> list[dict]:
+    """samples.jsonl's rows (step, prompt, text); a line cut short by a kill is skipped (named when warn is set)."""
+    if not path.is_file():
+        return []
+    return [r for r in read_metrics(path, warn=warn) if isinstance(r.get("step"), int) and "text" in r]
+
+
+class SampleCallback(TrainerCallback):
+    """Samples the fixed prompts during training, on the main process: at each evaluation (every=None), or every
+    `every` optimizer steps. Each sample goes to the console (one line per prompt), samples.jsonl in the run
+    folder (step, prompt, text), WandB (a table of every sample so far) and TensorBoard (text) when they are on.
+
+    A resumed run drops the rows the interrupted run wrote after its checkpoint, and writes those steps again
+    (the same weights and seed: the same text), so no step is in the file twice."""
+
+    console_width = 160
+
+    def __init__(self, output_dir: str, tokenizer, prompts: list[str], max_new_tokens: int, seed: int,
+                 every: int | None = None, callbacks: list | None = None):
+        self.path = Path(output_dir) / SAMPLES_FILE
+        self.tokenizer, self.prompts, self.max_new_tokens, self.seed, self.every = tokenizer, prompts, max_new_tokens, seed, every
+        self.callbacks = callbacks if callbacks is not None else []  # the Trainer's: its TensorBoardCallback's writer
+        self.rows: list[dict] = []
+        self.training = False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.training = True
+        if state.is_world_process_zero:
+            self.rows = [r for r in read_samples(self.path, warn=True) if r["step"] <= state.global_step]
+            if self.path.is_file():  # rewritten aside and renamed, as metrics.jsonl
+                tmp = self.path.with_suffix(".jsonl.tmp")
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+                os.replace(tmp, self.path)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.training = False  # the final evaluate() after training samples nothing: train.py prints the final samples
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.every and state.global_step % self.every == 0:
+            self.sample(args, state, model)
+
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
+        if self.every is None and self.training:
+            self.sample(args, state, model)
+
+    def sample(self, args, state, model) -> None:
+        step = state.global_step
+        if not state.is_world_process_zero or model is None or any(r["step"] == step for r in self.rows):
+            return
+        completions = draw_samples(model, self.tokenizer, self.prompts, self.max_new_tokens, self.seed)
+        # The fast decoder's weight copies are stale after the next optimizer step: free them for training.
+        decode.forget_fast_forward(model)
+        rows = [{"step": step, "prompt": c.prompt, "text": c.text} for c in completions]
+        self.rows += rows
+        for r in rows:
+            print(f"[step {step}] {one_line(r['text'], self.console_width)}", flush=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
+        self.log_wandb(step)
+        self.log_tensorboard(rows, step)
+
+    def log_wandb(self, step: int) -> None:
+        if "wandb" not in sys.modules:
+            return
+        import wandb
+
+        if wandb.run is not None:
+            # A logged table is immutable: log a new one with every row so far, which WandB shows as the latest.
+            table = wandb.Table(columns=["step", "prompt", "text"], data=[[r["step"], r["prompt"], r["text"]] for r in self.rows])
+            wandb.log({"samples": table, "train/global_step": step})
+
+    def log_tensorboard(self, rows: list[dict], step: int) -> None:
+        writer = next((getattr(c, "tb_writer", None) for c in self.callbacks if type(c).__name__ == "TensorBoardCallback"), None)
+        if writer is None:
+            return
+        for i, r in enumerate(rows):
+            writer.add_text(f"samples/prompt_{i}", r["text"], step)
+        writer.flush()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,8 +15,9 @@ small preset, 6e-4 for GPT-2 124M, less for wider ones), decaying linearly; with
 (fine-tuning) it is 5e-5. Warmup is 500 steps, capped at 10% of the run.
 
 Output (--output_dir, default logs/): checkpoint-N folders (the last --save_total_limit plus the
-best by validation loss), metrics.jsonl, loss_curve.png, and final_model/, a plain Hugging Face
-model folder with eval_results.json and manifest.json.
+best by validation loss), metrics.jsonl, loss_curve.png, samples.jsonl (the --sample_prompts sampled at each
+evaluation, or every --sample_every steps), and final_model/, a plain Hugging Face model folder with
+eval_results.json and manifest.json.
 
 Resuming: rerunning the same command continues from the latest complete checkpoint (--resume auto).
 A checkpoint is complete once its COMPLETE file exists, written last; Ctrl-C saves one and exits.
@@ -43,13 +44,12 @@ import quiet_imports  # noqa: F401, I001  (before transformers: keeps torchao's 
 from transformers import (EarlyStoppingCallback, Trainer, TrainerCallback, default_data_collator, set_seed)
 
 import dataset
-import generate
 from checkpoints import (COMPLETE, UserError, check_checkpoint_fits, checkpoint_step, choose_checkpoint,  # noqa: F401
                          latest_complete_checkpoint, make_output_dir, mark_complete, remove_partial_checkpoints,
                          replace_folder, rotate_checkpoints, unmark)
 from model import FusedCausalLMLoss, ModelError, check_vocab, get_model, padded_vocab_size
 from perplexity import token_byte_lengths
-from tracking import LocalMetricsCallback, finish_wandb, manifest, start_wandb
+from tracking import LocalMetricsCallback, SampleCallback, draw_samples, finish_wandb, manifest, start_wandb
 from train_args import (CPU_MAX_STEPS, DataArguments, ModelArguments, TrainArguments, check_block_size,  # noqa: F401
                         parse_args, parse_config_file, resolve_defaults, scratch_learning_rate, split_kwargs)
 
@@ -288,13 +288,31 @@ def build_trainer(model, tokenizer, train_ds, val_ds, args: TrainArguments) -> t
     callbacks = [LocalMetricsCallback(args.output_dir), stop]
     if args.early_stopping_patience is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience))
+    sampler = sample_callback(tokenizer, args)
+    if sampler is not None:
+        callbacks.append(sampler)
     logging.getLogger("transformers.modeling_utils").addFilter(not_the_padding_warning)
     fused_loss = FusedCausalLMLoss(model, sparse_embedding=args.world_size == 1) if args.fused_loss == "on" else None
     trainer = GPT2Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds, processing_class=tokenizer,
                           data_collator=default_data_collator, callbacks=callbacks, compute_loss_func=fused_loss)
     if val_ds is not None:
         trainer.val_bytes_per_token = val_bytes_per_token(val_ds, tokenizer)
+    if sampler is not None:
+        sampler.callbacks = trainer.callback_handler.callbacks  # TensorBoard's writer, once it is open
     return trainer, stop
+
+
+def sample_callback(tokenizer, args: TrainArguments) -> SampleCallback | None:
+    """Samples during training (--sample_every; default at each evaluation), or None: no prompts, --sample_every 0,
+    or weights sharded across processes (FSDP, DeepSpeed), which the main process alone cannot sample from."""
+    if not args.sample_prompts or args.sample_every == 0:
+        return None
+    if args.fsdp or args.deepspeed is not None:
+        if args.should_log:
+            print("Samples during training are off under FSDP/DeepSpeed (sharded weights); the final samples stay.")
+        return None
+    return SampleCallback(args.output_dir, tokenizer, args.sample_prompts, args.sample_max_new_tokens, args.seed,
+                          every=args.sample_every)
 
 
 def val_bytes_per_token(val_ds, tokenizer) -> float | None:
@@ -356,13 +374,9 @@ def save_final_model(trainer: Trainer, final_dir: Path, eval_metrics: dict, mani
 
 def print_samples(model, tokenizer, prompts: list[str], max_new_tokens: int, seed: int) -> list[str]:
     """Sample each prompt from the trained model with the toolkit's one sampler (generate.generate, top-k 50,
-    temperature 0.8), print and return prompt + continuation."""
+    temperature 0.8; tracking.draw_samples, as the samples during training), print and return prompt + continuation."""
     model.eval()
-    device = next(model.parameters()).device
-    # A model with a short context (--n_positions) keeps room for a prompt of at least one token.
-    max_new_tokens = min(max_new_tokens, model.config.n_positions - 1)
-    completions = generate.generate(tokenizer, model, device, prompts, max_new_tokens=max_new_tokens, top_k=50, top_p=1.0,
-                                    temperature=0.8, seed=seed)
+    completions = draw_samples(model, tokenizer, prompts, max_new_tokens, seed)
     for c in completions:
         print(f"--- {c.prompt!r}\n{c.text}\n")
     return [c.text for c in completions]

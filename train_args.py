@@ -129,9 +129,14 @@ class TrainArguments(TrainingArguments):
     )
     sample_prompts: list[str] = field(
         default_factory=lambda: ["The", "In the beginning", "Python is"],
-        metadata={"help": "Prompts to sample from the final model (none: skip sampling)."},
+        metadata={"help": "Prompts to sample during training and from the final model (none: skip sampling)."},
     )
     sample_max_new_tokens: int = field(default=40, metadata={"help": "Tokens to generate per sample."})
+    sample_every: int | None = field(
+        default=None,
+        metadata={"help": "Sample the prompts every N optimizer steps during training, into the console, samples.jsonl, "
+                  "WandB and TensorBoard (default: at each evaluation; 0: only the final samples)."},
+    )
 
     def __post_init__(self):
         """Check this project's flags and turn an explicit --precision into the Trainer's fp16/bf16 flags, which
@@ -152,6 +157,9 @@ class TrainArguments(TrainingArguments):
             raise UserError(f"--max_warmup_fraction {self.max_warmup_fraction}: must be between 0 and 1.")
         if self.sample_prompts in (["none"], ["None"]):
             self.sample_prompts = []
+        if self.sample_every is not None and self.sample_every < 0:
+            raise UserError(f"--sample_every {self.sample_every}: give a number of steps, 0 for no samples during "
+                            "training, or leave it out to sample at each evaluation.")
         if self.early_stopping_patience is not None:
             if self.early_stopping_patience < 1:
                 raise UserError(f"--early_stopping_patience {self.early_stopping_patience}: must be at least 1 evaluation.")

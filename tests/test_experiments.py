@@ -392,3 +392,21 @@ def test_comparison_files_are_replaced_whole(tmp_path, monkeypatch):
         compare(runs, out)
     assert (out / "comparison.csv").read_bytes() == before["comparison.csv"]
     assert sorted(p.name for p in out.iterdir()) == ["comparison.csv", "comparison.md", "comparison.png"]
+
+
+def test_the_comparison_shows_each_runs_last_samples(tmp_path):
+    a, b = _finished_run(tmp_path / "a", 3.0), _finished_run(tmp_path / "b", 2.0)
+    long = "Once " + "upon a time " * 40
+    rows = [{"step": 2, "prompt": "The", "text": "The early text"}, {"step": 4, "prompt": "The", "text": "The cat\nsat"},
+            {"step": 4, "prompt": "Once", "text": long}]
+    (a / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 6, "prompt": "The", "te')
+    compare([a, b], tmp_path / "cmp")
+    md = (tmp_path / "cmp" / "comparison.md").read_text()
+    table, samples = md.split("## Last samples")
+    assert "| a | finished | 4 |" in table
+    assert "**a** (step 4):" in samples and "- The cat sat\n" in samples and "early text" not in samples
+    (cut,) = [l for l in samples.splitlines() if l.startswith("- Once")]
+    assert len(cut) <= 2 + 200 and cut.endswith("\u2026")
+    assert "**b**" not in samples  # no samples.jsonl: no entry
+    compare([b], tmp_path / "cmp_b")
+    assert "Last samples" not in (tmp_path / "cmp_b" / "comparison.md").read_text()

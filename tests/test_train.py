@@ -388,6 +388,106 @@ def test_fused_loss_trains_like_the_models_own_loss(tmp_path, corpus, cache_dir,
 
 
 # ----------------------------------------------------------------------------------------------
+# Samples during training
+
+
+def sample_rows(out):
+    return [json.loads(l) for l in (Path(out) / "samples.jsonl").read_text().splitlines()]
+
+
+def test_samples_at_every_evaluation_in_the_console_and_samples_jsonl(tmp_path, corpus, cache_dir, capsys):
+    # fp32 on CPU: the fused loss is on (it asks the model for no logits), and sampling mid-run works beside it.
+    result = train(**tiny_kwargs(tmp_path, corpus, cache_dir, sample_prompts=["The", "In the"], sample_max_new_tokens=5))
+    rows = sample_rows(tmp_path)
+    steps = list(range(SAVE_STEPS, MAX_STEPS + 1, SAVE_STEPS))  # every evaluation during training, once
+    assert [(r["step"], r["prompt"]) for r in rows] == [(s, p) for s in steps for p in ("The", "In the")]
+    assert all(r["text"].startswith(r["prompt"]) and len(r["text"]) > len(r["prompt"]) for r in rows)
+    out = capsys.readouterr().out
+    for r in rows:
+        assert f"[step {r['step']}] {' '.join(r['text'].split())}" in out
+    # The final model's samples (same weights, seed and sampler) are those of the last step's.
+    assert result["samples"] == [r["text"] for r in rows[-2:]]
+
+    train(**tiny_kwargs(tmp_path / "every", corpus, cache_dir, sample_prompts=["The"], sample_max_new_tokens=3,
+                        max_steps=6, sample_every=3, save_strategy="no"))
+    assert [r["step"] for r in sample_rows(tmp_path / "every")] == [3, 6]
+    train(**tiny_kwargs(tmp_path / "never", corpus, cache_dir, sample_prompts=["The"], max_steps=4, sample_every=0,
+                        save_strategy="no"))
+    assert not (tmp_path / "never" / "samples.jsonl").exists()
+
+
+def test_sampling_changes_neither_the_weights_nor_any_rng(tmp_path, corpus, cache_dir):
+    import numpy as np
+
+    # Dropout on, so that training draws from torch's RNG at every step; sampling after every step.
+    runs = {}
+    for name, prompts in (("on", ["The", "In the"]), ("off", ["none"])):
+        train(**tiny_kwargs(tmp_path / name, corpus, cache_dir, max_steps=6, eval_steps=2, save_strategy="no", dropout=0.1,
+                            sample_prompts=prompts, sample_every=1, sample_max_new_tokens=4))
+        runs[name] = final_state(tmp_path / name)[0]
+    assert [r["step"] for r in sample_rows(tmp_path / "on")] == [s for s in range(1, 7) for _ in range(2)]
+    for name in runs["off"]:
+        assert torch.equal(runs["on"][name], runs["off"][name]), name
+
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tokenizer = AutoTokenizer.from_pretrained(ROOT / "gpt2_tokenizer")
+    tiny = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=32)).train()
+    before = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+    texts = [c.text for c in tracking.draw_samples(tiny, tokenizer, ["The"], 5, seed=3)]
+    assert torch.equal(torch.get_rng_state(), before[0]) and random.getstate() == before[1]
+    assert (np.random.get_state()[1] == before[2]).all() and tiny.training
+    assert [c.text for c in tracking.draw_samples(tiny, tokenizer, ["The"], 5, seed=3)] == texts
+
+
+def test_bad_sample_every_is_refused(tmp_path, corpus, cache_dir, capsys):
+    assert main(to_argv(tiny_kwargs(tmp_path, corpus, cache_dir, sample_every=-1))) == 2
+    assert "--sample_every -1" in capsys.readouterr().err
+
+
+def test_samples_go_to_a_growing_wandb_table(tmp_path, corpus, cache_dir, monkeypatch):
+    from wandb.sdk.wandb_run import Run
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    tables, real_log = [], Run.log
+
+    def log(self, data, *args, **kwargs):  # wandb.init binds wandb.log to the run's log
+        if "samples" in data:
+            tables.append((data["train/global_step"], data["samples"]))
+        return real_log(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(Run, "log", log)
+    train(**tiny_kwargs(tmp_path, corpus, cache_dir, max_steps=8, report_to="wandb", sample_prompts=["The", "In the"],
+                        sample_max_new_tokens=4))
+    rows = [[r["step"], r["prompt"], r["text"]] for r in sample_rows(tmp_path)]
+    assert [step for step, _ in tables] == [4, 8]
+    assert all(t.columns == ["step", "prompt", "text"] for _, t in tables)
+    assert tables[0][1].data == rows[:2] and tables[1][1].data == rows  # each table holds every sample so far
+    (run,) = (tmp_path / "wandb").glob("offline-run-*")
+    assert list(run.glob("files/media/table/samples_*.table.json")), "the offline run holds no samples table"
+
+
+def test_samples_go_to_tensorboard_as_text(tmp_path, corpus, cache_dir):
+    if not tracking.tensorboard_installed():
+        pytest.skip("tensorboard is not installed")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(**tiny_kwargs(tmp_path, corpus, cache_dir, max_steps=4, eval_steps=2, save_strategy="no", report_to="tensorboard",
+                        sample_prompts=["The", "In the"], sample_max_new_tokens=4))
+    found = {}
+    for events in tmp_path.rglob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events), size_guidance={"tensors": 0})
+        acc.Reload()
+        for tag in acc.Tags()["tensors"]:
+            if tag.startswith("samples/"):
+                for e in acc.Tensors(tag):
+                    found[(e.step, tag)] = e.tensor_proto.string_val[0].decode()
+    expected = {(r["step"], f"samples/prompt_{i % 2}/text_summary"): r["text"] for i, r in enumerate(sample_rows(tmp_path))}
+    assert found == expected and len(found) == 4
+
+
+# ----------------------------------------------------------------------------------------------
 # Exact resume
 
 
@@ -406,6 +506,26 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_result(tmp_path, corpus, cach
     assert rc == 0, log
     assert "Resuming from" in log
     assert_same_result(tmp_path, reference)
+
+
+@pytest.mark.slow
+def test_kill_9_with_samples_on_gives_the_result_without_samples(tmp_path, corpus, cache_dir, reference):
+    """The reference run samples nothing: sampling changes no weight, and a resumed run writes each step's samples once."""
+    kwargs = tiny_kwargs(tmp_path, corpus, cache_dir, sample_prompts=["The", "In the"], sample_max_new_tokens=4)
+    proc = cli(kwargs, env={"GPT2_DEBUG_STEP_SLEEP": "0.25"}, launcher=WITH_FAULTS)
+    wait_for(tmp_path / f"checkpoint-{SAVE_STEPS}" / COMPLETE, proc)
+    time.sleep(random.uniform(0, 2.0))  # a random later step: sometimes after a sample and before its checkpoint
+    proc.kill()
+    rc, _ = finish(proc)
+    assert rc == -signal.SIGKILL, "the run finished before it could be killed"
+
+    rc, log = finish(cli(kwargs))
+    assert rc == 0, log
+    assert "Resuming from" in log
+    assert_same_result(tmp_path, reference)
+    rows = sample_rows(tmp_path)
+    steps = list(range(SAVE_STEPS, MAX_STEPS + 1, SAVE_STEPS))
+    assert [(r["step"], r["prompt"]) for r in rows] == [(s, p) for s in steps for p in ("The", "In the")]
 
 
 @pytest.mark.slow
