@@ -35,6 +35,7 @@ import math
 import shutil
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,8 @@ import dataset
 from checkpoints import (COMPLETE, UserError, check_checkpoint_fits, checkpoint_step, choose_checkpoint,  # noqa: F401
                          latest_complete_checkpoint, make_output_dir, mark_complete, remove_partial_checkpoints,
                          replace_folder, rotate_checkpoints, unmark)
+from estimate import available_memory, estimate_memory, estimate_time, flops_per_token, peak_flops, what_fits
+from gpt2_tokenizer import load_tokenizer
 from model import FusedCausalLMLoss, ModelError, check_vocab, get_model, padded_vocab_size
 from perplexity import token_byte_lengths
 from tracking import LocalMetricsCallback, SampleCallback, draw_samples, finish_wandb, manifest, start_wandb
@@ -176,16 +179,22 @@ def run(model_args: ModelArguments, data_args: DataArguments, args: TrainArgumen
     """One training run from the three argument groups (parse_args, split_kwargs); see train() for the result."""
     # Arguments: defaults, the run folder, the checkpoint to resume from
     resolve_defaults(model_args, data_args, args)
+    plan = estimate_run(model_args, data_args, args)  # may refuse: before the run folder, tokens or weights exist
+    if args.estimate:
+        return {"estimate": plan}
     resume_from = prepare_output_dir(args)
 
     tokenizer, train_ds, val_ds, data = load_data(model_args, data_args, args)
     model = build_model(model_args, data_args, args, tokenizer, resume_from)
 
     # The arguments as this run uses them (load_data turns evaluation off without validation data).
-    config = {"model": dataclasses.asdict(model_args), "data": dataclasses.asdict(data_args), "train": args.to_dict()}
+    config = {"model": dataclasses.asdict(model_args), "data": dataclasses.asdict(data_args), "train": args.to_dict(),
+              "estimate": plan}
     if "wandb" in args.report_to and args.should_save:
         start_wandb(args, config)
     trainer, stop = build_trainer(model, tokenizer, train_ds, val_ds, args)
+    if plan:
+        trainer.add_callback(EtaCallback(plan))
 
     train_result, eval_metrics = train_and_evaluate(trainer, stop, resume_from)
     result: dict[str, Any] = {"output_dir": str(Path(args.output_dir)), "global_step": trainer.state.global_step,
@@ -202,6 +211,74 @@ def run(model_args: ModelArguments, data_args: DataArguments, args: TrainArgumen
     finish_wandb()
     result.update(eval_metrics=eval_metrics, final_model=str(final_dir))
     return result
+
+
+def estimate_run(model_args: ModelArguments, data_args: DataArguments, args: TrainArguments) -> dict[str, Any]:
+    """The memory one training step will take at its peak (estimate.py) against the memory available, and the
+    run's steps and tokens, printed before anything is tokenized; a run that would not fit stops here, saying
+    what fits (--memory_check off tries anyway)."""
+    config = model_config(model_args, data_args)
+    if config is None:
+        return {}
+    device = args.device.type if args.device.type in ("cpu", "cuda") else "cpu"
+    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+    options = dict(precision=precision, fused_loss=args.fused_loss == "on", gradient_checkpointing=bool(args.gradient_checkpointing),
+                   optimizer=str(getattr(args.optim, 'value', args.optim)), device_type=device)
+    batch, block = args.per_device_train_batch_size, data_args.block_size
+    est = estimate_memory(config, batch, block, **options)
+    available = available_memory(device, args.device.index or 0)
+    tokens_per_step = batch * block * args.gradient_accumulation_steps * args.world_size
+    plan = {"memory": {k: getattr(est, k) for k in ("weights", "gradients", "optimizer_state", "activations", "logits", "total")},
+            "available": available, "tokens_per_step": tokens_per_step, "flops_per_token": flops_per_token(config, block)}
+    if args.max_steps > 0:
+        plan["steps"], plan["tokens"] = args.max_steps, args.max_steps * tokens_per_step
+    if args.should_log:
+        print(est.table(available))
+        print(f"  {tokens_per_step:,} tokens per optimizer step"
+              + (f"; {plan['steps']} steps, {plan['tokens'] / 1e6:.2f}M tokens" if "steps" in plan else "; steps: from the data's size"))
+    if est.total > available and args.memory_check == "on":
+        raise UserError(what_fits(config, block, available, batch_size=batch, gradient_accumulation_steps=args.gradient_accumulation_steps,
+                                  **options) + " (--memory_check off tries anyway.)")
+    return plan
+
+
+class EtaCallback(TrainerCallback):
+    """After the first timed steps (the first step, which compiles and warms up, is not timed): tokens/s, the
+    ETA of the remaining steps and, on a GPU whose peak is known, the FLOPs utilisation, printed once."""
+
+    def __init__(self, plan: dict, timed_steps: int = 10):
+        self.plan, self.timed_steps, self.start = plan, timed_steps, None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 1 or self.start is None:
+            self.start, self.start_step = time.perf_counter(), state.global_step
+            return
+        done = state.global_step - self.start_step
+        if done == min(self.timed_steps, state.max_steps - self.start_step) and state.is_world_process_zero:
+            speed = done * self.plan["tokens_per_step"] / (time.perf_counter() - self.start)
+            name = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else None
+            peak = peak_flops(name, "bf16" if args.bf16 or args.fp16 else "fp32")
+            left = estimate_time(self.plan["tokens_per_step"], state.max_steps - state.global_step, speed,
+                                 self.plan["flops_per_token"], peak)
+            self.plan["measured"] = {"step": state.global_step, "tokens_per_s": speed, "eta_s": left.seconds,
+                                     "utilization": left.utilization}
+            print(f"After {state.global_step} steps: {left.line()} to go.")
+
+
+def model_config(model_args: ModelArguments, data_args: DataArguments):
+    """The shape the run's model will have, without building it: the pretrained config, or the new model's with
+    the tokenizer's padded vocabulary. None when a pretrained config cannot be read here (get_model says why later)."""
+    if model_args.init_from:
+        try:
+            from transformers import GPT2Config
+
+            return GPT2Config.from_pretrained(model_args.init_from)
+        except (OSError, ValueError):
+            return None
+    n_tokens = len(load_tokenizer(data_args.tokenizer_name))
+    return {"n_layer": model_args.n_layer, "n_embd": model_args.n_embd, "n_head": model_args.n_head,
+            "n_positions": model_args.n_positions, "vocab_size": padded_vocab_size(n_tokens, model_args.vocab_multiple),
+            "attn_pdrop": model_args.dropout, "resid_pdrop": model_args.dropout, "embd_pdrop": model_args.dropout}
 
 
 def prepare_output_dir(args: TrainArguments) -> str | None:
@@ -457,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {message}", file=sys.stderr)
         return 2
-    return 130 if result["interrupted"] else 0
+    return 130 if result.get("interrupted") else 0
 
 
 if __name__ == "__main__":

@@ -138,10 +138,22 @@ class TrainArguments(TrainingArguments):
                   "WandB and TensorBoard (default: at each evaluation; 0: only the final samples)."},
     )
 
+    estimate: bool = field(
+        default=False,
+        metadata={"help": "Print the memory estimate (weights, gradients, optimizer state, activations, loss buffers, "
+                  "against the memory available) and the run's steps and tokens, then exit: nothing is tokenized or trained."},
+    )
+    memory_check: str = field(
+        default="on",
+        metadata={"help": "on: refuse to start, before tokenizing, when the estimated peak memory exceeds what is "
+                  "available, saying what fits (a smaller batch with gradient accumulation); off: try anyway."},
+    )
+
     def __post_init__(self):
         """Check this project's flags and turn an explicit --precision into the Trainer's fp16/bf16 flags, which
         transformers checks and acts on in its own __post_init__. Unset values stay None/"auto": resolve_defaults."""
-        for name, allowed in (("precision", ("auto", "fp32", "fp16", "bf16")), ("fused_loss", ("auto", "on", "off"))):
+        for name, allowed in (("precision", ("auto", "fp32", "fp16", "bf16")), ("fused_loss", ("auto", "on", "off")),
+                              ("memory_check", ("on", "off"))):
             if getattr(self, name) not in allowed:
                 raise UserError(f"--{name} {getattr(self, name)!r}: choose {', '.join(allowed[:-1])} or {allowed[-1]}.")
         if self.precision != "auto":

@@ -895,3 +895,42 @@ def test_auto_precision_on_a_gpu(monkeypatch, bf16_supported, precision):
     train_args.resolve_training_defaults(t, on_gpu=True)
     assert (t.precision, t.mixed_precision, t.bf16, t.fp16) == (precision, precision, bf16_supported, not bf16_supported)
     assert (t.max_steps, t.num_train_epochs, t.fused_loss) == (-1, 3.0, "off")
+
+
+# ----------------------------------------------------------------------------------------------
+# The estimate before training (estimate.py)
+
+
+def _run_train(*argv):
+    env = {**os.environ, **ONE_THREAD}
+    return subprocess.run([sys.executable, "train.py", *map(str, argv)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_estimate_prints_the_memory_and_trains_nothing(tmp_path, corpus):
+    out = _run_train("--estimate", "--dataset_path", corpus, "--output_dir", tmp_path / "run", "--cache_dir", tmp_path / "cache",
+                     "--n_layer", 2, "--n_embd", 32, "--n_head", 2, "--block_size", 16, "--report_to", "none")
+    assert out.returncode == 0, out.stderr
+    for line in ("weights", "gradients", "optimizer state", "activations", "peak (estimate)", "available"):
+        assert line in out.stdout
+    assert "tokens per optimizer step; 80 steps" in out.stdout
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()  # nothing written, nothing tokenized
+
+
+def test_a_run_that_does_not_fit_is_refused_before_tokenizing(tmp_path, corpus):
+    out = _run_train("--dataset_path", corpus, "--output_dir", tmp_path / "run", "--cache_dir", tmp_path / "cache",
+                     "--per_device_train_batch_size", 100000, "--block_size", 1024, "--report_to", "none")
+    assert out.returncode == 2
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: Does not fit") and "--per_device_train_batch_size" in last and "--gradient_accumulation_steps" in last
+    assert "(does not fit)" in out.stdout and "Traceback" not in out.stderr
+    assert not (tmp_path / "cache").exists()
+
+
+def test_the_manifest_holds_the_estimate_and_the_measured_speed(tmp_path, corpus, cache_dir):
+    rc, log = finish(cli(tiny_kwargs(tmp_path, corpus, cache_dir)))
+    assert rc == 0, log
+    plan = json.loads((tmp_path / "final_model" / "manifest.json").read_text())["arguments"]["estimate"]
+    assert plan["memory"]["total"] > plan["memory"]["weights"] > 0 and plan["steps"] == MAX_STEPS
+    assert plan["tokens_per_step"] == 4 * 16 and plan["measured"]["tokens_per_s"] > 0
+    assert f"After {plan['measured']['step']} steps: " in log and "tokens/s, ETA" in log
