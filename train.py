@@ -48,9 +48,9 @@ import dataset
 from checkpoints import (COMPLETE, UserError, check_checkpoint_fits, checkpoint_step, choose_checkpoint,  # noqa: F401
                          latest_complete_checkpoint, make_output_dir, mark_complete, remove_partial_checkpoints,
                          replace_folder, rotate_checkpoints, unmark)
-from estimate import available_memory, estimate_memory, estimate_time, flops_per_token, peak_flops, what_fits
+from estimate import available_memory, estimate_memory, estimate_time, flops_per_token, largest_batch, peak_flops, what_fits
 from gpt2_tokenizer import load_tokenizer
-from model import FusedCausalLMLoss, ModelError, check_vocab, get_model, padded_vocab_size
+from model import FusedCausalLMLoss, ModelError, check_vocab, first_line, get_model, padded_vocab_size
 from perplexity import token_byte_lengths
 from tracking import LocalMetricsCallback, SampleCallback, draw_samples, finish_wandb, manifest, start_wandb
 from train_args import (CPU_MAX_STEPS, DataArguments, ModelArguments, TrainArguments, check_block_size,  # noqa: F401
@@ -186,6 +186,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, args: TrainArgumen
 
     tokenizer, train_ds, val_ds, data = load_data(model_args, data_args, args)
     model = build_model(model_args, data_args, args, tokenizer, resume_from)
+    if plan.get("auto_batch"):
+        verify_batch_size(model, args, data_args.block_size)
 
     # The arguments as this run uses them (load_data turns evaluation off without validation data).
     config = {"model": dataclasses.asdict(model_args), "data": dataclasses.asdict(data_args), "train": args.to_dict(),
@@ -224,12 +226,17 @@ def estimate_run(model_args: ModelArguments, data_args: DataArguments, args: Tra
     precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
     options = dict(precision=precision, fused_loss=args.fused_loss == "on", gradient_checkpointing=bool(args.gradient_checkpointing),
                    optimizer=str(getattr(args.optim, 'value', args.optim)), device_type=device)
-    batch, block = args.per_device_train_batch_size, data_args.block_size
-    est = estimate_memory(config, batch, block, **options)
+    block = data_args.block_size
     available = available_memory(device, args.device.index or 0)
+    auto = args.auto_find_batch_size
+    if auto:
+        choose_batch_size(config, block, available, args, options)
+    batch = args.per_device_train_batch_size
+    est = estimate_memory(config, batch, block, **options)
     tokens_per_step = batch * block * args.gradient_accumulation_steps * args.world_size
     plan = {"memory": {k: getattr(est, k) for k in ("weights", "gradients", "optimizer_state", "activations", "logits", "total")},
-            "available": available, "tokens_per_step": tokens_per_step, "flops_per_token": flops_per_token(config, block)}
+            "available": available, "tokens_per_step": tokens_per_step, "flops_per_token": flops_per_token(config, block),
+            "batch_size": batch, "gradient_accumulation_steps": args.gradient_accumulation_steps, "auto_batch": auto}
     if args.max_steps > 0:
         plan["steps"], plan["tokens"] = args.max_steps, args.max_steps * tokens_per_step
     if args.should_log:
@@ -240,6 +247,46 @@ def estimate_run(model_args: ModelArguments, data_args: DataArguments, args: Tra
         raise UserError(what_fits(config, block, available, batch_size=batch, gradient_accumulation_steps=args.gradient_accumulation_steps,
                                   **options) + " (--memory_check off tries anyway.)")
     return plan
+
+
+def choose_batch_size(config, block: int, available: int, args: TrainArguments, options: dict) -> None:
+    """--auto_find_batch_size, from the estimate instead of the Trainer's retry on CUDA out-of-memory (which
+    cannot see a CPU's memory): the largest per-device batch whose estimated peak fits in 90% of the memory
+    available, among the divisors of the effective batch, so that gradient accumulation keeps it exactly.
+    verify_batch_size then runs one forward and backward at that batch."""
+    effective = args.per_device_train_batch_size * args.gradient_accumulation_steps
+    largest = largest_batch(config, block, int(available * 0.9), limit=effective, **options)
+    batch = max((d for d in range(1, effective + 1) if effective % d == 0 and d <= largest), default=1)
+    args.per_device_train_batch_size, args.gradient_accumulation_steps = batch, effective // batch
+    args.auto_find_batch_size = False  # chosen here; the Trainer's own search would start again from the original
+    if args.should_log:
+        print(f"--auto_find_batch_size: per-device batch {batch} x {effective // batch} accumulation steps "
+              f"(effective batch {effective}; the estimate fits up to {largest}).")
+
+
+def verify_batch_size(model, args: TrainArguments, block: int) -> None:
+    """One forward and backward at the chosen batch; out of memory halves the batch and doubles the
+    accumulation (the effective batch stays) until it runs."""
+    model.to(args.device)
+    while True:
+        ids = torch.zeros(args.per_device_train_batch_size, block, dtype=torch.long, device=args.device)
+        try:
+            with torch.random.fork_rng(devices=[args.device] if args.device.type == "cuda" else []):  # training's RNG untouched
+                model(input_ids=ids, labels=ids).loss.backward()
+            return
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if "out of memory" not in str(e) and "can't allocate" not in str(e):
+                raise
+            if args.per_device_train_batch_size == 1 or args.per_device_train_batch_size % 2:
+                raise UserError(f"--auto_find_batch_size: batch {args.per_device_train_batch_size} does not fit "
+                                f"({first_line(e)}); use a smaller --block_size or model.") from None
+            args.per_device_train_batch_size //= 2
+            args.gradient_accumulation_steps *= 2
+            print(f"--auto_find_batch_size: out of memory; trying batch {args.per_device_train_batch_size}.")
+        finally:
+            model.zero_grad(set_to_none=True)
+            if args.device.type == "cuda":
+                torch.cuda.empty_cache()
 
 
 class EtaCallback(TrainerCallback):

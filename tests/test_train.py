@@ -934,3 +934,22 @@ def test_the_manifest_holds_the_estimate_and_the_measured_speed(tmp_path, corpus
     assert plan["memory"]["total"] > plan["memory"]["weights"] > 0 and plan["steps"] == MAX_STEPS
     assert plan["tokens_per_step"] == 4 * 16 and plan["measured"]["tokens_per_s"] > 0
     assert f"After {plan['measured']['step']} steps: " in log and "tokens/s, ETA" in log
+
+
+def test_auto_find_batch_size_on_cpu_keeps_the_effective_batch(tmp_path, corpus, cache_dir, monkeypatch, capsys):
+    """--auto_find_batch_size picks the largest batch the estimate fits in the memory available (here made to be
+    what batch 2 needs), with the accumulation steps that keep the effective batch, and trains with it."""
+    import estimate
+    import train
+    from train_args import parse_args
+
+    kwargs = tiny_kwargs(tmp_path, corpus, cache_dir, per_device_train_batch_size=8, max_steps=2, save_steps=2, eval_steps=2)
+    shape = {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 1024, "vocab_size": 50304,
+             "attn_pdrop": 0.0, "resid_pdrop": 0.0, "embd_pdrop": 0.0}
+    need = estimate.estimate_memory(shape, 2, 16, fused_loss=True).total
+    monkeypatch.setattr(train, "available_memory", lambda *a: int(need / 0.9) + 1)
+    result = train.run(*parse_args([*to_argv(kwargs), "--auto_find_batch_size", "true"]))
+    assert "per-device batch 2 x 4 accumulation steps (effective batch 8" in capsys.readouterr().out
+    args = json.loads((Path(result["final_model"]) / "manifest.json").read_text())["arguments"]
+    assert (args["train"]["per_device_train_batch_size"], args["train"]["gradient_accumulation_steps"]) == (2, 4)
+    assert args["estimate"]["batch_size"] == 2 and args["estimate"]["tokens_per_step"] == 8 * 16
