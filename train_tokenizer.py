@@ -38,7 +38,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import dataset
-from gpt2_tokenizer import CONTEXT_LENGTH, EOT, tiktoken_encoding
+from gpt2_tokenizer import CONTEXT_LENGTH, EOT, SPECIAL_TOKENS, load_tokenizer
 from readers import DataError
 
 MAX_VOCAB = 1 << 16  # dataset.py caches token ids as uint16 up to this size
@@ -248,7 +248,7 @@ def _wrap(backend):
     """The Hugging Face tokenizer class of GPT-2, as the official one in gpt2_tokenizer/ is built."""
     from transformers import GPT2TokenizerFast
 
-    return GPT2TokenizerFast(tokenizer_object=backend, unk_token=EOT, bos_token=EOT, eos_token=EOT, pad_token=EOT,
+    return GPT2TokenizerFast(tokenizer_object=backend, **SPECIAL_TOKENS,
                              add_prefix_space=False, clean_up_tokenization_spaces=False, model_max_length=CONTEXT_LENGTH)
 
 
@@ -276,8 +276,8 @@ def compare_bytes_per_token(tokenizer, texts: list[str]) -> dict:
     n_bytes = sum(len(t.encode()) for t in texts)
     if not n_bytes:
         return {"documents": 0, "bytes": 0}
-    ours = sum(len(e.ids) for e in tokenizer.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False))
-    gpt2 = sum(map(len, tiktoken_encoding().encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)))
+    ours = sum(map(len, dataset.make_encoder(tokenizer)(texts)))  # as dataset.py will tokenize the corpus
+    gpt2 = sum(map(len, dataset.make_encoder(load_tokenizer())(texts)))
     return {"documents": len(texts), "bytes": n_bytes, "tokens": ours, "gpt2_tokens": gpt2,
             "bytes_per_token": round(n_bytes / ours, 4), "gpt2_bytes_per_token": round(n_bytes / gpt2, 4)}
 

@@ -21,6 +21,8 @@ TOKENIZER_DIR = Path(__file__).resolve().parent
 EOT = "<|endoftext|>"
 EOT_ID = 50256
 CONTEXT_LENGTH = 1024
+# GPT-2 has one special token for every role; it has no pad token, and padding is masked out, so EOS serves.
+SPECIAL_TOKENS = {"unk_token": EOT, "bos_token": EOT, "eos_token": EOT, "pad_token": EOT}
 
 # The hashes tiktoken pins for the GPT-2 encoding (tiktoken_ext/openai_public.py).
 OFFICIAL_SHA256 = {
@@ -80,10 +82,7 @@ def build(out_dir: str | os.PathLike = TOKENIZER_DIR, source_dir: str | os.PathL
         vocab=vocab,
         merges=merges,
         add_prefix_space=False,
-        unk_token=EOT,
-        bos_token=EOT,
-        eos_token=EOT,
-        pad_token=EOT,  # GPT-2 has no pad token; padding is masked out, so reusing EOS is safe
+        **SPECIAL_TOKENS,
         model_max_length=CONTEXT_LENGTH,
     )
     if len(tokenizer) != EOT_ID + 1 or tokenizer.encode("Hello world") != [15496, 995]:
@@ -123,7 +122,7 @@ def _load(name_or_path: str):
         # Our own files: let the Rust library parse tokenizer.json (2x faster than from_pretrained).
         return GPT2TokenizerFast(
             tokenizer_file=str(TOKENIZER_DIR / "tokenizer.json"), name_or_path=name_or_path,
-            unk_token=EOT, bos_token=EOT, eos_token=EOT, pad_token=EOT, model_max_length=CONTEXT_LENGTH,
+            **SPECIAL_TOKENS, model_max_length=CONTEXT_LENGTH,
         )
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     if tokenizer.pad_token is None:
