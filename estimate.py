@@ -177,6 +177,9 @@ def estimate_memory(config, batch_size: int, block_size: int, *, precision: str 
     weights = 4 * n + (2 * n if precision != "fp32" else 0)  # autocast caches a 16-bit copy of each weight per step
     gradients = 4 * n
     optimizer_state = OPTIMIZER_STATE_BYTES.get(optimizer, 8) * n
+    if optimizer == "muon":  # Muon keeps one momentum buffer per hidden matrix; AdamW's two moments for the rest
+        hidden = s.n_layer * (4 * s.n_embd * s.n_embd + 2 * s.n_embd * s.n_inner)
+        optimizer_state = 4 * hidden + 8 * (n - hidden)
     if optimizer == "adafactor":  # factored second moments: a row and a column vector per matrix
         optimizer_state = 4 * (s.n_layer * (4 * s.n_embd + 6 * s.n_embd + 2 * s.n_inner) + s.vocab_size + 2 * s.n_embd)
     activations = activation_bytes(s.__dict__, batch_size, block_size, precision=precision,

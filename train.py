@@ -51,6 +51,7 @@ from checkpoints import (COMPLETE, UserError, check_checkpoint_fits, checkpoint_
 from estimate import available_memory, estimate_memory, estimate_time, flops_per_token, largest_batch, peak_flops, what_fits
 from gpt2_tokenizer import load_tokenizer
 from model import FusedCausalLMLoss, ModelError, check_vocab, first_line, get_model, padded_vocab_size
+from optimizers import muon_with_adamw
 from perplexity import token_byte_lengths
 from tracking import LocalMetricsCallback, SampleCallback, draw_samples, finish_wandb, manifest, start_wandb
 from train_args import (CPU_MAX_STEPS, DataArguments, ModelArguments, TrainArguments, check_block_size,  # noqa: F401
@@ -83,6 +84,33 @@ class GPT2Trainer(Trainer):
         if self.args.should_save:
             mark_complete(checkpoint)
             rotate_checkpoints(self.args.output_dir, limit, self.state.best_model_checkpoint)
+
+    def create_optimizer(self, model=None):
+        """--optim muon: Muon for the hidden matrices, AdamW for the rest (optimizers.py); else the Trainer's."""
+        if self.args.optim != "muon" or self.optimizer is not None:
+            return super().create_optimizer(model)
+        model = self.model if model is None else model
+        decay = set(self.get_decay_parameter_names(model))  # the Trainer's rule: no decay on biases and LayerNorms
+        self.optimizer = muon_with_adamw(
+            model, lr=self.args.learning_rate, muon_lr=self.args.muon_learning_rate, weight_decay=self.args.weight_decay,
+            betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon,
+            no_decay={n for n, _ in model.named_parameters() if n not in decay})
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """warmup_stable_decay decays linearly over the last --decay_fraction of the run, unless
+        --lr_scheduler_kwargs says otherwise (transformers' own default is a cosine over a number of steps)."""
+        if self.args.lr_scheduler_type == "warmup_stable_decay" and self.lr_scheduler is None:
+            kwargs = dict(self.args.lr_scheduler_kwargs or {})
+            kwargs.setdefault("num_decay_steps", math.ceil(self.args.decay_fraction * num_training_steps))
+            kwargs.setdefault("decay_type", "linear")
+            kwargs["num_decay_steps"] = min(kwargs["num_decay_steps"], num_training_steps - self.args.get_warmup_steps(num_training_steps))
+            saved, self.args.lr_scheduler_kwargs = self.args.lr_scheduler_kwargs, kwargs
+            try:
+                return super().create_scheduler(num_training_steps, optimizer)
+            finally:
+                self.args.lr_scheduler_kwargs = saved
+        return super().create_scheduler(num_training_steps, optimizer)
 
     def _run_epoch(self, *args, **kwargs):
         if 0 < self.state.max_steps <= self.state.global_step:
@@ -416,7 +444,8 @@ def build_trainer(model, tokenizer, train_ds, val_ds, args: TrainArguments) -> t
     if sampler is not None:
         callbacks.append(sampler)
     logging.getLogger("transformers.modeling_utils").addFilter(not_the_padding_warning)
-    fused_loss = FusedCausalLMLoss(model, sparse_embedding=args.world_size == 1) if args.fused_loss == "on" else None
+    gemm = torch.bfloat16 if args.fused_loss_gemm == "bf16" else torch.float32
+    fused_loss = FusedCausalLMLoss(model, sparse_embedding=args.world_size == 1, gemm_dtype=gemm) if args.fused_loss == "on" else None
     trainer = GPT2Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds, processing_class=tokenizer,
                           data_collator=default_data_collator, callbacks=callbacks, compute_loss_func=fused_loss)
     if val_ds is not None:

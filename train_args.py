@@ -19,10 +19,15 @@ from transformers import HfArgumentParser, TrainingArguments
 
 import dataset
 from checkpoints import UserError
-from model import PRESETS, VOCAB_MULTIPLE, ModelError, check_shape
+from model import PRESETS, VOCAB_MULTIPLE, ModelError, check_shape, native_bf16_cpu
+from optimizers import MUON_LR
 from tracking import tensorboard_installed
 
 
+# With Muon training the hidden matrices, AdamW's share (the tied embedding / LM head, norms, biases) learns best at
+# 3x the AdamW-alone rate: val loss after 75 steps x 2048 WebText tokens, small preset, Muon 0.01: 7.345 at 0.5x,
+# 7.161 at 1x, 7.062 at 2x, 7.042 at 3x, 7.049 at 4x (bench/train_bench.py --loss_steps 75 --sweep ...).
+MUON_ADAMW_LR_SCALE = 3
 CPU_MAX_STEPS = 80  # default step budget on CPU: 80 x 8 x 128 tokens (~60% of the built-in corpus), ~5 min on 2 idle cores
 
 
@@ -86,10 +91,28 @@ class TrainArguments(TrainingArguments):
     )
     learning_rate: float | None = field(
         default=None,
-        metadata={"help": "Peak learning rate (default from scratch: by width, 1e-3 up to 512 wide, 6e-4 at 768 (GPT-2 "
-                  "124M), 3e-4 at 1024, 2.5e-4 up to 1536, then 2e-4; 5e-5 with --init_from)."},
+        metadata={"help": "Peak learning rate (of AdamW's parameters with --optim muon). Default from scratch: by width, "
+                  "1e-3 up to 512 wide, 6e-4 at 768 (GPT-2 124M), 3e-4 at 1024, 2.5e-4 up to 1536, then 2e-4, and 3x "
+                  "that with Muon; 5e-5 with --init_from."},
     )
-    lr_scheduler_type: str = field(default="linear", metadata={"help": "Learning rate schedule after warmup (linear, cosine, constant, ...)."})
+    optim: str = field(
+        default="auto",
+        metadata={"help": "Optimizer: muon (torch.optim.Muon for the hidden weight matrices at --muon_learning_rate, AdamW "
+                  "at --learning_rate for the embeddings, LayerNorms and biases; optimizers.py), any of the Trainer's "
+                  "(adamw_torch_fused, adamw_torch, adafactor, ...), or auto = muon from scratch, adamw_torch_fused (the Trainer's default) "
+                  "with --init_from or FSDP/DeepSpeed."},
+    )
+    muon_learning_rate: float = field(
+        default=MUON_LR, metadata={"help": "Peak learning rate of Muon's matrices (--optim muon); the schedule scales it as --learning_rate."}
+    )
+    lr_scheduler_type: str = field(
+        default="linear",
+        metadata={"help": "Learning rate schedule after warmup: linear (decay to 0 over the run), warmup_stable_decay "
+                  "(constant, then a linear decay to 0 over the last --decay_fraction of the run), cosine, constant, ..."},
+    )
+    decay_fraction: float = field(
+        default=0.3, metadata={"help": "warmup_stable_decay: the fraction of the run, at its end, over which the learning rate decays."}
+    )
     warmup_steps: float = field(default=500, metadata={"help": "Warmup steps (or a fraction of the run if < 1); capped by --max_warmup_fraction."})
     max_warmup_fraction: float = field(
         default=0.1, metadata={"help": "Warmup never exceeds this fraction of the total steps, so short runs still decay."}
@@ -127,6 +150,12 @@ class TrainArguments(TrainingArguments):
                   "materializing the logits (model.lm_head_loss; same loss, faster and smaller on CPU): auto (on for "
                   "fp32 on CPU; on GPU the Trainer's --use_liger_kernel does this), on or off."},
     )
+    fused_loss_gemm: str = field(
+        default="auto",
+        metadata={"help": "The fused loss's three GEMMs (logits and both gradients): fp32, bf16 (bf16 operands with fp32 "
+                  "accumulation; softmax and weights stay fp32), or auto = bf16 with --precision auto on a CPU with "
+                  "native bf16 (AVX512-BF16 or AMX; model.native_bf16_cpu), where it trains faster, else fp32."},
+    )
     sample_prompts: list[str] = field(
         default_factory=lambda: ["The", "In the beginning", "Python is"],
         metadata={"help": "Prompts to sample during training and from the final model (none: skip sampling)."},
@@ -153,6 +182,7 @@ class TrainArguments(TrainingArguments):
         """Check this project's flags and turn an explicit --precision into the Trainer's fp16/bf16 flags, which
         transformers checks and acts on in its own __post_init__. Unset values stay None/"auto": resolve_defaults."""
         for name, allowed in (("precision", ("auto", "fp32", "fp16", "bf16")), ("fused_loss", ("auto", "on", "off")),
+                              ("fused_loss_gemm", ("auto", "fp32", "bf16")),
                               ("memory_check", ("on", "off"))):
             if getattr(self, name) not in allowed:
                 raise UserError(f"--{name} {getattr(self, name)!r}: choose {', '.join(allowed[:-1])} or {allowed[-1]}.")
@@ -176,10 +206,18 @@ class TrainArguments(TrainingArguments):
             if self.early_stopping_patience < 1:
                 raise UserError(f"--early_stopping_patience {self.early_stopping_patience}: must be at least 1 evaluation.")
             self.load_best_model_at_end = True  # early stopping means the best model is the one to keep
+        if not 0 < self.decay_fraction <= 1:
+            raise UserError(f"--decay_fraction {self.decay_fraction}: must be more than 0 and at most 1.")
+        if not 0 < self.muon_learning_rate < math.inf:
+            raise UserError(f"--muon_learning_rate {self.muon_learning_rate:g}: must be a positive number.")
+        # transformers knows neither "auto" nor "muon": it checks a stand-in, and the choice comes back after.
+        optim, self.optim = self.optim, self.optim if self.optim not in ("auto", "muon") else "adamw_torch"
         try:
             super().__post_init__()
         except ValueError as e:  # transformers' own checks of its flags: a message for the user, not a traceback
             raise UserError(str(e)) from None
+        if optim in ("auto", "muon"):
+            self.optim = optim
 
     def get_warmup_steps(self, num_training_steps: int) -> int:
         return min(super().get_warmup_steps(num_training_steps), math.ceil(self.max_warmup_fraction * num_training_steps))
@@ -192,8 +230,15 @@ def resolve_defaults(model_args: ModelArguments, data_args: DataArguments, args:
     on_gpu = args.device.type == "cuda"
     resolve_training_defaults(args, on_gpu)
     resolve_model_defaults(model_args, data_args, on_gpu)
+    if args.optim == "auto":  # Muon trains a new model further per token; fine-tuning keeps the optimizer it was tuned with
+        sharded = bool(args.fsdp) or args.deepspeed is not None
+        args.optim = "adamw_torch_fused" if model_args.init_from or sharded else "muon"
+    if args.optim == "muon" and (args.fsdp or args.deepspeed is not None):
+        raise UserError("--optim muon needs each hidden matrix whole on every process, which FSDP and DeepSpeed shard; "
+                        "use --optim adamw_torch_fused with them, or plain data parallelism (torchrun) with Muon.")
     if args.learning_rate is None:
-        args.learning_rate = 5e-5 if model_args.init_from else scratch_learning_rate(model_args.n_embd)
+        scratch = scratch_learning_rate(model_args.n_embd) * (MUON_ADAMW_LR_SCALE if args.optim == "muon" else 1)
+        args.learning_rate = 5e-5 if model_args.init_from else scratch
     elif not 0 < args.learning_rate < math.inf:  # also refuses nan; 0 would train nothing
         raise UserError(f"--learning_rate {args.learning_rate:g}: must be a positive number "
                         "(e.g. 1e-3 from scratch, 5e-5 to fine-tune; leave it out for the default).")
@@ -202,6 +247,7 @@ def resolve_defaults(model_args: ModelArguments, data_args: DataArguments, args:
 
 
 def resolve_training_defaults(args: TrainArguments, on_gpu: bool) -> None:
+    precision_auto = args.precision == "auto" and not (args.fp16 or args.bf16)
     if args.precision == "auto":  # the Trainer's own --fp16/--bf16 still win
         if on_gpu and not (args.fp16 or args.bf16):
             args.bf16 = torch.cuda.is_bf16_supported()
@@ -223,6 +269,14 @@ def resolve_training_defaults(args: TrainArguments, on_gpu: bool) -> None:
     if not on_gpu:
         args.dataloader_pin_memory = False  # pinning only helps copies to a GPU
     args.fused_loss = "on" if use_fused_loss(args) else "off"
+    if args.fused_loss_gemm == "auto":
+        # fp32 weights and model, bf16 GEMMs in the loss: faster where the CPU has native bf16 (bench/train_bench.py);
+        # an explicit --precision fp32 keeps every GEMM in fp32.
+        native = args.fused_loss == "on" and precision_auto and args.device.type == "cpu" and native_bf16_cpu()
+        args.fused_loss_gemm = "bf16" if native else "fp32"
+    elif args.fused_loss_gemm == "bf16" and args.fused_loss != "on":
+        raise UserError("--fused_loss_gemm bf16 sets the fused loss's GEMMs, but the fused loss is off here: "
+                        "add --fused_loss on, or leave --fused_loss_gemm out.")
     if "tensorboard" in args.report_to and not tensorboard_installed():
         raise UserError("--report_to tensorboard needs the tensorboard package: `pip install tensorboard`, "
                         "or use --report_to wandb / none.")

@@ -4,6 +4,7 @@ against the real peak RSS of training steps on CPU (child processes)."""
 import sys
 
 import pytest
+import torch
 
 from estimate import (MemoryEstimate, available_memory, estimate_memory, estimate_time, fits, flops_per_token,
                       format_duration, largest_batch, measure_peak, parameter_count, peak_flops, shape_of, what_fits)
@@ -35,6 +36,18 @@ def test_fields_and_total_add_up():
     assert small.optimizer_state == 0 and small.total == small.weights + small.gradients  # gradients dominate at 16 tokens
     bf16 = estimate_memory(GPT2, 8, 1024, precision="bf16")
     assert bf16.weights == 6 * n  # fp32 master weights + autocast's 16-bit copies
+
+
+def test_muon_keeps_one_buffer_per_hidden_matrix_and_adamws_two_for_the_rest():
+    from optimizers import muon_with_adamw
+
+    model = get_model(verbose=False, **TINY)
+    optimizer = muon_with_adamw(model, lr=1e-3)
+    x = torch.randint(0, model.config.vocab_size, (2, 8))
+    model(x, labels=x).loss.backward()
+    optimizer.step()
+    measured = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if t.dim() > 0)
+    assert estimate_memory(model.config, 2, 8, optimizer="muon").optimizer_state == measured
 
 
 def test_fused_loss_removes_the_logits_copies():

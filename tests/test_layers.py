@@ -13,7 +13,7 @@ RANKS = {
     "dataset": 2,
     "train_tokenizer": 3,
     "model": 3,
-    "quantize": 4, "estimate": 4,
+    "quantize": 4, "estimate": 4, "optimizers": 4,
     "decode": 5, "sampling": 5, "export_gguf": 5,
     "generate": 6,
     "checkpoints": 7, "tracking": 7, "perplexity": 7, "web_api": 8,

@@ -175,3 +175,57 @@ def test_padded_vocab_size_rounds_up_to_the_multiple():
         with pytest.raises(ModelError, match="multiple="):
             padded_vocab_size(300, bad)
 
+
+
+def test_bf16_gemms_give_the_fp32_loss_and_gradients_within_bf16_rounding():
+    from model import lm_head_loss
+
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(3, 40, 64), torch.randn(1000, 64) * 0.3  # logits of a few units, as in training
+    labels = torch.randint(0, 1000, (3, 40))
+    labels[0, :5] = -100
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss = lm_head_loss(h, w, labels, chunk_size=256, gemm_dtype=dtype)  # a ragged last chunk
+        (loss * 3).backward()
+        assert loss.dtype == h.grad.dtype == w.grad.dtype == torch.float32  # fp32 out, for fp32 weights and AdamW
+        results[dtype] = loss.detach(), h.grad, w.grad
+    (loss32, h32, w32), (loss16, h16, w16) = results.values()
+    assert not torch.equal(w16, w32)  # the bf16 GEMMs did run
+    torch.testing.assert_close(loss16, loss32, rtol=1e-3, atol=0)
+    for bf16, fp32 in ((h16, h32), (w16, w32)):  # each element within bf16's rounding of its GEMM's output
+        torch.testing.assert_close(bf16, fp32, rtol=0, atol=8e-3 * fp32.abs().max().item())
+        assert (bf16 - fp32).norm() < 5e-3 * fp32.norm()
+
+
+def test_bf16_gemms_with_large_logits_and_without_gradients():
+    from model import lm_head_loss
+
+    torch.manual_seed(0)
+    hidden, weight, labels = torch.randn(2, 5, 8) * 30, torch.randn(100, 8), torch.randint(0, 100, (2, 5))
+    expected = torch.nn.functional.cross_entropy((hidden @ weight.t())[:, :-1].reshape(-1, 100), labels[:, 1:].reshape(-1))
+    with torch.no_grad():
+        loss = lm_head_loss(hidden, weight, labels, chunk_size=16, gemm_dtype=torch.bfloat16)
+    torch.testing.assert_close(loss, expected, rtol=1e-2, atol=0)  # logits in the thousands: still no overflow
+
+
+@pytest.mark.parametrize("env", [{"ATEN_CPU_CAPABILITY": "avx2"}, {"ONEDNN_MAX_CPU_ISA": "AVX2"}])
+def test_native_bf16_is_off_when_torch_runs_avx2_kernels(env):
+    # ATEN_CPU_CAPABILITY=avx2 stands in for an AVX2-only CPU; ONEDNN_MAX_CPU_ISA=AVX2 makes oneDNN emulate bf16.
+    code = "import torch, model; print(torch.backends.cpu.get_cpu_capability(), model.native_bf16_cpu())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1],
+                         env={**os.environ, **env})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-1] == "False"
+
+
+def test_native_bf16_follows_the_cpu_flags():
+    from model import native_bf16_cpu
+
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    has = " avx512_bf16" in flags or " amx_bf16" in flags
+    if torch.backends.cpu.get_cpu_capability() == "AVX512" and os.environ.get("ONEDNN_MAX_CPU_ISA") is None:
+        assert native_bf16_cpu() == has
+    else:
+        assert not native_bf16_cpu()

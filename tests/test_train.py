@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 import checkpoints
 import dataset
 import model
+import optimizers
 import tracking
 import train as train_mod
 import train_args
@@ -150,17 +151,68 @@ def test_defaults_on_cpu():
     assert t.lr_scheduler_type.value == "linear" and not (t.fp16 or t.bf16)
     resolve_defaults(m, d, t)
     assert (m.preset, m.n_layer, m.n_embd, m.n_head, d.block_size) == ("small", 4, 256, 4, 128)
-    assert t.learning_rate == 1e-3 and t.max_steps == train_mod.CPU_MAX_STEPS
+    assert t.learning_rate == pytest.approx(3e-3) and t.max_steps == train_mod.CPU_MAX_STEPS  # 3x AdamW's with Muon
     # From scratch the learning rate follows the width, as in GPT-3's table.
     assert [train_mod.scratch_learning_rate(w) for w in (64, 768, 1024, 1280, 1600)] == [1e-3, 6e-4, 3e-4, 2.5e-4, 2e-4]
     # Warmup: 500 steps, but never more than 10% of the run.
     assert t.get_warmup_steps(100) == 10 and t.get_warmup_steps(100_000) == 500
+    m, d, t = parse_args(["--optim", "adamw_torch_fused"])
+    resolve_defaults(m, d, t)
+    assert t.learning_rate == 1e-3
     m, d, t = parse_args(["--init_from", "some/model"])
     resolve_defaults(m, d, t)
     assert t.learning_rate == 5e-5
     m, d, t = parse_args(["--learning_rate", "2e-3"])  # not the default, so the explicit value is seen to win
     resolve_defaults(m, d, t)
     assert t.learning_rate == 2e-3
+
+
+def test_optimizer_defaults_muon_from_scratch_adamw_to_fine_tune():
+    m, d, t = parse_args([])
+    resolve_defaults(m, d, t)
+    assert (t.optim, t.muon_learning_rate) == ("muon", optimizers.MUON_LR)
+    m, d, t = parse_args(["--init_from", "some/model"])
+    resolve_defaults(m, d, t)
+    assert t.optim == "adamw_torch_fused"  # fine-tuning keeps the Trainer's default AdamW
+    m, d, t = parse_args(["--init_from", "some/model", "--optim", "muon"])
+    resolve_defaults(m, d, t)
+    assert t.optim == "muon"  # unless asked
+    m, d, t = parse_args(["--optim", "adafactor"])
+    resolve_defaults(m, d, t)
+    assert t.optim == "adafactor"
+
+
+def test_muon_refuses_sharded_weights():
+    m, d, t = parse_args(["--optim", "muon"])
+    t.fsdp = [True]  # as transformers parses --fsdp full_shard (it needs a distributed launch to get this far)
+    with pytest.raises(train_mod.UserError, match="FSDP and DeepSpeed shard.*adamw_torch_fused"):
+        resolve_defaults(m, d, t)
+    m, d, t = parse_args([])  # auto: AdamW where Muon cannot run
+    t.deepspeed = "ds.json"
+    resolve_defaults(m, d, t)
+    assert t.optim == "adamw_torch_fused"
+
+
+def test_bad_schedule_and_muon_flags_are_refused():
+    for argv, match in ((["--decay_fraction", "0"], "decay_fraction"), (["--decay_fraction", "1.5"], "decay_fraction"),
+                        (["--muon_learning_rate", "-1"], "muon_learning_rate"), (["--optim", "nope"], "nope")):
+        with pytest.raises(train_mod.UserError, match=match):
+            parse_args(argv)
+
+
+def test_muon_trains_with_both_optimizers_and_a_warmup_stable_decay_schedule(tmp_path, corpus, cache_dir):
+    result = train(**tiny_kwargs(tmp_path, corpus, cache_dir, max_steps=10, warmup_steps=2, logging_steps=1,
+                                 save_strategy="no", eval_strategy="no", optim="muon",
+                                 lr_scheduler_type="warmup_stable_decay", decay_fraction=0.3))
+    lrs = [row["learning_rate"] for row in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+           if "learning_rate" in row]
+    peak = 3e-3
+    # The rate each step trained with: warmup (1 step: capped at 10% of the run), constant, then down linearly over
+    # the last 3 steps (transformers' schedules start at 0 and end one step before 0, for linear decay too).
+    assert lrs == pytest.approx([0.0, peak, peak, peak, peak, peak, peak, peak, peak * 2 / 3, peak / 3], abs=1e-9)
+    manifest = json.loads((tmp_path / "final_model" / "manifest.json").read_text())
+    assert manifest["arguments"]["train"]["optim"] == "muon"
+    assert result["global_step"] == 10
 
 
 def test_fused_loss_is_used_in_fp32_on_cpu_only():
@@ -170,6 +222,25 @@ def test_fused_loss_is_used_in_fp32_on_cpu_only():
     assert not train_args.use_fused_loss(parse_args(["--label_smoothing_factor", "0.1"])[2])
     with pytest.raises(train_mod.UserError, match="label smoothing"):
         train_args.use_fused_loss(parse_args(["--fused_loss", "on", "--label_smoothing_factor", "0.1"])[2])
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_runs_the_fused_loss_gemms_in_bf16_only_on_a_cpu_with_native_bf16(monkeypatch, native):
+    monkeypatch.setattr(train_args, "native_bf16_cpu", lambda: native)
+    t = resolved(["--use_cpu", "true"])
+    assert (t.precision, t.fused_loss, t.fused_loss_gemm) == ("fp32", "on", "bf16" if native else "fp32")
+    assert t.to_dict()["fused_loss_gemm"] == t.fused_loss_gemm  # the manifest records what ran
+    # An explicit fp32 keeps every GEMM in fp32; bf16 autocast and a fused loss turned off have no such GEMMs.
+    for argv in (["--precision", "fp32"], ["--precision", "bf16"], ["--fused_loss", "off"]):
+        assert resolved(["--use_cpu", "true", *argv]).fused_loss_gemm == "fp32", argv
+    assert resolved(["--use_cpu", "true", "--fused_loss_gemm", "bf16", "--precision", "fp32"]).fused_loss_gemm == "bf16"
+    t = parse_args(["--use_cpu", "true"])[2]
+    train_args.resolve_training_defaults(t, on_gpu=True)  # never on a GPU, whose loss is the Trainer's
+    assert (t.fused_loss, t.fused_loss_gemm) == ("off", "fp32")
+    with pytest.raises(train_mod.UserError, match="--fused_loss_gemm bf16 .* add --fused_loss on"):
+        resolved(["--use_cpu", "true", "--fused_loss", "off", "--fused_loss_gemm", "bf16"])
+    with pytest.raises(train_mod.UserError, match="--fused_loss_gemm 'fp16': choose auto, fp32 or bf16"):
+        parse_args(["--fused_loss_gemm", "fp16"])
 
 
 def test_unknown_train_kwarg_is_refused():
@@ -378,13 +449,24 @@ def test_fused_loss_trains_like_the_models_own_loss(tmp_path, corpus, cache_dir,
     for fused in ("on", "off"):
         out, calls[:] = tmp_path / fused, []
         train(**tiny_kwargs(out, corpus, cache_dir, max_steps=6, save_strategy="no", fused_loss=fused,
-                            gradient_accumulation_steps=accumulation))
+                            fused_loss_gemm="fp32", gradient_accumulation_steps=accumulation))
         runs[fused] = final_state(out)
         assert bool(calls) == (fused == "on")
     (on_weights, on_metrics), (off_weights, off_metrics) = runs["on"], runs["off"]
     assert on_metrics["eval_loss"] == pytest.approx(off_metrics["eval_loss"], abs=1e-4)
     for name in on_weights:
         torch.testing.assert_close(on_weights[name], off_weights[name], rtol=0, atol=1e-4, msg=name)
+
+
+def test_two_steps_with_the_fused_loss_gemms_in_bf16(tmp_path, corpus, cache_dir, monkeypatch):
+    monkeypatch.setattr(train_args, "native_bf16_cpu", lambda: True)  # as on an AMX / AVX512-BF16 CPU
+    dtypes, real = [], model.lm_head_loss
+    monkeypatch.setattr(model, "lm_head_loss", lambda *a, **k: dtypes.append(k.get("gemm_dtype")) or real(*a, **k))
+    result = train(**tiny_kwargs(tmp_path, corpus, cache_dir, max_steps=2, save_strategy="no"))
+    assert result["global_step"] == 2 and 0 < result["eval_metrics"]["eval_loss"] < 20
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+    manifest = json.loads((tmp_path / "final_model" / "manifest.json").read_text())
+    assert (manifest["arguments"]["train"]["fused_loss_gemm"], manifest["arguments"]["train"]["precision"]) == ("bf16", "fp32")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -506,6 +588,10 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_result(tmp_path, corpus, cach
     assert rc == 0, log
     assert "Resuming from" in log
     assert_same_result(tmp_path, reference)
+    # The default from scratch is Muon with AdamW: the checkpoint holds both optimizers' state.
+    assert json.loads((tmp_path / "final_model" / "manifest.json").read_text())["arguments"]["train"]["optim"] == "muon"
+    state = torch.load(tmp_path / f"checkpoint-{MAX_STEPS}" / "optimizer.pt", weights_only=True)["state"]
+    assert {frozenset(s) for s in state.values()} == {frozenset({"momentum_buffer"}), frozenset({"step", "exp_avg", "exp_avg_sq"})}
 
 
 @pytest.mark.slow
@@ -858,10 +944,11 @@ def test_early_stopping(tmp_path, corpus, cache_dir):
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_one_final_model(tmp_path, corpus, cache_dir):
+@pytest.mark.parametrize("optim", ["muon", "adamw_torch_fused"])
+def test_torchrun_two_processes_one_final_model(tmp_path, corpus, cache_dir, optim):
     hashes = tmp_path / "hashes"
     kwargs = tiny_kwargs(tmp_path / "out", corpus, cache_dir, max_steps=6, save_steps=3, eval_steps=3,
-                         ddp_backend="gloo", use_cpu=True)
+                         ddp_backend="gloo", use_cpu=True, optim=optim)
     launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *WITH_FAULTS[1:])
     rc, log = finish(cli(kwargs, env={"GPT2_DEBUG_HASH_DIR": str(hashes)}, launcher=launcher))
     assert rc == 0, log
@@ -873,7 +960,7 @@ def test_torchrun_two_processes_one_final_model(tmp_path, corpus, cache_dir):
     assert (out / "final_model" / "model.safetensors").is_file()
     assert not any(p.name.startswith("final_model.") for p in out.iterdir())
     manifest = json.loads((out / "final_model" / "manifest.json").read_text())
-    assert manifest["world_size"] == 2
+    assert manifest["world_size"] == 2 and manifest["arguments"]["train"]["optim"] == optim
 
     from transformers import GPT2LMHeadModel
 
