@@ -10,9 +10,10 @@
 
 Defaults. On a CPU: the "small" model (4 layers, 256 wide), 128-token blocks, a step budget that
 finishes in a few minutes on 2 cores. On a GPU: GPT-2 124M, 1024-token blocks, 3 epochs, bf16 where
-the GPU supports it else fp16. From scratch the learning rate follows the model's width (1e-3 for the
-small preset, 6e-4 for GPT-2 124M, less for wider ones), decaying linearly; with --init_from
-(fine-tuning) it is 5e-5. Warmup is 500 steps, capped at 10% of the run.
+the GPU supports it else fp16. From scratch: Muon for the hidden matrices (0.02) and AdamW for the rest at
+3x a rate that follows the model's width (1e-3 for the small preset, 6e-4 for GPT-2 124M, less for wider
+ones); with --init_from (fine-tuning) AdamW at 5e-5. Warmup is 500 steps, capped at 10% of the run, then the
+rate stays until the last 30% of the run, over which it decays linearly to 0 (warmup_stable_decay).
 
 Output (--output_dir, default logs/): checkpoint-N folders (the last --save_total_limit plus the
 best by validation loss), metrics.jsonl, loss_curve.png, samples.jsonl (the --sample_prompts sampled at each

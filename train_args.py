@@ -106,9 +106,9 @@ class TrainArguments(TrainingArguments):
         default=MUON_LR, metadata={"help": "Peak learning rate of Muon's matrices (--optim muon); the schedule scales it as --learning_rate."}
     )
     lr_scheduler_type: str = field(
-        default="linear",
-        metadata={"help": "Learning rate schedule after warmup: linear (decay to 0 over the run), warmup_stable_decay "
-                  "(constant, then a linear decay to 0 over the last --decay_fraction of the run), cosine, constant, ..."},
+        default="warmup_stable_decay",
+        metadata={"help": "Learning rate schedule after warmup: warmup_stable_decay (constant, then a linear decay to 0 "
+                  "over the last --decay_fraction of the run), linear (decay to 0 over the run), cosine, constant, ..."},
     )
     decay_fraction: float = field(
         default=0.3, metadata={"help": "warmup_stable_decay: the fraction of the run, at its end, over which the learning rate decays."}

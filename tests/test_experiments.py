@@ -101,7 +101,7 @@ def test_every_bad_argument_is_reported_before_any_run_starts(tmp_path, monkeypa
     })
     with pytest.raises(SweepError, match=r"every run|run 'ok'") as e:
         run_sweep(path)
-    assert "unknown argument 'lerning_rate' (did you mean learning_rate?)" in str(e.value) and str(path) in str(e.value)
+    assert "unknown argument 'lerning_rate' (did you mean learning_rate" in str(e.value) and str(path) in str(e.value)
 
     path = write_sweep(tmp_path / "s.yaml", {
         "output_dir": str(tmp_path / "out"),
