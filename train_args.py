@@ -230,10 +230,10 @@ def resolve_defaults(model_args: ModelArguments, data_args: DataArguments, args:
     on_gpu = args.device.type == "cuda"
     resolve_training_defaults(args, on_gpu)
     resolve_model_defaults(model_args, data_args, on_gpu)
+    sharded = bool(args.fsdp) or args.deepspeed is not None
     if args.optim == "auto":  # Muon trains a new model further per token; fine-tuning keeps the optimizer it was tuned with
-        sharded = bool(args.fsdp) or args.deepspeed is not None
         args.optim = "adamw_torch_fused" if model_args.init_from or sharded else "muon"
-    if args.optim == "muon" and (args.fsdp or args.deepspeed is not None):
+    if args.optim == "muon" and sharded:
         raise UserError("--optim muon needs each hidden matrix whole on every process, which FSDP and DeepSpeed shard; "
                         "use --optim adamw_torch_fused with them, or plain data parallelism (torchrun) with Muon.")
     if args.learning_rate is None:

@@ -273,10 +273,11 @@ def loss_table(cli) -> None:
         for label, options in sweep_grid(cli.sweep).items():
             row(f"ours: {label}", "ours", options)
         return
-    row("original recipe (lr 5e-5, warmup 500)", "original")
-    row("nanoGPT (AdamW 6e-4, cosine)", "nanogpt")
-    for label, options in RECIPES.items():
-        row(label, "ours", options)
+    rows = [("original recipe (lr 5e-5, warmup 500)", "original", None), ("nanoGPT (AdamW 6e-4, cosine)", "nanogpt", None),
+            *((label, "ours", options) for label, options in RECIPES.items())]
+    for i, (label, which, options) in enumerate(rows, 1):
+        if not cli.rows or str(i) in cli.rows.split(","):
+            row(label, which, options)
     model_args, data_args, args = parse_args(["--use_cpu", "true"])
     resolve_defaults(model_args, data_args, args)
     print(f"\nOur defaults: --optim {args.optim} --lr_scheduler_type {args.lr_scheduler_type.value} "
@@ -304,6 +305,8 @@ if __name__ == "__main__":
     parser.add_argument("--sweep", action="append", default=[], metavar="NAME=V1,V2",
                         help="With --loss_steps: instead of the recipes, our train.py at each value of a train.py flag "
                              "(repeat for a grid), e.g. --sweep muon_learning_rate=0.01,0.02 --sweep optim=muon.")
+    parser.add_argument("--rows", default="", help="With --loss_steps: only these rows of the loss table, e.g. 2,3,6 "
+                        "(1 original, 2 nanoGPT, 3-6 ours: AdamW linear, AdamW WSD, Muon linear, Muon WSD).")
     parser.add_argument("--throughput", choices=["on", "off"], default="on", help="Measure tokens/s (off: only the losses).")
     parser.add_argument("--worker", choices=["ours", "original", "nanogpt"], help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
