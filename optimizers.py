@@ -143,13 +143,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         self._share()
 
-    @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self.adamw.step()
+        loss = self.adamw.step(closure)  # evaluates the closure, if any, once
         self.muon.step()
         return loss
 

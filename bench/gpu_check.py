@@ -371,7 +371,6 @@ def run_serve(spec: dict) -> dict:
     import urllib.request
     import warnings
 
-    import torch
     import uvicorn
 
     sys.path.insert(0, str(BENCH))
