@@ -168,5 +168,5 @@ def muon_with_adamw(model: nn.Module, *, lr: float, muon_lr: float = MUON_LR, we
         by_scale.setdefault(muon_lr_scale(p.shape, transposed), []).append(p)
     muon_groups = [{"params": params, "lr": muon_lr * scale, "weight_decay": weight_decay}
                    for scale, params in sorted(by_scale.items())]
-    return MuonWithAdamW([g for g in muon_groups], [g for g in adamw_groups if g["params"]], momentum=momentum,
+    return MuonWithAdamW(muon_groups, [g for g in adamw_groups if g["params"]], momentum=momentum,
                          betas=betas, eps=eps)
