@@ -89,6 +89,13 @@ class Muon(torch.optim.Muon):
     """torch.optim.Muon with its update computed for all same-shaped matrices at once, and in fp32 on CPUs
     without native bf16 (newton_schulz). In bf16 the update equals torch's (tested)."""
 
+    def _dtype(self, device: torch.device) -> torch.dtype:
+        """newton_schulz_dtype, asked once per device (it reads /proc/cpuinfo), not at every step."""
+        cache = self.__dict__.setdefault("_dtypes", {})
+        if device not in cache:
+            cache[device] = newton_schulz_dtype(device)
+        return cache[device]
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -109,7 +116,7 @@ class Muon(torch.optim.Muon):
                 by_shape.setdefault((tuple(p.shape), p.device), []).append(i)
             for (shape, device), index in by_shape.items():
                 orthogonal = newton_schulz(torch.stack([updates[i] for i in index]), group["ns_steps"],
-                                           newton_schulz_dtype(device), group["eps"])
+                                           self._dtype(device), group["eps"])
                 scaled_lr = lr * math.sqrt(max(1.0, shape[0] / shape[1]))  # torch's "original" adjust_lr_fn
                 for i, o in zip(index, orthogonal):
                     params[i].mul_(1 - lr * weight_decay)
