@@ -63,6 +63,17 @@ LOGITS_BYTES = {"fp32": 12, "bf16": 14, "fp16": 14}
 # The fused loss (model.lm_head_loss) keeps every vocabulary chunk's exponentials until its gradients are
 # formed, inside the call: one fp32 tokens x vocab buffer at the loss, gone before backward (measured: 1 copy).
 FUSED_LOSS_BYTES = 4
+# On a GPU the fused loss takes a chunk of tokens at a time (model.GPU_LOSS_CHUNK_TOKENS) with the whole vocabulary:
+# the chunk's logits in the GEMM's bf16, widened to fp32, its fp32 gradient and that gradient in bf16: 12 bytes.
+GPU_FUSED_LOSS_BYTES = 12
+
+# The default GPU batch (train.py): the largest power-of-two micro-batch whose estimated peak fits in this share of the
+# GPU's free memory (the rest: the caching allocator's fragmentation, cuBLAS/cuDNN workspaces, torch.compile's
+# autotuning, and the estimate's error), then gradient accumulation towards GPT-2's tokens per optimizer step, but
+# never beyond 1/MIN_STEPS_PER_EPOCH of an epoch's tokens, so that small data still makes that many steps an epoch.
+GPU_MEMORY_SHARE = 0.85
+GPT2_TOKENS_PER_STEP = 512 * 1024  # GPT-2's ~0.5M (nanoGPT: 12 x 1024 x 40 accumulation steps = 491,520)
+MIN_STEPS_PER_EPOCH = 100
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -185,7 +196,12 @@ def estimate_memory(config, batch_size: int, block_size: int, *, precision: str 
     activations = activation_bytes(s.__dict__, batch_size, block_size, precision=precision,
                                    gradient_checkpointing=gradient_checkpointing, device_type=device_type)
     tokens = batch_size * block_size
-    logits = tokens * s.vocab_size * (FUSED_LOSS_BYTES if fused_loss else LOGITS_BYTES[precision])
+    if fused_loss and device_type == "cuda":
+        from model import GPU_LOSS_CHUNK_TOKENS
+
+        logits = min(tokens, GPU_LOSS_CHUNK_TOKENS) * s.vocab_size * GPU_FUSED_LOSS_BYTES + 4 * tokens * s.n_embd
+    else:
+        logits = tokens * s.vocab_size * (FUSED_LOSS_BYTES if fused_loss else LOGITS_BYTES[precision])
     head_gradient = 4 * s.vocab_size * s.n_embd
     total = weights + optimizer_state + max(gradients, activations + logits + head_gradient)
     return MemoryEstimate(weights, gradients, optimizer_state, activations, logits, head_gradient, total, n, batch_size,
@@ -224,6 +240,20 @@ def largest_batch(config, block_size: int, available: int, *, limit: int = 1 << 
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(config, mid, block_size, available, **options) else (lo, mid)
     return lo
+
+
+def gpu_batch_size(config, block_size: int, available: int, *, limit: int = GPT2_TOKENS_PER_STEP, **options) -> int:
+    """The default per-device batch on a GPU: the largest power of two whose estimated peak fits in GPU_MEMORY_SHARE of
+    `available` bytes, and at most `limit` (e.g. the training blocks there are); 0 when not even 1 fits."""
+    fit = largest_batch(config, block_size, int(available * GPU_MEMORY_SHARE), limit=max(1, limit), **options)
+    return 1 << (fit.bit_length() - 1) if fit else 0
+
+
+def accumulation_steps(batch_size: int, block_size: int, world_size: int, data_tokens: int) -> int:
+    """Gradient accumulation steps towards GPT-2's ~0.5M tokens per optimizer step (GPT2_TOKENS_PER_STEP), where the
+    data has that many: an optimizer step takes at most 1/MIN_STEPS_PER_EPOCH of an epoch's tokens. At least 1."""
+    target = min(GPT2_TOKENS_PER_STEP, data_tokens // MIN_STEPS_PER_EPOCH)
+    return max(1, target // (batch_size * block_size * world_size))
 
 
 def what_fits(config, block_size: int, available: int, *, batch_size: int, gradient_accumulation_steps: int = 1,

@@ -6,7 +6,7 @@
     model = get_model(init_from="path/to/hf_model")    # fine-tune pretrained weights (folder or Hub name)
     model = get_model(vocab_size=padded_vocab_size(len(tok)), bos_token_id=eos, eos_token_id=eos)  # train.py's, any tokenizer
     loss = lm_head_loss(hidden, model.lm_head.weight, labels)  # the model's loss without its logits (training)
-    Trainer(..., compute_loss_func=FusedCausalLMLoss(model))    # the same, as the Trainer's loss
+    FusedCausalLMLoss(model); model(ids, labels=ids, logits_to_keep=no_logits(ids.device)).loss  # the same, as its loss
 
 The model is plain Hugging Face, so anything saved from it loads with `from_pretrained`
 or `transformers.pipeline` without this file.
@@ -14,6 +14,7 @@ or `transformers.pipeline` without this file.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -374,54 +375,103 @@ class _LMHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        # Scaled on the device whatever grad_loss is (1.0 unless accumulating or loss scaling): reading it on the
+        # host would make a GPU's queue drain at every step.
         grad_hidden, grad_weight = ctx.saved_tensors
-        if grad_loss.device.type != "cpu" or grad_loss.item() != 1.0:  # 1.0 unless accumulating or scaling
-            grad_hidden, grad_weight = grad_hidden * grad_loss, grad_weight * grad_loss
-        return grad_hidden, grad_weight, None, None, None, None, None
+        return grad_hidden.mul_(grad_loss), grad_weight.mul_(grad_loss), None, None, None, None, None
 
 
-def lm_head_loss(hidden, weight, labels, num_items_in_batch=None, chunk_size: int = 1024, gemm_dtype=torch.float32):
+class _TokenChunkedLMHeadLoss(torch.autograd.Function):
+    """The same loss and gradients as _LMHeadLoss, a chunk of tokens at a time with the whole vocabulary: for GPUs,
+    where the GEMMs want every vocabulary row at once and caches do not decide. One chunk's logits exist at a time
+    (widened to fp32 for the softmax; under torch.compile the widening fuses into the softmax's kernels), and the
+    gradients are formed in the forward pass, so backward only scales them."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, denominator, chunk_size, need_grad, gemm_dtype):
+        w_gemm = weight.to(gemm_dtype)
+        total = hidden.new_zeros(())
+        grad_hidden = torch.empty_like(hidden) if need_grad else None
+        grad_weight = torch.zeros_like(weight) if need_grad else None
+        for i in range(0, hidden.shape[0], chunk_size):
+            h = hidden[i:i + chunk_size].to(gemm_dtype)
+            target = labels[i:i + chunk_size]
+            logits = (h @ w_gemm.t()).float()  # a bf16 GEMM accumulates in fp32 and rounds its result once
+            logsumexp = torch.logsumexp(logits, dim=1)
+            valid = target != -100
+            safe = torch.where(valid, target, 0)
+            target_logit = logits.gather(1, safe[:, None]).squeeze(1)
+            total = total + torch.where(valid, logsumexp - target_logit, 0.0).sum()
+            if need_grad:
+                # d loss / d logits = (softmax - onehot) * scale, in fp32 before rounding to the GEMMs' dtype
+                scale = valid.float() / denominator
+                grad = (logits - logsumexp[:, None]).exp_().mul_(scale[:, None])
+                grad.scatter_add_(1, safe[:, None], -scale[:, None])
+                grad = grad.to(gemm_dtype)
+                grad_hidden[i:i + chunk_size] = (grad @ w_gemm).float()
+                grad_weight += (grad.t() @ h).float()
+        if need_grad:
+            ctx.save_for_backward(grad_hidden, grad_weight)
+        return total / denominator
+
+    backward = staticmethod(_LMHeadLoss.backward)
+
+
+# Tokens per chunk of the GPU loss: a chunk's fp32 logits (2048 x 50304 x 4 bytes = 412 MB for GPT-2) stay a small
+# part of a GPU's memory, while each chunk's GEMMs still fill the card.
+GPU_LOSS_CHUNK_TOKENS = 2048
+
+
+def lm_head_loss(hidden, weight, labels, num_items_in_batch=None, chunk_size: int | None = None, gemm_dtype=torch.float32,
+                 by_tokens: bool | None = None):
     """GPT2LMHeadModel's training loss from the final hidden states, without materializing the logits.
 
     hidden: [batch, seq, n_embd] (the output of model.transformer); weight: model.lm_head.weight;
     labels: [batch, seq], shifted inside as the model does, -100 ignored. Returns the mean over the
     predicted tokens, or their sum / num_items_in_batch (the Trainer's normalization under gradient
-    accumulation), equal to the model's own loss up to float rounding (tested). Computed in fp32;
+    accumulation), equal to the model's own loss and gradients up to float rounding (tested). Computed in fp32;
     gemm_dtype=torch.bfloat16 runs its three GEMMs (logits, and the gradients of hidden and weight) on bf16
-    copies of their operands with fp32 accumulation, and the softmax and logsumexp still in fp32: for CPUs
-    with native bf16 (native_bf16_cpu()). On a 2-core AMX Xeon the GEMMs ran ~4x faster, the whole loss
-    forward and backward 1.7x for 256 tokens: copying the table to bf16 and its gradient back costs about
-    as much as the bf16 GEMMs themselves.
+    copies of their operands with fp32 accumulation, the softmax and logsumexp still in fp32: on GPUs, and on
+    CPUs with native bf16 (native_bf16_cpu()). Nothing on the host reads a tensor: no synchronisation with a GPU.
 
-    On a 2-core AVX2 CPU this ran the 50257-wide output layer and its loss, forward and backward, 1.5x
-    faster than logits followed by cross_entropy for 256 tokens and 1.8x for 2048: each vocabulary
-    chunk's logits stay in cache while they are used.
+    On a CPU the vocabulary is cut into chunks of `chunk_size` rows (default 1024), each chunk's logits staying in
+    cache while they are used: on a 2-core AVX2 CPU 1.5x faster than logits followed by cross_entropy for 256
+    tokens and 1.8x for 2048; on a 2-core AMX Xeon the bf16 GEMMs ran the whole loss forward and backward 1.7x
+    faster than fp32 for 256 tokens. torch's own F.linear_cross_entropy (its chunked path) took 9.4x as long
+    as this for 256 tokens and 3.9x for 2048 there (fp32), so this stays. On a GPU the tokens are cut into
+    chunks of `chunk_size` (default GPU_LOSS_CHUNK_TOKENS) with the whole vocabulary each; by_tokens chooses
+    either way on any device (None: by the device).
     """
     labels = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].reshape(-1).to(hidden.device)
     denominator = num_items_in_batch if num_items_in_batch is not None else (labels != -100).sum()
     denominator = torch.as_tensor(denominator, device=hidden.device).clamp(min=1).float()
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    by_tokens = hidden.device.type != "cpu" if by_tokens is None else by_tokens
+    loss = _TokenChunkedLMHeadLoss if by_tokens else _LMHeadLoss
+    chunk_size = chunk_size or (GPU_LOSS_CHUNK_TOKENS if by_tokens else 1024)
     with torch.autocast(hidden.device.type, enabled=False):
         flat = hidden.reshape(-1, hidden.shape[-1]).float()
-        return _LMHeadLoss.apply(flat, weight.float(), labels, denominator, chunk_size, need_grad, gemm_dtype)
+        return loss.apply(flat, weight.float(), labels, denominator, chunk_size, need_grad, gemm_dtype)
 
 
 class FusedCausalLMLoss:
-    """The Trainer's compute_loss_func: GPT-2's loss by lm_head_loss from the final hidden states.
+    """GPT-2's training loss by lm_head_loss from the final hidden states, installed as the model's own loss.
 
-    A forward hook on model.transformer hands over the hidden states, so the model still runs through
-    its DDP wrapper (gradient sync) and the Trainer keeps its own loss scaling and accumulation. The
-    Trainer must ask the model for no logits (logits_to_keep empty: train.GPT2Trainer.compute_loss).
-    Call remove() after training: the model is plain Hugging Face again.
+    Once installed, model(input_ids=..., labels=..., logits_to_keep=NO_LOGITS) returns this loss and computes
+    logits for no position, so the loss runs inside the model's forward: torch.compile compiles it with the
+    model, DDP's gradient sync and the Trainer's loss scaling and accumulation stay as they are. A forward hook
+    on model.transformer hands over the hidden states. Call remove() after training: the model is plain
+    Hugging Face again.
 
-    With a tied embedding in a single process, the embedding's gradient is made sparse: the loss
-    already forms the table's dense gradient, and the looked-up rows are added into it, instead of
-    a second dense table of zeros (DDP expects the layout it saw when wrapping, so not there).
-    gemm_dtype: lm_head_loss's, e.g. torch.bfloat16 where native_bf16_cpu()."""
+    With a tied embedding in a single process on a CPU, the embedding's gradient is made sparse: the loss
+    already forms the table's dense gradient, and the looked-up rows are added into it, instead of a second
+    dense table of zeros (DDP expects the layout it saw when wrapping, and torch.compile on a GPU traces dense
+    gradients, so not there). gemm_dtype: lm_head_loss's (bf16 on GPUs and where native_bf16_cpu())."""
 
     def __init__(self, model, sparse_embedding: bool = True, gemm_dtype=torch.float32):
         self.model, self.hidden, self.gemm_dtype = model, None, gemm_dtype
         self.hook = model.transformer.register_forward_hook(self._keep)
+        model.loss_function = self  # transformers' PreTrainedModel.loss_function setter: the model calls it with labels
         wte = model.transformer.wte
         self.sparse_embedding = sparse_embedding and wte.weight is model.lm_head.weight and not wte.sparse
         if self.sparse_embedding:
@@ -430,11 +480,51 @@ class FusedCausalLMLoss:
     def _keep(self, module, args, output):
         self.hidden = output.last_hidden_state
 
-    def __call__(self, outputs, labels, num_items_in_batch=None):
+    def __call__(self, logits, labels, vocab_size=None, num_items_in_batch=None, **kwargs):
         hidden, self.hidden = self.hidden, None
         return lm_head_loss(hidden, self.model.lm_head.weight, labels, num_items_in_batch, gemm_dtype=self.gemm_dtype)
 
     def remove(self):
         self.hook.remove()
+        del self.model._loss_function  # back to transformers' ForCausalLM loss
         if self.sparse_embedding:
             self.model.transformer.wte.sparse = False
+
+
+def no_logits(device) -> torch.Tensor:
+    """logits_to_keep for a forward whose loss comes from FusedCausalLMLoss: logits for no position."""
+    return torch.empty(0, dtype=torch.long, device=device)
+
+
+# SDPA's causal kernel with no mask: transformers builds no mask (and checks nothing) for an attention function that
+# has no mask function registered beside it (masking_utils: "custom attention without equivalent mask creation").
+BLOCK_ATTENTION = "sdpa_causal_blocks"
+
+
+@contextlib.contextmanager
+def whole_blocks(model):
+    """Within: the model trains on whole, unpadded blocks, as train.py's are. Attention is SDPA's causal kernel without
+    a mask, and transformers' per-forward checks of the input for padding and for packed sequences are skipped: each
+    reads a tensor on the host, which on a GPU makes the CPU wait for the queue to drain, every step. The same
+    numbers as the model's sdpa attention on such blocks (tested); padded batches (generation) need the masks, so
+    this is for training steps only."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if BLOCK_ATTENTION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(BLOCK_ATTENTION, sdpa_attention_forward)
+    config, inner = model.config, model.transformer
+    swap = config._attn_implementation == "sdpa"
+    if swap:
+        config._attn_implementation = BLOCK_ATTENTION
+    inner.warn_if_padding_and_no_attention_mask = _unpadded
+    try:
+        yield model
+    finally:
+        del inner.warn_if_padding_and_no_attention_mask
+        if swap:
+            config._attn_implementation = "sdpa"
+
+
+def _unpadded(input_ids, attention_mask):
+    """whole_blocks' stand-in for transformers' padding check: a block holds no padding."""

@@ -108,6 +108,14 @@ class Muon(torch.optim.Muon):
             if not params:
                 continue
             momentum, lr, weight_decay = group["momentum"], group["lr"], group["weight_decay"]
+            found_inf = getattr(self, "found_inf", None)
+            keep = 1.0
+            if found_inf is not None:
+                # A step to skip on the device (see attach_found_inf): each gradient reads as the momentum itself, so
+                # the momentum stays, and the update is scaled by 0, all without the host reading the flag.
+                skip = found_inf > 0
+                grads = [torch.where(skip, b, g) for b, g in zip(buffers, grads)]
+                keep = 1 - found_inf
             for buffer, grad in zip(buffers, grads):
                 buffer.lerp_(grad, 1 - momentum)
             updates = [g.lerp(m, momentum) for g, m in zip(grads, buffers)] if group["nesterov"] else buffers
@@ -119,8 +127,12 @@ class Muon(torch.optim.Muon):
                                            self._dtype(device), group["eps"])
                 scaled_lr = lr * math.sqrt(max(1.0, shape[0] / shape[1]))  # torch's "original" adjust_lr_fn
                 for i, o in zip(index, orthogonal):
-                    params[i].mul_(1 - lr * weight_decay)
-                    params[i].add_(o.to(params[i].dtype), alpha=-scaled_lr)
+                    if found_inf is None:
+                        params[i].mul_(1 - lr * weight_decay)
+                        params[i].add_(o.to(params[i].dtype), alpha=-scaled_lr)
+                    else:
+                        params[i].mul_(1 - lr * weight_decay * keep)
+                        params[i].sub_(o.to(params[i].dtype) * (scaled_lr * keep))
         return loss
 
 
@@ -154,6 +166,28 @@ class MuonWithAdamW(torch.optim.Optimizer):
         loss = self.adamw.step(closure)  # evaluates the closure, if any, once
         self.muon.step()
         return loss
+
+    @property
+    def found_inf(self):
+        return getattr(self.muon, "found_inf", None)
+
+    @found_inf.setter
+    def found_inf(self, flag):
+        self.adamw.found_inf = self.muon.found_inf = flag
+
+
+def attach_found_inf(optimizer, flag: torch.Tensor) -> bool:
+    """Have `optimizer` skip every step while `flag` (a float32 scalar on the parameters' device) is non-zero, decided
+    on the device: torch's fused Adam/AdamW take such a flag from GradScaler (they then leave weights, moments and step
+    count as they were), and MuonWithAdamW honours it too. False, attaching nothing, for other optimizers (and under
+    a GradScaler, which sets and removes the flag itself). Unwraps accelerate's AcceleratedOptimizer."""
+    while hasattr(optimizer, "optimizer") and not isinstance(optimizer, MuonWithAdamW):
+        optimizer = optimizer.optimizer
+    fused = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and optimizer.defaults.get("fused")
+    if not (fused or isinstance(optimizer, MuonWithAdamW)):
+        return False
+    optimizer.found_inf = flag
+    return True
 
 
 def muon_with_adamw(model: nn.Module, *, lr: float, muon_lr: float = MUON_LR, weight_decay: float = 0.0,

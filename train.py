@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
-import logging
 import math
 import shutil
 import signal
@@ -49,13 +48,14 @@ import dataset
 from checkpoints import (COMPLETE, UserError, check_checkpoint_fits, checkpoint_step, choose_checkpoint,  # noqa: F401
                          latest_complete_checkpoint, make_output_dir, mark_complete, remove_partial_checkpoints,
                          replace_folder, rotate_checkpoints, unmark)
-from estimate import available_memory, estimate_memory, estimate_time, flops_per_token, largest_batch, peak_flops, what_fits
+from estimate import (GPU_MEMORY_SHARE, accumulation_steps, available_memory, estimate_memory, estimate_time, flops_per_token,
+                      gpu_batch_size, largest_batch, peak_flops, what_fits)
 from gpt2_tokenizer import load_tokenizer
-from model import FusedCausalLMLoss, ModelError, check_vocab, first_line, get_model, padded_vocab_size
-from optimizers import muon_with_adamw
+from model import FusedCausalLMLoss, ModelError, check_vocab, first_line, get_model, no_logits, padded_vocab_size, whole_blocks
+from optimizers import attach_found_inf, muon_with_adamw
 from perplexity import token_byte_lengths
 from tracking import LocalMetricsCallback, SampleCallback, draw_samples, finish_wandb, manifest, start_wandb
-from train_args import (CPU_MAX_STEPS, DataArguments, ModelArguments, TrainArguments, check_block_size,  # noqa: F401
+from train_args import (COMPILE_PAYS_AFTER_S, CPU_MAX_STEPS, DataArguments, ModelArguments, TrainArguments, check_block_size,  # noqa: F401
                         parse_args, parse_config_file, resolve_defaults, scratch_learning_rate, split_kwargs)
 
 # ----------------------------------------------------------------------------------------------
@@ -67,9 +67,13 @@ class NonFiniteLossError(RuntimeError):
 
 
 class GPT2Trainer(Trainer):
-    """Trainer whose checkpoints are marked COMPLETE last, and which stops on a NaN/inf loss."""
+    """Trainer whose checkpoints are marked COMPLETE last, whose loss comes from the hidden states (FusedCausalLMLoss
+    installed on the model), whose training steps read nothing on the host, and which stops on a NaN/inf loss."""
 
-    max_skipped_steps = 20  # fp16 loss scaling skips a few overflowing steps by design; many mean divergence
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.guard = NonFiniteGuard(self)
+        self.add_callback(self.guard)
 
     def _save_checkpoint(self, model, trial):
         checkpoint = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
@@ -122,29 +126,19 @@ class GPT2Trainer(Trainer):
         return super()._run_epoch(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if isinstance(self.compute_loss_func, FusedCausalLMLoss) and "labels" in inputs:
-            # The loss comes from the final hidden states; the model computes logits for no position.
-            inputs = {**inputs, "logits_to_keep": torch.empty(0, dtype=torch.long, device=inputs["labels"].device)}
+        if isinstance(getattr(self.model, "_loss_function", None), FusedCausalLMLoss) and "labels" in inputs:
+            # The model's loss comes from its final hidden states; it computes logits for no position.
+            inputs = {**inputs, "logits_to_keep": no_logits(inputs["labels"].device)}
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        if not torch.isfinite(loss):
-            step = self.state.global_step + 1
-            if self.accelerator.scaler is not None:
-                # The grad scaler sees the inf/nan gradients and skips this optimizer step.
-                self.skipped_steps = getattr(self, "skipped_steps", 0) + 1
-                print(f"Step {step}: non-finite loss under fp16 loss scaling; the optimizer step is skipped.")
-                if self.skipped_steps <= self.max_skipped_steps:
-                    return torch.zeros_like(loss)
-            latest = latest_complete_checkpoint(self.args.output_dir)
-            raise NonFiniteLossError(
-                f"The training loss became {loss.item()} at step {step}; training stopped before the weights were updated. "
-                f"Last good checkpoint: {latest or 'none yet'}. Try a lower --learning_rate, a longer --warmup_steps, "
-                f"--max_grad_norm 1.0, or --precision fp32/bf16, then resume with --resume {latest or 'never'}."
-            )
-        self.skipped_steps = 0
-        return loss
+        with whole_blocks(self.model):  # training blocks are never padded: no mask, no checks that read the input
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        return self.guard.observe(loss)
+
+    def prediction_step(self, *args, **kwargs):
+        with whole_blocks(self.model):  # validation blocks are whole too
+            return super().prediction_step(*args, **kwargs)
 
     val_bytes_per_token: float | None = None  # UTF-8 bytes per scored validation token (val_bytes_per_token)
 
@@ -154,6 +148,101 @@ class GPT2Trainer(Trainer):
             if self.val_bytes_per_token:
                 logs["eval_bits_per_byte"] = logs["eval_loss"] / math.log(2) / self.val_bytes_per_token
         super().log(logs, *args, **kwargs)
+
+
+class NonFiniteGuard(TrainerCallback):
+    """Stops training on a NaN/inf loss, with the step it happened at and the last good checkpoint, without reading
+    the loss on the host at every step (each such read makes the CPU wait for a GPU's queue to drain).
+
+    Each micro-step's loss is tested on the device. Under fp16 loss scaling the GradScaler skips an overflowing step
+    itself; the guard counts skipped steps and stops after max_skipped_steps in a row (divergence). Otherwise the
+    first non-finite loss sets a flag that the optimizer reads on the device (optimizers.attach_found_inf: torch's
+    fused AdamW, Muon), skipping that step and every later one, so the weights stay those from before it. The host
+    reads the guard only where the Trainer reads the loss anyway or is about to keep the weights: at steps that log,
+    evaluate, save or end training, and at the end of each epoch. An optimizer that cannot take the flag is guarded
+    the old way, with a host read at every step."""
+
+    max_skipped_steps = 20  # fp16 loss scaling skips a few overflowing steps by design; many mean divergence
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+        self.state: dict[str, torch.Tensor] | None = None  # on the loss's device, made at the first step
+        self.on_device = False  # the optimizer skips flagged steps itself
+
+    def scaler(self):
+        return self.trainer.accelerator.scaler
+
+    def observe(self, loss: torch.Tensor) -> torch.Tensor:
+        """Called with each micro-step's loss; returns the loss to log (0 for a step the fp16 scaler skips)."""
+        bad = ~torch.isfinite(loss)
+        if self.state is None:
+            zero = torch.zeros((), device=loss.device)
+            self.state = {"found_inf": zero.clone(), "first_step": zero.clone(), "first_loss": zero.clone(),
+                          "step_bad": zero.clone(), "run": zero.clone(), "longest_run": zero.clone(), "skipped": zero.clone()}
+            self.on_device = self.scaler() is None and attach_found_inf(self.trainer.optimizer, self.state["found_inf"])
+        s, step = self.state, self.trainer.state.global_step + 1
+        first = bad & (s["first_step"] == 0)
+        s["first_step"] = torch.where(first, step, s["first_step"])
+        s["first_loss"] = torch.where(first, loss.detach().float(), s["first_loss"])
+        s["step_bad"] = torch.maximum(s["step_bad"], bad.float())
+        if self.scaler() is not None:
+            return torch.where(bad, torch.zeros_like(loss), loss)  # the scaler skips the step; log 0, not inf
+        if self.on_device:
+            s["found_inf"].copy_(torch.maximum(s["found_inf"], bad.float()))  # in place: the optimizer holds this tensor
+        else:
+            self.check()  # the optimizer would apply this step's gradients: read now
+        return loss
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.state is not None and args.world_size > 1 and torch.distributed.is_initialized():
+            # The gradients are all-reduced: a non-finite loss on one rank is every rank's to skip and stop on
+            # (a collective queued on the device, not a host read).
+            s = self.state
+            flags = torch.stack([s["found_inf"], s["step_bad"], s["first_step"]])
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+            s["found_inf"].copy_(flags[0])
+            s["step_bad"], s["first_step"] = flags[1], flags[2]
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.state is None:
+            return
+        s = self.state
+        s["run"] = (s["run"] + 1) * s["step_bad"]  # optimizer steps skipped in a row, on the device
+        s["longest_run"] = torch.maximum(s["longest_run"], s["run"])
+        s["skipped"] = s["skipped"] + s["step_bad"]
+        s["step_bad"] = torch.zeros_like(s["step_bad"])
+        if control.should_log or control.should_evaluate or control.should_save or control.should_training_stop:
+            self.check()
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.state is not None:
+            self.check()
+
+    def skipped(self) -> int:
+        """Optimizer steps the fp16 scaler skipped so far (a host read)."""
+        return 0 if self.state is None else int(self.state["skipped"].item())
+
+    def check(self) -> None:
+        """Read the guard on the host: raise NonFiniteLossError, or report the steps the fp16 scaler skipped."""
+        s = self.state
+        first = int(s["first_step"].item())
+        if not first:
+            return
+        if self.scaler() is not None:
+            skipped, longest = self.skipped(), int(s["longest_run"].item())
+            print(f"Non-finite loss under fp16 loss scaling from step {first}: {skipped} optimizer step(s) skipped so far.")
+            s["first_step"].zero_()
+            s["skipped"].zero_()
+            if longest <= self.max_skipped_steps:
+                return
+            message = f"fp16 loss scaling skipped {longest} optimizer steps in a row (a non-finite loss first at step {first})"
+        else:
+            message = (f"The training loss became {s['first_loss'].item()} at step {first}; the optimizer skipped that step "
+                       "and every one after it, so the weights are those from before it")
+        latest = latest_complete_checkpoint(self.trainer.args.output_dir)
+        raise NonFiniteLossError(
+            f"{message}. Last good checkpoint: {latest or 'none yet'}. Try a lower --learning_rate, a longer --warmup_steps, "
+            f"--max_grad_norm 1.0, or --precision fp32/bf16, then resume with --resume {latest or 'never'}.")
 
 
 class StopOnSignalCallback(TrainerCallback):
@@ -193,12 +282,6 @@ class StopOnSignalCallback(TrainerCallback):
         return control
 
 
-def not_the_padding_warning(record: logging.LogRecord) -> bool:
-    """Log filter: training blocks are never padded, but an EOS between two documents at a block's edge
-    looks like padding to transformers, which then recommends an attention mask."""
-    return "since your input_ids may be padded" not in record.getMessage()
-
-
 # ----------------------------------------------------------------------------------------------
 # The training run, in the order of transformers' run_clm: arguments, data, model, Trainer, train,
 # evaluate, save
@@ -214,9 +297,13 @@ def run(model_args: ModelArguments, data_args: DataArguments, args: TrainArgumen
     resume_from = prepare_output_dir(args)
 
     tokenizer, train_ds, val_ds, data = load_data(model_args, data_args, args)
+    if plan:
+        finish_gpu_batch(args, plan, len(train_ds), data_args.block_size)
+        choose_compile(args, plan, len(train_ds))
     model = build_model(model_args, data_args, args, tokenizer, resume_from)
     if plan.get("auto_batch"):
         verify_batch_size(model, args, data_args.block_size)
+        plan["batch_size"], plan["gradient_accumulation_steps"] = args.per_device_train_batch_size, args.gradient_accumulation_steps
 
     # The arguments as this run uses them (load_data turns evaluation off without validation data).
     config = {"model": dataclasses.asdict(model_args), "data": dataclasses.asdict(data_args), "train": args.to_dict(),
@@ -260,6 +347,8 @@ def estimate_run(model_args: ModelArguments, data_args: DataArguments, args: Tra
     auto = args.auto_find_batch_size
     if auto:
         choose_batch_size(config, block, available, args, options)
+    elif args.batch_auto and device == "cuda":
+        auto = choose_gpu_batch(config, block, available, args, options)
     batch = args.per_device_train_batch_size
     est = estimate_memory(config, batch, block, **options)
     tokens_per_step = batch * block * args.gradient_accumulation_steps * args.world_size
@@ -293,6 +382,60 @@ def choose_batch_size(config, block: int, available: int, args: TrainArguments, 
               f"(effective batch {effective}; the estimate fits up to {largest}).")
 
 
+def choose_gpu_batch(config, block: int, available: int, args: TrainArguments, options: dict) -> bool:
+    """The default per-device batch on a GPU (--per_device_train_batch_size unset): the largest power of two whose
+    estimated peak fits in estimate.GPU_MEMORY_SHARE of the free memory. False (the batch stays) when none fits: the
+    memory check then says what to change."""
+    batch = gpu_batch_size(config, block, available, **options)
+    if batch == 0:
+        return False
+    args.per_device_train_batch_size = batch
+    return True
+
+
+def finish_gpu_batch(args: TrainArguments, plan: dict, n_blocks: int, block: int) -> None:
+    """With the GPU's default batch: at most the training blocks there are, and gradient accumulation towards GPT-2's
+    ~0.5M tokens per optimizer step where the data has that many (estimate.accumulation_steps); printed."""
+    if not (plan.get("auto_batch") and args.batch_auto and args.device.type == "cuda"):
+        return
+    per_rank = max(1, n_blocks // args.world_size)
+    if args.per_device_train_batch_size > per_rank:
+        args.per_device_train_batch_size = 1 << (per_rank.bit_length() - 1)
+    batch = args.per_device_train_batch_size
+    if args.accumulation_auto:
+        args.gradient_accumulation_steps = accumulation_steps(batch, block, args.world_size, n_blocks * block)
+    tokens = batch * block * args.gradient_accumulation_steps * args.world_size
+    plan.update(batch_size=batch, gradient_accumulation_steps=args.gradient_accumulation_steps, tokens_per_step=tokens)
+    if args.max_steps > 0:
+        plan["tokens"] = args.max_steps * tokens
+    steps_per_epoch = n_blocks // (batch * args.gradient_accumulation_steps * args.world_size)
+    if args.should_log:
+        print(f"GPU batch: {batch} x {block} tokens per device (the largest power of two that fits in "
+              f"{GPU_MEMORY_SHARE:.0%} of the free memory) x {args.gradient_accumulation_steps} accumulation step(s) x "
+              f"{args.world_size} device(s) = {tokens:,} tokens per optimizer step; {steps_per_epoch} step(s) per epoch."
+              + ("" if steps_per_epoch >= 20 else " For more, smaller steps, pass a smaller --per_device_train_batch_size."))
+
+
+def choose_compile(args: TrainArguments, plan: dict, n_blocks: int) -> None:
+    """--torch_compile auto: on for a CUDA run whose time, estimated at a third of the card's peak FLOP/s (100 TFLOP/s
+    for a card without a known peak), is at least COMPILE_PAYS_AFTER_S; off on a CPU. Printed either way on a GPU."""
+    if args.torch_compile != "auto":
+        return
+    args.torch_compile = False
+    if args.device.type != "cuda":
+        return
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * n_blocks / per_step)
+    peak = peak_flops(torch.cuda.get_device_name(args.device), "bf16" if args.bf16 or args.fp16 else "fp32") or 100e12
+    seconds = steps * plan["tokens_per_step"] * plan["flops_per_token"] / (peak / 3)
+    args.torch_compile = seconds >= COMPILE_PAYS_AFTER_S
+    if args.torch_compile:
+        args.torch_compile_backend = args.torch_compile_backend or "inductor"
+    if args.should_log:
+        print(f"--torch_compile auto: {'on' if args.torch_compile else 'off'} (about {seconds / 60:.1f} minutes of training "
+              f"estimated; compiling pays off from {COMPILE_PAYS_AFTER_S // 60} minutes).")
+
+
 def verify_batch_size(model, args: TrainArguments, block: int) -> None:
     """One forward and backward at the chosen batch; out of memory halves the batch and doubles the
     accumulation (the effective batch stays) until it runs."""
@@ -300,8 +443,12 @@ def verify_batch_size(model, args: TrainArguments, block: int) -> None:
     while True:
         ids = torch.zeros(args.per_device_train_batch_size, block, dtype=torch.long, device=args.device)
         try:
-            with torch.random.fork_rng(devices=[args.device] if args.device.type == "cuda" else []):  # training's RNG untouched
-                model(input_ids=ids, labels=ids).loss.backward()
+            dtype = torch.bfloat16 if args.bf16 else torch.float16
+            fused = isinstance(getattr(model, "_loss_function", None), FusedCausalLMLoss)
+            with (torch.random.fork_rng(devices=[args.device] if args.device.type == "cuda" else []),  # training's RNG untouched
+                  torch.autocast(args.device.type, dtype=dtype, enabled=args.bf16 or args.fp16), whole_blocks(model)):
+                model(input_ids=ids, labels=ids, use_cache=False, **({"logits_to_keep": no_logits(args.device)} if fused else {})
+                      ).loss.backward()
             return
         except (torch.OutOfMemoryError, RuntimeError) as e:
             if "out of memory" not in str(e) and "can't allocate" not in str(e):
@@ -338,7 +485,11 @@ class EtaCallback(TrainerCallback):
                                  self.plan["flops_per_token"], peak)
             self.plan["measured"] = {"step": state.global_step, "tokens_per_s": speed, "eta_s": left.seconds,
                                      "utilization": left.utilization}
-            print(f"After {state.global_step} steps: {left.line()} to go.")
+            memory = ""
+            if args.device.type == "cuda":
+                self.plan["measured"]["peak_memory"] = peak = torch.cuda.max_memory_allocated(args.device)
+                memory = f"; peak GPU memory {peak / 2**30:.1f} GiB (estimated {self.plan['memory']['total'] / 2**30:.1f})"
+            print(f"After {state.global_step} steps: {left.line()} to go{memory}.")
 
 
 def model_config(model_args: ModelArguments, data_args: DataArguments):
@@ -410,6 +561,9 @@ def build_model(model_args: ModelArguments, data_args: DataArguments, args: Trai
     tokenizer.model_max_length = model.config.n_positions
     if resume_from:
         check_checkpoint_fits(Path(resume_from), model)
+    if args.fused_loss == "on":  # the model's own loss while it trains: train_and_evaluate removes it after training
+        gemm = torch.bfloat16 if args.fused_loss_gemm == "bf16" else torch.float32
+        FusedCausalLMLoss(model, sparse_embedding=args.world_size == 1 and args.device.type == "cpu", gemm_dtype=gemm)
     return model
 
 
@@ -444,11 +598,8 @@ def build_trainer(model, tokenizer, train_ds, val_ds, args: TrainArguments) -> t
     sampler = sample_callback(tokenizer, args)
     if sampler is not None:
         callbacks.append(sampler)
-    logging.getLogger("transformers.modeling_utils").addFilter(not_the_padding_warning)
-    gemm = torch.bfloat16 if args.fused_loss_gemm == "bf16" else torch.float32
-    fused_loss = FusedCausalLMLoss(model, sparse_embedding=args.world_size == 1, gemm_dtype=gemm) if args.fused_loss == "on" else None
     trainer = GPT2Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds, processing_class=tokenizer,
-                          data_collator=default_data_collator, callbacks=callbacks, compute_loss_func=fused_loss)
+                          data_collator=default_data_collator, callbacks=callbacks)
     if val_ds is not None:
         trainer.val_bytes_per_token = val_bytes_per_token(val_ds, tokenizer)
     if sampler is not None:
@@ -489,8 +640,9 @@ def train_and_evaluate(trainer: GPT2Trainer, stop: StopOnSignalCallback, resume_
         eval_metrics = trainer.evaluate() if trainer.eval_dataset is not None and not stop.stopped else {}
     finally:
         stop.uninstall()
-        if isinstance(trainer.compute_loss_func, FusedCausalLMLoss):
-            trainer.compute_loss_func.remove()  # the model is plain Hugging Face again: it samples with its logits
+        fused_loss = getattr(trainer.model, "_loss_function", None)
+        if isinstance(fused_loss, FusedCausalLMLoss):
+            fused_loss.remove()  # the model is plain Hugging Face again: it samples with its logits
     eval_metrics["step"] = trainer.state.global_step
     if trainer.args.should_log and "eval_loss" in eval_metrics and not stop.stopped:
         bpb = f", {eval_metrics['eval_bits_per_byte']:.4f} bits per byte" if "eval_bits_per_byte" in eval_metrics else ""

@@ -29,6 +29,11 @@ from tracking import tensorboard_installed
 # 7.161 at 1x, 7.062 at 2x, 7.042 at 3x, 7.049 at 4x (bench/train_bench.py --loss_steps 75 --sweep ...).
 MUON_ADAMW_LR_SCALE = 3
 CPU_MAX_STEPS = 80  # default step budget on CPU: 80 x 8 x 128 tokens (~60% of the built-in corpus), ~5 min on 2 idle cores
+CPU_BATCH_SIZE = 8
+# --torch_compile auto compiles a CUDA run whose estimated time is at least this long: compiling GPT-2 124M takes about a
+# minute, and a compiled step is ~1.3x faster (nanoGPT's loop on an H200, 473k against 350-376k tokens/s), so compiling
+# repays itself after ~4 minutes of eager training.
+COMPILE_PAYS_AFTER_S = 300
 
 
 # ----------------------------------------------------------------------------------------------
@@ -79,7 +84,27 @@ class TrainArguments(TrainingArguments):
     Fields left at None or "auto" are unset: resolve_defaults fills them in from the device and --init_from."""
 
     output_dir: str = field(default="logs", metadata={"help": "Run folder: checkpoints, metrics, plots and final_model/."})
-    per_device_train_batch_size: int = field(default=8, metadata={"help": "Batch size per device for training."})
+    per_device_train_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Batch size per device for training. Default 8 on CPU; on a GPU the largest power of two whose "
+                  "estimated peak memory fits in 85%% of the free memory (estimate.gpu_batch_size), checked by one "
+                  "forward and backward, with --gradient_accumulation_steps towards GPT-2's ~0.5M tokens per optimizer "
+                  "step where the data has that many (at most 1/100 of an epoch's tokens per step)."},
+    )
+    gradient_accumulation_steps: int | None = field(
+        default=None,
+        metadata={"help": "Micro-batches per optimizer step (default 1; on a GPU with the default batch, see "
+                  "--per_device_train_batch_size)."},
+    )
+    torch_compile: str = field(
+        default="auto",
+        metadata={"nargs": "?", "const": "on",
+                  "help": "Compile the model and its loss with torch.compile (inductor): on, off, or auto = on for CUDA "
+                  "runs long enough to repay it. Compiling GPT-2 124M takes about a minute and makes each step faster "
+                  "(fused kernels; see docs/benchmarks.md), so auto compiles when the run's estimated time at a "
+                  f"third of the card's peak FLOP/s is at least {COMPILE_PAYS_AFTER_S // 60} minutes; off on CPU unless "
+                  "asked (inductor compiles C++ there, for minutes)."},
+    )
     per_device_eval_batch_size: int = field(default=16, metadata={"help": "Batch size per device for evaluation."})
     num_train_epochs: float | None = field(
         default=None, metadata={"help": f"Epochs (default 3 on GPU; on CPU the default is a budget of {CPU_MAX_STEPS} steps)."}
@@ -146,15 +171,16 @@ class TrainArguments(TrainingArguments):
     )
     fused_loss: str = field(
         default="auto",
-        metadata={"help": "Compute the loss from the final hidden states a vocabulary chunk at a time, never "
-                  "materializing the logits (model.lm_head_loss; same loss, faster and smaller on CPU): auto (on for "
-                  "fp32 on CPU; on GPU the Trainer's --use_liger_kernel does this), on or off."},
+        metadata={"help": "Compute the loss from the final hidden states in chunks (of the vocabulary on a CPU, of the "
+                  "tokens on a GPU), never materializing the logits (model.lm_head_loss; the same loss, faster and "
+                  "smaller): auto (on on a GPU, and for fp32 on a CPU), on or off."},
     )
     fused_loss_gemm: str = field(
         default="auto",
         metadata={"help": "The fused loss's three GEMMs (logits and both gradients): fp32, bf16 (bf16 operands with fp32 "
-                  "accumulation; softmax and weights stay fp32), or auto = bf16 with --precision auto on a CPU with "
-                  "native bf16 (AVX512-BF16 or AMX; model.native_bf16_cpu), where it trains faster, else fp32."},
+                  "accumulation; softmax and weights stay fp32), or auto = bf16 on a GPU training in bf16/fp16, and "
+                  "with --precision auto on a CPU with native bf16 (AVX512-BF16 or AMX; model.native_bf16_cpu), where "
+                  "it trains faster; else fp32."},
     )
     sample_prompts: list[str] = field(
         default_factory=lambda: ["The", "In the beginning", "Python is"],
@@ -192,9 +218,21 @@ class TrainArguments(TrainingArguments):
             # Without a GPU, bf16 can only mean the CPU (native bf16 on AMX/AVX-512 CPUs, emulated elsewhere),
             # and transformers refuses it unless --use_cpu says so.
             self.use_cpu = True
+        # Unset batch and accumulation: transformers checks stand-ins, resolve_defaults chooses (train.py on a GPU).
+        self.batch_auto = self.per_device_train_batch_size is None
+        self.accumulation_auto = self.gradient_accumulation_steps is None
+        if self.batch_auto:
+            self.per_device_train_batch_size = CPU_BATCH_SIZE
+        if self.accumulation_auto:
+            self.gradient_accumulation_steps = 1
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} {getattr(self, name)}: must be at least 1.")
+        compile_choice = {True: "on", False: "off", "true": "on", "false": "off", "True": "on", "False": "off", "1": "on",
+                          "0": "off"}.get(self.torch_compile, self.torch_compile)
+        if compile_choice not in ("auto", "on", "off"):
+            raise UserError(f"--torch_compile {self.torch_compile!r}: choose auto, on or off.")
+        self.torch_compile = compile_choice == "on"  # transformers' bool; "auto" comes back after its checks
         if not 0 <= self.max_warmup_fraction <= 1:
             raise UserError(f"--max_warmup_fraction {self.max_warmup_fraction}: must be between 0 and 1.")
         if self.sample_prompts in (["none"], ["None"]):
@@ -218,6 +256,8 @@ class TrainArguments(TrainingArguments):
             raise UserError(str(e)) from None
         if optim in ("auto", "muon"):
             self.optim = optim
+        if compile_choice == "auto" and not self.torch_compile:  # a --torch_compile_backend/mode alone turns it on
+            self.torch_compile = "auto"
 
     def get_warmup_steps(self, num_training_steps: int) -> int:
         return min(super().get_warmup_steps(num_training_steps), math.ceil(self.max_warmup_fraction * num_training_steps))
@@ -268,12 +308,20 @@ def resolve_training_defaults(args: TrainArguments, on_gpu: bool) -> None:
         args.ddp_find_unused_parameters = False  # every GPT-2 parameter is used; searching costs a graph walk
     if not on_gpu:
         args.dataloader_pin_memory = False  # pinning only helps copies to a GPU
+    else:
+        # Batches go to the GPU from pinned memory without waiting: a blocking copy waits for every kernel queued
+        # before it, so the CPU could never prepare the next step while the GPU runs this one.
+        args.accelerator_config.non_blocking = args.dataloader_pin_memory
+    # train.GPT2Trainer's guard stops on a NaN/inf loss, reading it on the device; transformers' filter of such
+    # losses from the logged mean would read every micro-step's loss on the host.
+    args.logging_nan_inf_filter = False
     args.fused_loss = "on" if use_fused_loss(args) else "off"
     if args.fused_loss_gemm == "auto":
         # fp32 weights and model, bf16 GEMMs in the loss: faster where the CPU has native bf16 (bench/train_bench.py);
         # an explicit --precision fp32 keeps every GEMM in fp32.
         native = args.fused_loss == "on" and precision_auto and args.device.type == "cpu" and native_bf16_cpu()
-        args.fused_loss_gemm = "bf16" if native else "fp32"
+        tensor_cores = args.fused_loss == "on" and args.device.type == "cuda" and (args.bf16 or args.fp16)
+        args.fused_loss_gemm = "bf16" if native or tensor_cores else "fp32"
     elif args.fused_loss_gemm == "bf16" and args.fused_loss != "on":
         raise UserError("--fused_loss_gemm bf16 sets the fused loss's GEMMs, but the fused loss is off here: "
                         "add --fused_loss on, or leave --fused_loss_gemm out.")
@@ -283,13 +331,13 @@ def resolve_training_defaults(args: TrainArguments, on_gpu: bool) -> None:
 
 
 def use_fused_loss(args: TrainArguments) -> bool:
-    """--fused_loss auto: in fp32 on CPU (where it was measured), never where the Trainer shards the weights
-    or smooths labels. It computes in fp32 even under bf16/fp16 autocast."""
+    """--fused_loss auto: on a GPU, and in fp32 on a CPU (where it was measured), never where the Trainer shards the
+    weights or smooths labels. Its softmax is fp32 even under bf16/fp16 autocast."""
     unsupported = bool(args.fsdp) or args.deepspeed is not None or args.label_smoothing_factor != 0 or args.use_liger_kernel
     if args.fused_loss == "on" and unsupported:
         raise UserError("--fused_loss on does not combine with FSDP, DeepSpeed, label smoothing or --use_liger_kernel; "
                         "use --fused_loss auto or off.")
-    measured = args.device.type == "cpu" and not (args.bf16 or args.fp16)
+    measured = args.device.type == "cuda" or not (args.bf16 or args.fp16)
     return args.fused_loss == "on" or (args.fused_loss == "auto" and measured and not unsupported)
 
 

@@ -118,8 +118,9 @@ def test_building_a_model_keeps_stderr_clean():
 # lm_head_loss: the model's loss without its logits
 
 
-@pytest.mark.parametrize("chunk_size", [1024, 1000, 50257])  # whole chunks, a ragged last one, a single chunk
-def test_lm_head_loss_equals_the_models_loss_and_gradients(chunk_size):
+# Vocabulary chunks (CPU): whole chunks, a ragged last one, a single chunk; token chunks (GPU): the same for 36 tokens.
+@pytest.mark.parametrize("by_tokens,chunk_size", [(False, 1024), (False, 1000), (False, 50257), (True, 12), (True, 7), (True, 2048)])
+def test_lm_head_loss_equals_the_models_loss_and_gradients(by_tokens, chunk_size):
     torch.manual_seed(0)
     model = get_model(n_layer=1, n_embd=32, n_head=2, dropout=0.0, verbose=False)
     ids = torch.randint(0, 50257, (3, 12))
@@ -134,14 +135,15 @@ def test_lm_head_loss_equals_the_models_loss_and_gradients(chunk_size):
 
         model.zero_grad()
         hidden = model.transformer(ids).last_hidden_state
-        loss = lm_head_loss(hidden, model.lm_head.weight, labels, num_items, chunk_size=chunk_size)
+        loss = lm_head_loss(hidden, model.lm_head.weight, labels, num_items, chunk_size=chunk_size, by_tokens=by_tokens)
         (loss * 3).backward()
         torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
         for name, p in model.named_parameters():
             torch.testing.assert_close(p.grad, expected_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_lm_head_loss_without_gradients_and_with_large_logits():
+@pytest.mark.parametrize("by_tokens", [False, True])
+def test_lm_head_loss_without_gradients_and_with_large_logits(by_tokens):
     torch.manual_seed(0)
     hidden = torch.randn(2, 5, 8) * 30  # logits in the thousands: exp would overflow without the max shift
     weight = torch.randn(100, 8)
@@ -149,7 +151,7 @@ def test_lm_head_loss_without_gradients_and_with_large_logits():
     logits = hidden @ weight.t()
     expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 100), labels[:, 1:].reshape(-1))
     with torch.no_grad():
-        loss = lm_head_loss(hidden, weight, labels, chunk_size=16)
+        loss = lm_head_loss(hidden, weight, labels, chunk_size=4 if by_tokens else 16, by_tokens=by_tokens)
     assert torch.isfinite(loss)
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-4)
 
@@ -177,7 +179,8 @@ def test_padded_vocab_size_rounds_up_to_the_multiple():
 
 
 
-def test_bf16_gemms_give_the_fp32_loss_and_gradients_within_bf16_rounding():
+@pytest.mark.parametrize("by_tokens", [False, True])
+def test_bf16_gemms_give_the_fp32_loss_and_gradients_within_bf16_rounding(by_tokens):
     from model import lm_head_loss
 
     torch.manual_seed(0)
@@ -187,7 +190,7 @@ def test_bf16_gemms_give_the_fp32_loss_and_gradients_within_bf16_rounding():
     results = {}
     for dtype in (torch.float32, torch.bfloat16):
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-        loss = lm_head_loss(h, w, labels, chunk_size=256, gemm_dtype=dtype)  # a ragged last chunk
+        loss = lm_head_loss(h, w, labels, chunk_size=50 if by_tokens else 256, gemm_dtype=dtype, by_tokens=by_tokens)  # ragged
         (loss * 3).backward()
         assert loss.dtype == h.grad.dtype == w.grad.dtype == torch.float32  # fp32 out, for fp32 weights and AdamW
         results[dtype] = loss.detach(), h.grad, w.grad
@@ -199,14 +202,15 @@ def test_bf16_gemms_give_the_fp32_loss_and_gradients_within_bf16_rounding():
         assert (bf16 - fp32).norm() < 5e-3 * fp32.norm()
 
 
-def test_bf16_gemms_with_large_logits_and_without_gradients():
+@pytest.mark.parametrize("by_tokens", [False, True])
+def test_bf16_gemms_with_large_logits_and_without_gradients(by_tokens):
     from model import lm_head_loss
 
     torch.manual_seed(0)
     hidden, weight, labels = torch.randn(2, 5, 8) * 30, torch.randn(100, 8), torch.randint(0, 100, (2, 5))
     expected = torch.nn.functional.cross_entropy((hidden @ weight.t())[:, :-1].reshape(-1, 100), labels[:, 1:].reshape(-1))
     with torch.no_grad():
-        loss = lm_head_loss(hidden, weight, labels, chunk_size=16, gemm_dtype=torch.bfloat16)
+        loss = lm_head_loss(hidden, weight, labels, chunk_size=16, gemm_dtype=torch.bfloat16, by_tokens=by_tokens)
     torch.testing.assert_close(loss, expected, rtol=1e-2, atol=0)  # logits in the thousands: still no overflow
 
 
