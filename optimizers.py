@@ -109,13 +109,11 @@ class Muon(torch.optim.Muon):
                 continue
             momentum, lr, weight_decay = group["momentum"], group["lr"], group["weight_decay"]
             found_inf = getattr(self, "found_inf", None)
-            keep = 1.0
             if found_inf is not None:
                 # A step to skip on the device (see attach_found_inf): each gradient reads as the momentum itself, so
-                # the momentum stays, and the update is scaled by 0, all without the host reading the flag.
+                # the momentum stays, and the weights keep their values, all without the host reading the flag.
                 skip = found_inf > 0
                 grads = [torch.where(skip, b, g) for b, g in zip(buffers, grads)]
-                keep = 1 - found_inf
             for buffer, grad in zip(buffers, grads):
                 buffer.lerp_(grad, 1 - momentum)
             updates = [g.lerp(m, momentum) for g, m in zip(grads, buffers)] if group["nesterov"] else buffers
@@ -130,9 +128,9 @@ class Muon(torch.optim.Muon):
                     if found_inf is None:
                         params[i].mul_(1 - lr * weight_decay)
                         params[i].add_(o.to(params[i].dtype), alpha=-scaled_lr)
-                    else:
-                        params[i].mul_(1 - lr * weight_decay * keep)
-                        params[i].sub_(o.to(params[i].dtype) * (scaled_lr * keep))
+                    else:  # the same arithmetic, kept only where the flag is clear
+                        updated = params[i].mul(1 - lr * weight_decay).add_(o.to(params[i].dtype), alpha=-scaled_lr)
+                        params[i].copy_(torch.where(skip, params[i], updated))
         return loss
 
 

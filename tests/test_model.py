@@ -233,3 +233,77 @@ def test_native_bf16_follows_the_cpu_flags():
         assert native_bf16_cpu() == has
     else:
         assert not native_bf16_cpu()
+
+
+# ----------------------------------------------------------------------------------------------
+# Training forward: the fused loss as the model's own, whole blocks, compiled
+
+
+def test_fused_loss_installed_is_the_models_loss_and_leaves_no_trace():
+    from model import FusedCausalLMLoss, no_logits
+
+    torch.manual_seed(0)
+    model = get_model(n_layer=1, n_embd=32, n_head=2, dropout=0.0, verbose=False)
+    ids = torch.randint(0, 50257, (2, 10))
+    expected = model(input_ids=ids, labels=ids, num_items_in_batch=torch.tensor(15)).loss
+    fused = FusedCausalLMLoss(model)
+    out = model(input_ids=ids, labels=ids, logits_to_keep=no_logits(ids.device), num_items_in_batch=torch.tensor(15))
+    assert out.logits.shape[1] == 0  # no logits were computed
+    torch.testing.assert_close(out.loss, expected, rtol=1e-5, atol=1e-5)
+    fused.remove()
+    assert not model.transformer.wte.sparse and not model.transformer._forward_hooks
+    torch.testing.assert_close(model(input_ids=ids, labels=ids, num_items_in_batch=torch.tensor(15)).loss, expected)
+
+
+def test_whole_blocks_attention_equals_sdpa_and_reads_nothing_on_the_host(monkeypatch):
+    from model import whole_blocks
+
+    torch.manual_seed(0)
+    model = get_model(n_layer=2, n_embd=32, n_head=2, dropout=0.0, verbose=False)
+    ids = torch.randint(0, 50257, (2, 12))
+    ids[0, 0] = model.config.pad_token_id  # an EOS at a block's edge, which transformers takes for padding
+    expected = model(input_ids=ids, labels=ids, use_cache=False)
+    reads = []
+    for name in ("item", "__bool__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, **k: reads.append(1) or _real(self, *a, **k))
+    with whole_blocks(model):
+        assert model.config._attn_implementation == "sdpa_causal_blocks"
+        out = model(input_ids=ids, labels=ids, use_cache=False)
+    assert reads == []
+    monkeypatch.undo()
+    torch.testing.assert_close(out.logits, expected.logits, rtol=0, atol=1e-6)
+    assert model.config._attn_implementation == "sdpa" and "warn_if_padding_and_no_attention_mask" not in vars(model.transformer)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("by_tokens", [False, True])
+def test_the_model_and_its_fused_loss_compile_as_one_graph(by_tokens, monkeypatch):
+    # torch.compile traces the loss inside the model's forward (aot_eager: dynamo and AOTAutograd, the parts that
+    # break on model code; fullgraph: any graph break fails), with no recompilation from one step to the next.
+    import torch._dynamo
+
+    import model as model_lib
+    from model import FusedCausalLMLoss, no_logits, whole_blocks
+
+    real = model_lib.lm_head_loss
+    monkeypatch.setattr(model_lib, "lm_head_loss", lambda *a, **k: real(*a, **k, by_tokens=by_tokens, chunk_size=8))
+    torch.manual_seed(0)
+    model = get_model(n_layer=2, n_embd=32, n_head=2, vocab_size=512, dropout=0.0, verbose=False, bos_token_id=0, eos_token_id=0)
+    reference = get_model(n_layer=2, n_embd=32, n_head=2, vocab_size=512, dropout=0.0, verbose=False, bos_token_id=0, eos_token_id=0)
+    reference.load_state_dict(model.state_dict())
+    FusedCausalLMLoss(model, sparse_embedding=False)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    ids = torch.randint(0, 512, (2, 16))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    for _ in range(3):
+        with whole_blocks(model):
+            loss = compiled(input_ids=ids, labels=ids, logits_to_keep=no_logits(ids.device), use_cache=False).loss
+        loss.backward()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    expected = reference(input_ids=ids, labels=ids, use_cache=False).loss
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad / 3, q.grad, rtol=1e-4, atol=1e-6)

@@ -172,3 +172,34 @@ def test_a_model_without_hidden_matrices_is_refused():
 def test_it_is_a_torch_optimizer():
     # LR schedulers, accelerate and the GradScaler accept only torch.optim.Optimizer instances.
     assert isinstance(muon_with_adamw(tiny_gpt2(), lr=1e-3), (MuonWithAdamW, torch.optim.Optimizer))
+
+
+@pytest.mark.parametrize("make", [lambda m: muon_with_adamw(m, lr=1e-3, weight_decay=0.1),
+                                  lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, fused=True)], ids=["muon", "fused_adamw"])
+def test_a_flag_on_the_device_skips_the_step_and_a_clear_one_steps(make):
+    # train.py's NaN guard: the optimizer reads the flag on the device, so no host read decides whether to step.
+    model, reference = tiny_gpt2(), tiny_gpt2()
+    optimizer, plain = make(model), make(reference)
+    flag = torch.zeros(())
+    assert optimizers.attach_found_inf(optimizer, flag)
+    train_steps(model, optimizer, 2)
+    train_steps(reference, plain, 2)
+    for p, q in zip(model.parameters(), reference.parameters()):  # a clear flag: the ordinary step
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+    before = [p.detach().clone() for p in model.parameters()]
+    state = copy.deepcopy(optimizer.state_dict())
+    flag.fill_(1.0)
+    x = torch.randint(0, 96, (2, 16))
+    (model(x, labels=x).loss * float("nan")).backward()
+    optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    after = optimizer.state_dict()["state"]
+    for key, value in state["state"].items():  # moments, momentum buffers and step counts as they were
+        for name, tensor in value.items():
+            assert torch.equal(after[key][name], tensor), (key, name)
+
+
+def test_other_optimizers_take_no_flag():
+    model = tiny_gpt2()
+    assert not optimizers.attach_found_inf(torch.optim.AdamW(model.parameters(), foreach=True), torch.zeros(()))
+    assert not optimizers.attach_found_inf(torch.optim.SGD(model.parameters(), lr=0.1), torch.zeros(()))

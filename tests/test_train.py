@@ -5,6 +5,7 @@ Every run uses a tiny model on a small text file, so the whole file takes a minu
 import collections
 import errno
 import json
+import math
 import os
 import random
 import re
@@ -13,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -215,7 +217,10 @@ def test_muon_trains_with_both_optimizers_and_a_warmup_stable_decay_schedule(tmp
     assert result["global_step"] == 10
 
 
-def test_fused_loss_is_used_in_fp32_on_cpu_only():
+def test_fused_loss_is_used_on_a_gpu_and_in_fp32_on_a_cpu():
+    gpu = types.SimpleNamespace(fused_loss="auto", fsdp="", deepspeed=None, label_smoothing_factor=0.0, use_liger_kernel=False,
+                                device=torch.device("cuda"), bf16=True, fp16=False)
+    assert train_args.use_fused_loss(gpu) and not train_args.use_fused_loss(types.SimpleNamespace(**{**vars(gpu), "fsdp": "full_shard"}))
     assert train_args.use_fused_loss(parse_args([])[2])
     assert not train_args.use_fused_loss(parse_args(["--precision", "bf16", "--use_cpu", "true"])[2])
     assert not train_args.use_fused_loss(parse_args(["--fused_loss", "off"])[2])
@@ -234,8 +239,8 @@ def test_auto_runs_the_fused_loss_gemms_in_bf16_only_on_a_cpu_with_native_bf16(m
     for argv in (["--precision", "fp32"], ["--precision", "bf16"], ["--fused_loss", "off"]):
         assert resolved(["--use_cpu", "true", *argv]).fused_loss_gemm == "fp32", argv
     assert resolved(["--use_cpu", "true", "--fused_loss_gemm", "bf16", "--precision", "fp32"]).fused_loss_gemm == "bf16"
-    t = parse_args(["--use_cpu", "true"])[2]
-    train_args.resolve_training_defaults(t, on_gpu=True)  # never on a GPU, whose loss is the Trainer's
+    t = parse_args(["--use_cpu", "true", "--precision", "fp16"])[2]
+    train_args.resolve_training_defaults(t, on_gpu=False)  # a CPU under autocast: the Trainer's loss
     assert (t.fused_loss, t.fused_loss_gemm) == ("off", "fp32")
     with pytest.raises(train_mod.UserError, match="--fused_loss_gemm bf16 .* add --fused_loss on"):
         resolved(["--use_cpu", "true", "--fused_loss", "off", "--fused_loss_gemm", "bf16"])
@@ -835,6 +840,111 @@ def test_nan_loss_stops_with_step_and_last_good_checkpoint(tmp_path, corpus, cac
     assert not (tmp_path / "final_model").exists()
 
 
+def with_callback(monkeypatch, callback):
+    """train()'s Trainer, with `callback` added after the toolkit's own."""
+    real = train_mod.build_trainer
+
+    def build(*args, **kwargs):
+        trainer, stop = real(*args, **kwargs)
+        trainer.add_callback(callback)
+        return trainer, stop
+
+    monkeypatch.setattr(train_mod, "build_trainer", build)
+
+
+HOST_READS = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist")
+
+
+@pytest.mark.parametrize("overrides", [{}, {"optim": "adamw_torch_fused", "precision": "bf16", "gradient_accumulation_steps": 2},
+                                       {"fused_loss": "off"}])
+def test_a_training_step_that_does_not_log_reads_no_tensor_on_the_host(tmp_path, corpus, cache_dir, monkeypatch, overrides):
+    # On a GPU each host read of a tensor makes the CPU wait for the queue to drain: the step's kernels stop queueing
+    # ahead. Counted here on the CPU, where the same calls are made.
+    reads, counting = collections.Counter(), [False]
+    for name in HOST_READS:
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _real=real, _name=name, **kwargs):
+            if counting[0]:
+                reads[_name] += 1
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    steps = []
+
+    class Count(train_mod.TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            step = state.global_step + 1  # neither the first, nor one that logs, evaluates, saves or ends training
+            counting[0] = 1 < step < args.max_steps and step % 5 != 0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            steps.append(state.global_step) if counting[0] else None
+            counting[0] = False
+
+    with_callback(monkeypatch, Count())
+    train(**tiny_kwargs(tmp_path, corpus, cache_dir, max_steps=12, logging_steps=5, eval_steps=5, save_steps=5, **overrides))
+    assert steps == [2, 3, 4, 6, 7, 8, 9, 11]
+    assert reads == {}, reads
+
+
+class Weights(train_mod.TrainerCallback):
+    """The model's weights after each optimizer step."""
+
+    def __init__(self):
+        self.after = {}
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.after[state.global_step] = [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("optim", ["muon", "adamw_torch_fused", "adamw_torch"])
+def test_a_nan_loss_skips_every_step_from_it_and_stops_at_the_next_check(tmp_path, corpus, cache_dir, monkeypatch, capsys, optim):
+    real = train_mod.GPT2Trainer.compute_loss
+
+    def nan_from_step_6(self, model, inputs, *args, **kwargs):
+        loss = real(self, model, inputs, *args, **kwargs)
+        return loss * float("nan") if self.state.global_step >= 5 else loss
+
+    monkeypatch.setattr(train_mod.GPT2Trainer, "compute_loss", nan_from_step_6)
+    weights = Weights()
+    with_callback(monkeypatch, weights)
+    # Nothing logs, evaluates or saves before step 12: fused AdamW and Muon skip steps 6-11 on the device and the guard
+    # reads its flag at step 12, before that step's checkpoint; foreach AdamW cannot take the flag: read at every step.
+    rc = main(to_argv(tiny_kwargs(tmp_path, corpus, cache_dir, logging_steps=12, eval_steps=12, save_steps=12, optim=optim)))
+    err = capsys.readouterr().err
+    assert rc == 2 and "The training loss became nan at step 6" in err and "Last good checkpoint: none yet" in err
+    assert max(weights.after) == (11 if optim != "adamw_torch" else 5)  # the guard stops step 12 before this callback
+    for step in range(6, max(weights.after) + 1):
+        assert all(torch.equal(a, b) for a, b in zip(weights.after[5], weights.after[step])), step
+    assert all(torch.isfinite(p).all() for p in weights.after[max(weights.after)])
+    assert not list(tmp_path.glob("checkpoint-*")) and not (tmp_path / "final_model").exists()
+
+
+def test_fp16_scaling_skips_overflowing_steps_and_training_goes_on(tmp_path, corpus, cache_dir, monkeypatch, capsys):
+    real = train_mod.GPT2Trainer.compute_loss
+    trainers = []
+
+    def inf_at_steps_3_and_4(self, model, inputs, *args, **kwargs):
+        trainers.append(self) if not trainers else None
+        loss = real(self, model, inputs, *args, **kwargs)
+        return loss * float("inf") if self.state.global_step in (2, 3) and model.training else loss
+
+    monkeypatch.setattr(train_mod.GPT2Trainer, "compute_loss", inf_at_steps_3_and_4)
+
+    class Scaled(train_mod.GPT2Trainer):  # fp16 on a CPU: autocast and a GradScaler, as accelerate gives them on a GPU
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.accelerator.native_amp = True
+            self.accelerator.scaler = torch.amp.GradScaler("cpu")
+
+    monkeypatch.setattr(train_mod, "GPT2Trainer", Scaled)
+    result = train(**tiny_kwargs(tmp_path, corpus, cache_dir, max_steps=8, logging_steps=4, save_strategy="no",
+                                 optim="adamw_torch_fused"))
+    assert result["global_step"] == 8 and trainers[0].guard.skipped() == 0  # reported at step 4, then counted afresh
+    assert "Non-finite loss under fp16 loss scaling from step 3: 2 optimizer step(s) skipped so far." in capsys.readouterr().out
+    assert math.isfinite(result["eval_metrics"]["eval_loss"])
+
+
 def test_out_of_memory_says_what_to_change(tmp_path, corpus, cache_dir, monkeypatch, capsys):
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -1041,3 +1151,73 @@ def test_auto_find_batch_size_on_cpu_keeps_the_effective_batch(tmp_path, corpus,
     args = json.loads((Path(result["final_model"]) / "manifest.json").read_text())["arguments"]
     assert (args["train"]["per_device_train_batch_size"], args["train"]["gradient_accumulation_steps"]) == (2, 4)
     assert args["estimate"]["batch_size"] == 2 and args["estimate"]["tokens_per_step"] == 8 * 16
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU defaults, decided on a CPU: torch.compile and the batch
+
+
+def test_torch_compile_flag_auto_on_off():
+    assert parse_args([])[2].torch_compile == "auto"
+    assert resolved(["--use_cpu", "true"]).torch_compile == "auto"  # decided once the data is known (choose_compile)
+    assert parse_args(["--torch_compile"])[2].torch_compile is True  # the Trainer's bare flag still means on
+    assert parse_args(["--torch_compile", "off"])[2].torch_compile is False
+    assert train_args.split_kwargs({"torch_compile": True})[2].torch_compile is True
+    assert parse_args(["--torch_compile_backend", "aot_eager"])[2].torch_compile is True  # transformers' rule
+    with pytest.raises(train_mod.UserError, match="--torch_compile 'maybe': choose auto, on or off"):
+        parse_args(["--torch_compile", "maybe"])
+
+
+def gpu_args(**overrides):
+    """Training arguments as resolved on a GPU, for the functions that decide from them."""
+    values = dict(device=torch.device("cuda", 0), world_size=1, bf16=True, fp16=False, max_steps=-1, num_train_epochs=3.0,
+                  per_device_train_batch_size=8, gradient_accumulation_steps=1, batch_auto=True, accumulation_auto=True,
+                  should_log=True, torch_compile="auto", torch_compile_backend=None, auto_find_batch_size=False)
+    return types.SimpleNamespace(**{**values, **overrides})
+
+
+GPT2_124M = dict(model.PRESETS["gpt2"], vocab_size=50304, n_positions=1024, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+
+
+@pytest.mark.parametrize("card_gib,batch", [(80, 128), (140, 256)])
+def test_the_gpu_batch_is_the_largest_power_of_two_that_fits_and_accumulates_towards_half_a_million_tokens(card_gib, batch, capsys):
+    import estimate
+
+    options = dict(precision="bf16", fused_loss=True, gradient_checkpointing=False, optimizer="muon", device_type="cuda")
+    args = gpu_args()
+    assert train_mod.choose_gpu_batch(GPT2_124M, 1024, card_gib * 2**30, args, options)
+    assert args.per_device_train_batch_size == batch
+    assert estimate.estimate_memory(GPT2_124M, batch, 1024, **options).total <= 0.85 * card_gib * 2**30
+    assert estimate.estimate_memory(GPT2_124M, 2 * batch, 1024, **options).total > 0.85 * card_gib * 2**30
+    # OpenWebText-sized data: ~0.5M tokens per optimizer step; a small corpus: at most 1/100 of an epoch per step
+    plan = {"auto_batch": True, "tokens_per_step": batch * 1024}
+    train_mod.finish_gpu_batch(args, plan, n_blocks=9_000_000, block=1024)
+    assert args.gradient_accumulation_steps * batch * 1024 == plan["tokens_per_step"] == 524288
+    assert "GPU batch: " in capsys.readouterr().out
+    small = gpu_args(per_device_train_batch_size=batch)
+    train_mod.finish_gpu_batch(small, plan, n_blocks=25_600, block=1024)  # 26M tokens: 1/100 is 262,144 a step
+    assert small.gradient_accumulation_steps == 262144 // (batch * 1024)
+    tiny = gpu_args(per_device_train_batch_size=batch)
+    train_mod.finish_gpu_batch(tiny, plan, n_blocks=100, block=1024)  # fewer blocks than the batch: at most the data
+    assert (tiny.per_device_train_batch_size, tiny.gradient_accumulation_steps) == (64, 1)
+    explicit = gpu_args(per_device_train_batch_size=12, batch_auto=False)
+    train_mod.finish_gpu_batch(explicit, plan, n_blocks=9_000_000, block=1024)
+    assert (explicit.per_device_train_batch_size, explicit.gradient_accumulation_steps) == (12, 1)
+
+
+def test_compile_is_chosen_for_gpu_runs_long_enough_to_repay_it(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    plan = {"tokens_per_step": 524288, "flops_per_token": 6 * 124e6}
+    long_run, short_run, cpu = gpu_args(max_steps=5000), gpu_args(max_steps=20), gpu_args(device=torch.device("cpu"))
+    for args in (long_run, short_run, cpu):
+        train_mod.choose_compile(args, plan, n_blocks=10**6)
+    assert (long_run.torch_compile, long_run.torch_compile_backend) == (True, "inductor")
+    assert short_run.torch_compile is False and cpu.torch_compile is False
+    out = capsys.readouterr().out
+    assert "--torch_compile auto: on" in out and "--torch_compile auto: off" in out
+    epochs = gpu_args()  # 3 epochs of 10M blocks of 1024 tokens at 0.5M tokens a step: hours
+    train_mod.choose_compile(epochs, plan, n_blocks=10**7)
+    assert epochs.torch_compile is True
+    asked = gpu_args(torch_compile=False, max_steps=5000)
+    train_mod.choose_compile(asked, plan, n_blocks=10**6)
+    assert asked.torch_compile is False
