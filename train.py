@@ -297,9 +297,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, args: TrainArgumen
     resume_from = prepare_output_dir(args)
 
     tokenizer, train_ds, val_ds, data = load_data(model_args, data_args, args)
-    if plan:
-        finish_gpu_batch(args, plan, len(train_ds), data_args.block_size)
-        choose_compile(args, plan, len(train_ds))
+    finish_gpu_batch(args, plan, len(train_ds), data_args.block_size)
+    choose_compile(args, plan, len(train_ds))
     model = build_model(model_args, data_args, args, tokenizer, resume_from)
     if plan.get("auto_batch"):
         verify_batch_size(model, args, data_args.block_size)
@@ -422,7 +421,9 @@ def choose_compile(args: TrainArguments, plan: dict, n_blocks: int) -> None:
     if args.torch_compile != "auto":
         return
     args.torch_compile = False
-    if args.device.type != "cuda":
+    if args.device.type != "cuda" or not plan:
+        if plan == {} and args.should_log and args.device.type == "cuda":
+            print("--torch_compile auto: off (no estimate of the run's length for this model; --torch_compile on compiles).")
         return
     per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * n_blocks / per_step)
