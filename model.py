@@ -437,8 +437,8 @@ def lm_head_loss(hidden, weight, labels, num_items_in_batch=None, chunk_size: in
     On a CPU the vocabulary is cut into chunks of `chunk_size` rows (default 1024), each chunk's logits staying in
     cache while they are used: on a 2-core AVX2 CPU 1.5x faster than logits followed by cross_entropy for 256
     tokens and 1.8x for 2048; on a 2-core AMX Xeon the bf16 GEMMs ran the whole loss forward and backward 1.7x
-    faster than fp32 for 256 tokens. torch's own F.linear_cross_entropy (its chunked path) took 9.4x as long
-    as this for 256 tokens and 3.9x for 2048 there (fp32), so this stays. On a GPU the tokens are cut into
+    faster than fp32 for 256 tokens. torch's own F.linear_cross_entropy (its chunked path) takes 4x to 66x as long
+    as this on that CPU (bench/loss_bench.py: fp32 and bf16, 256 and 2048 tokens), so this stays. On a GPU the tokens are cut into
     chunks of `chunk_size` (default GPU_LOSS_CHUNK_TOKENS) with the whole vocabulary each; by_tokens chooses
     either way on any device (None: by the device).
     """
