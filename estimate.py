@@ -24,7 +24,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from model import GPT2_CONTEXT, GPT2_VOCAB_SIZE
+from model import GPT2_CONTEXT, GPT2_VOCAB_SIZE, GPU_LOSS_CHUNK_TOKENS
 
 MiB = 2**20
 GiB = 2**30
@@ -197,8 +197,6 @@ def estimate_memory(config, batch_size: int, block_size: int, *, precision: str 
                                    gradient_checkpointing=gradient_checkpointing, device_type=device_type)
     tokens = batch_size * block_size
     if fused_loss and device_type == "cuda":
-        from model import GPU_LOSS_CHUNK_TOKENS
-
         logits = min(tokens, GPU_LOSS_CHUNK_TOKENS) * s.vocab_size * GPU_FUSED_LOSS_BYTES + 4 * tokens * s.n_embd
     else:
         logits = tokens * s.vocab_size * (FUSED_LOSS_BYTES if fused_loss else LOGITS_BYTES[precision])

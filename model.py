@@ -511,8 +511,7 @@ def whole_blocks(model):
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if BLOCK_ATTENTION not in AttentionInterface._global_mapping:
-        AttentionInterface.register(BLOCK_ATTENTION, sdpa_attention_forward)
+    AttentionInterface.register(BLOCK_ATTENTION, sdpa_attention_forward)  # idempotent: one entry in a dict
     config, inner = model.config, model.transformer
     swap = config._attn_implementation == "sdpa"
     if swap:

@@ -166,7 +166,7 @@ class NonFiniteGuard(TrainerCallback):
 
     def __init__(self, trainer: Trainer):
         self.trainer = trainer
-        self.state: dict[str, torch.Tensor] | None = None  # on the loss's device, made at the first step
+        self.flags: dict[str, torch.Tensor] | None = None  # on the loss's device, made at the first step
         self.on_device = False  # the optimizer skips flagged steps itself
 
     def scaler(self):
@@ -175,12 +175,12 @@ class NonFiniteGuard(TrainerCallback):
     def observe(self, loss: torch.Tensor) -> torch.Tensor:
         """Called with each micro-step's loss; returns the loss to log (0 for a step the fp16 scaler skips)."""
         bad = ~torch.isfinite(loss)
-        if self.state is None:
+        if self.flags is None:
             zero = torch.zeros((), device=loss.device)
-            self.state = {"found_inf": zero.clone(), "first_step": zero.clone(), "first_loss": zero.clone(),
+            self.flags = {"found_inf": zero.clone(), "first_step": zero.clone(), "first_loss": zero.clone(),
                           "step_bad": zero.clone(), "run": zero.clone(), "longest_run": zero.clone(), "skipped": zero.clone()}
-            self.on_device = self.scaler() is None and attach_found_inf(self.trainer.optimizer, self.state["found_inf"])
-        s, step = self.state, self.trainer.state.global_step + 1
+            self.on_device = self.scaler() is None and attach_found_inf(self.trainer.optimizer, self.flags["found_inf"])
+        s, step = self.flags, self.trainer.state.global_step + 1
         first = bad & (s["first_step"] == 0)
         s["first_step"] = torch.where(first, step, s["first_step"])
         s["first_loss"] = torch.where(first, loss.detach().float(), s["first_loss"])
@@ -194,19 +194,19 @@ class NonFiniteGuard(TrainerCallback):
         return loss
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if self.state is not None and args.world_size > 1 and torch.distributed.is_initialized():
+        if self.flags is not None and args.world_size > 1 and torch.distributed.is_initialized():
             # The gradients are all-reduced: a non-finite loss on one rank is every rank's to skip and stop on
             # (a collective queued on the device, not a host read).
-            s = self.state
+            s = self.flags
             flags = torch.stack([s["found_inf"], s["step_bad"], s["first_step"]])
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
             s["found_inf"].copy_(flags[0])
             s["step_bad"], s["first_step"] = flags[1], flags[2]
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.state is None:
+        if self.flags is None:
             return
-        s = self.state
+        s = self.flags
         s["run"] = (s["run"] + 1) * s["step_bad"]  # optimizer steps skipped in a row, on the device
         s["longest_run"] = torch.maximum(s["longest_run"], s["run"])
         s["skipped"] = s["skipped"] + s["step_bad"]
@@ -215,16 +215,16 @@ class NonFiniteGuard(TrainerCallback):
             self.check()
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        if self.state is not None:
+        if self.flags is not None:
             self.check()
 
     def skipped(self) -> int:
         """Optimizer steps the fp16 scaler skipped so far (a host read)."""
-        return 0 if self.state is None else int(self.state["skipped"].item())
+        return 0 if self.flags is None else int(self.flags["skipped"].item())
 
     def check(self) -> None:
         """Read the guard on the host: raise NonFiniteLossError, or report the steps the fp16 scaler skipped."""
-        s = self.state
+        s = self.flags
         first = int(s["first_step"].item())
         if not first:
             return

@@ -101,7 +101,7 @@ class TrainArguments(TrainingArguments):
         metadata={"nargs": "?", "const": "on",
                   "help": "Compile the model and its loss with torch.compile (inductor): on, off, or auto = on for CUDA "
                   "runs long enough to repay it. Compiling GPT-2 124M takes about a minute and makes each step faster "
-                  "(fused kernels; see docs/benchmarks.md), so auto compiles when the run's estimated time at a "
+                  "(fused kernels; README: Speed on a GPU), so auto compiles when the run's estimated time at a "
                   f"third of the card's peak FLOP/s is at least {COMPILE_PAYS_AFTER_S // 60} minutes; off on CPU unless "
                   "asked (inductor compiles C++ there, for minutes)."},
     )
