@@ -15,10 +15,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from errors import GPT2ToolkitError
+
 COMPLETE = "COMPLETE"  # marker file: the checkpoint folder holds everything needed to resume
 
 
-class UserError(Exception):
+class UserError(GPT2ToolkitError):
     """A problem the user can fix (arguments, the run folder, a checkpoint); train.main prints the message
     without a traceback."""
 

@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from errors import GPT2ToolkitError
+
 BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/output-dataset/v1/"
 # (the azureedge.net CDN that older copies of OpenAI's script use was retired in 2025)
 DATASETS = (
@@ -59,7 +61,7 @@ CHUNK_SIZE = 1 << 18  # 256 KiB
 USER_AGENT = "gpt2-toolkit-download_dataset/1.0 (+urllib)"
 
 
-class DownloadError(Exception):
+class DownloadError(GPT2ToolkitError):
     """A download failed in a way the user should be told about in one line."""
 
 

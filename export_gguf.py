@@ -42,6 +42,7 @@ from pathlib import Path
 
 import quiet_imports  # noqa: F401, I001  (before transformers)
 
+from errors import GPT2ToolkitError
 from model import ModelError, first_line, load_pretrained
 from quantize import is_quantized_folder
 
@@ -65,7 +66,7 @@ _TOP_NAMES = {"wte.weight": "token_embd.weight", "wpe.weight": "position_embd.we
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
-class GGUFError(ValueError):
+class GGUFError(GPT2ToolkitError, ValueError):
     """A model folder or setting that cannot be exported to GGUF; the message says why and what to do."""
 
 

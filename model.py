@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from errors import GPT2ToolkitError
+
 # The four OpenAI GPT-2 sizes, and one small enough to train on a CPU in minutes.
 PRESETS: dict[str, dict[str, int]] = {
     "small": dict(n_layer=4, n_head=4, n_embd=256),  # ~16M parameters, most of them the 50257-token embedding
@@ -34,7 +36,7 @@ GPT2_CONTEXT = 1024
 VOCAB_MULTIPLE = 64  # train.py pads a new model's vocabulary to a multiple of this (nanoGPT: 50257 -> 50304)
 
 
-class ModelError(ValueError):
+class ModelError(GPT2ToolkitError, ValueError):
     """A model shape or folder that cannot be used; the message names it and says what to do."""
 
 

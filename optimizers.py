@@ -19,6 +19,7 @@ import math
 import torch
 from torch import nn
 
+from errors import GPT2ToolkitError
 from model import native_bf16_cpu
 
 # Muon's peak learning rate, with torch's (Keller Jordan's) update scale. Val loss after 75 steps x 2048 WebText tokens,
@@ -28,7 +29,7 @@ MUON_LR = 0.02
 MUON_MOMENTUM = 0.95
 
 
-class OptimizerError(ValueError):
+class OptimizerError(GPT2ToolkitError, ValueError):
     pass
 
 

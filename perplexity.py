@@ -19,12 +19,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from errors import GPT2ToolkitError
+
 
 LN2 = math.log(2)
 TOKENIZE_BATCH_CHARS = 1 << 20  # text tokenized at once while streaming
 
 
-class EvaluationError(ValueError):
+class EvaluationError(GPT2ToolkitError, ValueError):
     """Bad input to an evaluation (model, data or settings); the message says what to change."""
 
 

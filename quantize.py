@@ -51,6 +51,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from errors import GPT2ToolkitError
 from model import load_pretrained
 
 MODES = ("int8", "int4")
@@ -65,7 +66,7 @@ PROJECTIONS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 COPIED_FILES = ("generation_config.json",)
 
 
-class QuantizationError(ValueError):
+class QuantizationError(GPT2ToolkitError, ValueError):
     """A bad mode, path or model, or a mode this machine cannot run; the message says what to do."""
 
 

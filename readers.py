@@ -28,11 +28,13 @@ from typing import Iterator, Optional
 
 import xxhash
 
+from errors import GPT2ToolkitError
+
 TEXT_SUFFIXES = (".txt", ".json", ".jsonl", ".csv", ".parquet")
 TXT_CHUNK_BYTES = 1 << 20  # a .txt file is read and tokenized this many bytes at a time
 
 
-class DataError(ValueError):
+class DataError(GPT2ToolkitError, ValueError):
     """Bad or missing input data; the message names the file (and line) and what to do."""
 
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from errors import GPT2ToolkitError
+
 DEFAULT_SWEEPS_DIR = "logs/sweeps"
 SWEEP_KEYS = ("name", "output_dir", "base", "grid", "runs")
 MAX_NAME_BYTES = 255  # the longest folder name ext4, APFS and NTFS take
@@ -34,7 +36,7 @@ ABBREVIATIONS = {
 }
 
 
-class SweepError(Exception):
+class SweepError(GPT2ToolkitError):
     """Bad sweep input: the message names the file, the run and the key."""
 
 

@@ -48,6 +48,7 @@ import dataset
 from checkpoints import (COMPLETE, UserError, check_checkpoint_fits, checkpoint_step, choose_checkpoint,  # noqa: F401
                          latest_complete_checkpoint, make_output_dir, mark_complete, remove_partial_checkpoints,
                          replace_folder, rotate_checkpoints, unmark)
+from errors import GPT2ToolkitError
 from estimate import (GPU_MEMORY_SHARE, accumulation_steps, available_memory, estimate_memory, estimate_time, flops_per_token,
                       gpu_batch_size, largest_batch, peak_flops, what_fits)
 from gpt2_tokenizer import load_tokenizer
@@ -62,7 +63,7 @@ from train_args import (COMPILE_PAYS_AFTER_S, CPU_MAX_STEPS, DataArguments, Mode
 # The Trainer: checkpoints marked COMPLETE last, guards, perplexity, Ctrl-C
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(GPT2ToolkitError, RuntimeError):
     pass
 
 

@@ -18,6 +18,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from errors import GPT2ToolkitError
 from generate import (
     DEFAULT_MODEL_PATH,
     Completion,
@@ -69,7 +70,7 @@ def resolve_api_key(args: WebDemoArguments) -> str | None:
     return key
 
 
-class RequestError(Exception):
+class RequestError(GPT2ToolkitError):
     """A client mistake or a refusal, answered in OpenAI's error format."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None, type: str = "invalid_request_error"):

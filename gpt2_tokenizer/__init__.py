@@ -17,6 +17,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from errors import GPT2ToolkitError
+
 TOKENIZER_DIR = Path(__file__).resolve().parent
 EOT = "<|endoftext|>"
 EOT_ID = 50256
@@ -33,7 +35,7 @@ OFFICIAL_SHA256 = {
 PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 
-class TokenizerFilesError(RuntimeError):
+class TokenizerFilesError(GPT2ToolkitError, RuntimeError):
     """The official BPE files are missing or do not match their pinned hashes."""
 
 
