@@ -75,21 +75,7 @@ class GPT2Trainer(Trainer):
         super().__init__(*args, **kwargs)
         self.guard = NonFiniteGuard(self)
         self.add_callback(self.guard)
-
-    def _save_checkpoint(self, model, trial):
-        checkpoint = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
-        if self.args.should_save:
-            unmark(checkpoint)
-        # Rotate only after the new checkpoint is complete, so a crash mid-save always leaves the previous one.
-        limit, self.args.save_total_limit = self.args.save_total_limit, None
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self.args.save_total_limit = limit
-        self.accelerator.wait_for_everyone()  # every rank's RNG state is on disk
-        if self.args.should_save:
-            mark_complete(checkpoint)
-            rotate_checkpoints(self.args.output_dir, limit, self.state.best_model_checkpoint)
+        self.add_callback(CompleteCheckpoints(self))
 
     def create_optimizer(self, model=None):
         """--optim muon: Muon for the hidden matrices, AdamW for the rest (optimizers.py); else the Trainer's."""
@@ -118,13 +104,14 @@ class GPT2Trainer(Trainer):
                 self.args.lr_scheduler_kwargs = saved
         return super().create_scheduler(num_training_steps, optimizer)
 
-    def _run_epoch(self, *args, **kwargs):
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
         if 0 < self.state.max_steps <= self.state.global_step:
             # Resumed from the last step's checkpoint (the run stopped during its final evaluation or save):
             # transformers would train one step past --max_steps before its check, and change the final model.
+            # No batches: the Trainer runs no step and stops at the flag.
             self.control.should_training_stop = True
-            return
-        return super()._run_epoch(*args, **kwargs)
+            return [], None
+        return super().get_batch_samples(epoch_iterator, num_batches, device)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if isinstance(getattr(self.model, "_loss_function", None), FusedCausalLMLoss) and "labels" in inputs:
@@ -149,6 +136,35 @@ class GPT2Trainer(Trainer):
             if self.val_bytes_per_token:
                 logs["eval_bits_per_byte"] = logs["eval_loss"] / math.log(2) / self.val_bytes_per_token
         super().log(logs, *args, **kwargs)
+
+
+class CompleteCheckpoints(TrainerCallback):
+    """A checkpoint is marked COMPLETE only after the Trainer has written all of it (on_save), and older ones are
+    rotated only then, so a run killed mid-save always leaves the previous complete checkpoint. The Trainer's own
+    rotation, which runs inside its save before the new checkpoint is whole, is turned off (its save_total_limit set to None);
+    this callback keeps --save_total_limit checkpoints plus the best one."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+        self.keep = trainer.args.save_total_limit
+        trainer.args.save_total_limit = None
+
+    def checkpoint(self, args, state) -> Path:
+        return Path(args.output_dir) / f"checkpoint-{state.global_step}"
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # A folder left by an earlier run (resumed from an older checkpoint) is about to be written again: it must
+        # not look complete while it holds a mix of old and new files.
+        if control.should_save and args.should_save:
+            unmark(self.checkpoint(args, state))
+
+    on_epoch_end = on_step_end
+
+    def on_save(self, args, state, control, **kwargs):
+        self.trainer.accelerator.wait_for_everyone()  # every rank's RNG state is on disk
+        if args.should_save:
+            mark_complete(self.checkpoint(args, state))
+            rotate_checkpoints(args.output_dir, self.keep, state.best_model_checkpoint)
 
 
 class NonFiniteGuard(TrainerCallback):
