@@ -117,6 +117,19 @@ def install(tmp: Path, dest: Path, replace: bool = True) -> bool:
     return True
 
 
+def temp_beside(dest: str | Path, folder: bool = False) -> Path:
+    """A new temporary path beside dest (a folder created when folder=True), to fill and then install(); the
+    leftovers of killed writers to dest are cleaned first. atomic_path does all three; this is for writers that
+    must share the path with other processes (every rank of a distributed run saves into one folder)."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    clean_leftovers(dest)
+    tmp = _sibling(dest, "tmp")
+    if folder:
+        tmp.mkdir()
+    return tmp
+
+
 @contextmanager
 def atomic_path(dest: str | Path, folder: bool = False, replace: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside dest to write (a folder already created when folder=True); when the block
@@ -126,11 +139,7 @@ def atomic_path(dest: str | Path, folder: bool = False, replace: bool = True) ->
             writer.write(tmp)
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    clean_leftovers(dest)
-    tmp = _sibling(dest, "tmp")
-    if folder:
-        tmp.mkdir()
+    tmp = temp_beside(dest, folder)
     try:
         yield tmp
         install(tmp, dest, replace=replace)

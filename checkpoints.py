@@ -15,6 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from atomic import fsync_dir, fsync_tree
 from errors import GPT2ToolkitError
 
 COMPLETE = "COMPLETE"  # marker file: the checkpoint folder holds everything needed to resume
@@ -49,26 +50,6 @@ def latest_complete_checkpoint(output_dir: str | Path) -> Path | None:
 
 # ----------------------------------------------------------------------------------------------
 # Writing: flush, mark, rotate
-
-
-def fsync_tree(folder: Path) -> None:
-    """Flush a folder's files to disk, so that COMPLETE (or a rename into place) never reaches the disk before them."""
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-    fsync_dir(folder)
-
-
-def fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # some platforms cannot open folders; the rename/write is still ordered there
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def unmark(checkpoint: Path) -> None:
@@ -123,19 +104,6 @@ def make_output_dir(out: Path) -> None:
             pass
     except OSError as e:
         raise UserError(f"Cannot write to --output_dir {out}: {e.strerror or e}; choose a folder you can write to.") from None
-
-
-def replace_folder(tmp: Path, final_dir: Path) -> None:
-    """Move a fully written folder into place: flushed first, the old one renamed aside and removed last, so
-    final_dir is never half-written."""
-    fsync_tree(tmp)
-    old = final_dir.with_name(final_dir.name + ".old")
-    if final_dir.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final_dir, old)
-    os.replace(tmp, final_dir)
-    fsync_dir(final_dir.parent)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -25,9 +25,7 @@ import errno
 import hashlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +35,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import download_dataset
+from atomic import install, remove, temp_beside
+from errors import run_main
 from gpt2_tokenizer import load_tokenizer
 from readers import _STATS, DataError, expand_path, file_digest, file_state, normalise, read_files, shown
 
@@ -409,8 +409,7 @@ def cached(cache_root: Path, key: str, build) -> Path:
     if damage is None:
         return final
     try:
-        cache_root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=cache_root))
+        tmp = temp_beside(final, folder=True)
     except OSError as e:
         raise DataError(f"cache_dir {cache_root}: cannot write the token cache there ({e.strerror or e}). Pass a "
                         "writable folder with cache_dir=... (--cache_dir) or $GPT2_CACHE_DIR.") from None
@@ -420,26 +419,15 @@ def cached(cache_root: Path, key: str, build) -> Path:
         meta = build(str(tmp))
         meta["cache_files"] = {p.name: p.stat().st_size for p in tmp.iterdir()}  # checked when the entry is reused
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))  # written last: marks the entry complete
-        if final.exists() and cache_damage(final) is not None:  # still damaged (no other process rebuilt it):
-            # move it aside first, as os.replace cannot replace a folder that has files
-            trash = tempfile.mkdtemp(prefix=f".{key}.damaged.", dir=cache_root)
-            try:
-                os.replace(final, trash)
-            except FileNotFoundError:  # another process moved it first
-                pass
-            shutil.rmtree(trash, ignore_errors=True)
-        try:
-            os.replace(tmp, final)
-        except OSError:  # another process finished the same entry first; theirs is as good as ours
-            if cache_damage(final) is not None:
-                raise
+        # Replace the entry only if it is still damaged: another process that finished it first made one as good.
+        install(tmp, final, replace=final.exists() and cache_damage(final) is not None)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(e):
             raise DataError(f"The disk holding cache_dir {cache_root} is full ({e.strerror or e}); nothing half-written "
                             "was kept. Free space, or pass cache_dir=... (--cache_dir) on a larger disk.") from None
         raise
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove(tmp)
     return final
 
 
@@ -549,9 +537,9 @@ if __name__ == "__main__":
         seed: int = field(default=42, metadata={"help": "Seed of the train/validation split."})
 
     (cli_args,) = HfArgumentParser(PrepareArguments).parse_args_into_dataclasses()
-    try:
+
+    def prepare() -> None:
         _, train, val = get_dataset_and_tokenizer(**asdict(cli_args))
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(json.dumps({k: v for k, v in dataset_info(train).items() if k != "data_args"}, indent=2))
+        print(json.dumps({k: v for k, v in dataset_info(train).items() if k != "data_args"}, indent=2))
+
+    sys.exit(run_main(prepare))

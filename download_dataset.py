@@ -38,7 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from errors import GPT2ToolkitError
+from atomic import install
+from errors import GPT2ToolkitError, run_main
 
 BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/output-dataset/v1/"
 # (the azureedge.net CDN that older copies of OpenAI's script use was retired in 2025)
@@ -508,7 +509,7 @@ def _download_file(url, dest: Path, retries, backoff, timeout, verify_existing, 
             f"{e} (downloaded from {url}; not installed, kept as {bad}); rerun to download it again, "
             f"or check --base_url"
         ) from None
-    os.replace(part, dest)
+    install(part, dest)
     _meta_path(part).unlink(missing_ok=True)
     if total is None:
         _log(
@@ -570,7 +571,8 @@ def parse_args(argv: list[str] | None = None) -> DownloadArguments:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
+
+    def body() -> None:
         paths = download(
             datasets=args.datasets,
             splits=args.splits,
@@ -581,14 +583,9 @@ def main(argv: list[str] | None = None) -> int:
             timeout=args.timeout,
             verify_existing=args.verify_existing,
         )
-    except DownloadError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
-    print(f"{len(paths)} file(s) in {args.out_dir}")
-    return 0
+        print(f"{len(paths)} file(s) in {args.out_dir}")
+
+    return run_main(body, interrupted="interrupted; rerun the same command to resume")
 
 
 if __name__ == "__main__":

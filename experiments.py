@@ -55,6 +55,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from atomic import write_atomic
+from errors import run_main
 from sweep_spec import Run, SweepError, _file_in_the_way, _one_line, load_sweep, parse_run, to_argv, validate
 from sweep_spec import ABBREVIATIONS, DEFAULT_SWEEPS_DIR, MANAGED, MAX_NAME_BYTES, SWEEP_KEYS, expand, known_arguments, run_name  # noqa: F401  (importable from here as before)
 
@@ -218,16 +220,7 @@ def read_record(run_dir: Path) -> dict[str, Any]:
 
 def write_record(run_dir: Path, record: dict[str, Any]) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(run_dir / RECORD, json.dumps(record, indent=2, default=str) + "\n")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(text, newline="")
-        os.replace(tmp, path)  # a kill or a full disk mid-write leaves the previous file, never half of one
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(run_dir / RECORD, json.dumps(record, indent=2, default=str) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,13 +252,13 @@ def compare(run_dirs: list[str | Path], out_dir: str | Path = DEFAULT_COMPARE_DI
         if names.count(s["row"]["run"]) > 1:
             s["row"]["run"] = str(s["dir"])
     rows = [s["row"] for s in summaries]
-    _write_atomic(out_dir / "comparison.md", comparison_table(rows) + samples_section(summaries))
+    write_atomic(out_dir / "comparison.md", comparison_table(rows) + samples_section(summaries))
     table = io.StringIO()
     writer = csv.DictWriter(table, fieldnames=[k for k, _ in COLUMNS] + ["run_dir"])
     writer.writeheader()
     for s in summaries:
         writer.writerow({**{k: s["row"].get(k) for k, _ in COLUMNS}, "run_dir": str(s["dir"])})
-    _write_atomic(out_dir / "comparison.csv", table.getvalue())
+    write_atomic(out_dir / "comparison.csv", table.getvalue())
     plot_comparison(summaries, out_dir / "comparison.png", x_axis=x_axis)
     print(comparison_table(rows), end="")
     return rows
@@ -515,22 +508,22 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = lambda message, category, *a, **k: f"warning: {message}\n"
     if bool(opts.sweep) == bool(opts.compare):
         parser.error("give either a sweep file or --compare RUN_DIR...")
-    try:
-        if opts.compare:
-            compare(opts.compare, opts.out or DEFAULT_COMPARE_DIR, x_axis=opts.x_axis)
-            return 0
-        if opts.dry_run:
-            selected = select(load_sweep(opts.sweep), opts.only)
-            validate(selected)
-            for i, run in enumerate(selected, 1):
-                print(f"[{i}/{len(selected)}] {run.name}  ({run_state(run.output_dir)}, {run.output_dir})  "
-                      + " ".join(to_argv(run.overrides)))
-            return 0
-        rows = run_sweep(opts.sweep, only=opts.only, force=opts.force, group=opts.group,
-                         stop_on_error=opts.stop_on_error, out=opts.out, x_axis=opts.x_axis)
-    except SweepError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2  # bad input, as every CLI of the toolkit says it
+    return run_main(lambda: _run(opts))
+
+
+def _run(opts) -> int:
+    if opts.compare:
+        compare(opts.compare, opts.out or DEFAULT_COMPARE_DIR, x_axis=opts.x_axis)
+        return 0
+    if opts.dry_run:
+        selected = select(load_sweep(opts.sweep), opts.only)
+        validate(selected)
+        for i, run in enumerate(selected, 1):
+            print(f"[{i}/{len(selected)}] {run.name}  ({run_state(run.output_dir)}, {run.output_dir})  "
+                  + " ".join(to_argv(run.overrides)))
+        return 0
+    rows = run_sweep(opts.sweep, only=opts.only, force=opts.force, group=opts.group,
+                     stop_on_error=opts.stop_on_error, out=opts.out, x_axis=opts.x_axis)
     outcomes = [r["outcome"] for r in rows]
     if "interrupted" in outcomes:
         return 130

@@ -36,13 +36,13 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import quiet_imports  # noqa: F401, I001  (before transformers)
 
-from errors import GPT2ToolkitError
+from atomic import atomic_path
+from errors import GPT2ToolkitError, run_main
 from model import ModelError, first_line, load_pretrained
 from quantize import is_quantized_folder
 
@@ -218,51 +218,36 @@ def export_gguf(model_dir: str | os.PathLike, out_file: str | os.PathLike, dtype
     tokens, types, merges, eot = vocab_entries(tokenizer, n_vocab)
     ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.{os.getpid()}.{time.time_ns()}.tmp"
-    writer = gguf.GGUFWriter(str(tmp), ARCH)
-    try:
-        writer.add_name(src.name or str(model_dir))
-        writer.add_block_count(cfg.n_layer)
-        writer.add_context_length(cfg.n_positions)
-        writer.add_embedding_length(cfg.n_embd)
-        writer.add_feed_forward_length(cfg.n_inner or 4 * cfg.n_embd)
-        writer.add_head_count(cfg.n_head)
-        writer.add_layer_norm_eps(cfg.layer_norm_epsilon)
-        writer.add_file_type(ftype)
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre(PRE_TOKENIZER)
-        writer.add_token_list(tokens)
-        writer.add_token_types(types)
-        writer.add_token_merges(merges)
-        writer.add_bos_token_id(eot)
-        writer.add_eos_token_id(eot)
-        writer.add_add_bos_token(False)
-        writer.add_add_eos_token(False)
-        tensors = list(_gguf_tensors(model))
-        for name, data in tqdm(tensors, desc=f"GGUF {dtype}", unit="tensor", disable=not progress):
-            data, qtype = _encode(name, data, _qtype(name, data, dtype))
-            writer.add_tensor(name, data, raw_dtype=qtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file(progress=False)
-        writer.close()
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    try:  # the rename itself survives a crash once the folder is flushed
-        fd = os.open(out.parent, os.O_RDONLY)
+    with atomic_path(out) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), ARCH)
         try:
-            os.fsync(fd)
+            writer.add_name(src.name or str(model_dir))
+            writer.add_block_count(cfg.n_layer)
+            writer.add_context_length(cfg.n_positions)
+            writer.add_embedding_length(cfg.n_embd)
+            writer.add_feed_forward_length(cfg.n_inner or 4 * cfg.n_embd)
+            writer.add_head_count(cfg.n_head)
+            writer.add_layer_norm_eps(cfg.layer_norm_epsilon)
+            writer.add_file_type(ftype)
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            writer.add_tokenizer_model("gpt2")
+            writer.add_tokenizer_pre(PRE_TOKENIZER)
+            writer.add_token_list(tokens)
+            writer.add_token_types(types)
+            writer.add_token_merges(merges)
+            writer.add_bos_token_id(eot)
+            writer.add_eos_token_id(eot)
+            writer.add_add_bos_token(False)
+            writer.add_add_eos_token(False)
+            tensors = list(_gguf_tensors(model))
+            for name, data in tqdm(tensors, desc=f"GGUF {dtype}", unit="tensor", disable=not progress):
+                data, qtype = _encode(name, data, _qtype(name, data, dtype))
+                writer.add_tensor(name, data, raw_dtype=qtype)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file(progress=False)
         finally:
-            os.close(fd)
-    except OSError:
-        pass
+            writer.close()  # flushes the file: atomic_path then syncs it and renames it into place
     return out
 
 
@@ -288,19 +273,23 @@ def parse_args(argv=None) -> ExportArguments:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        check_dtype(args.dtype)
-        src = Path(args.model_path).expanduser()
-        out = Path(args.out).expanduser() if args.out else src.with_name(f"{src.name}-{args.dtype}.gguf")
-        path = export_gguf(src, out, args.dtype, progress=sys.stderr.isatty())
-        print(f"{path}: {path.stat().st_size / 1e6:.1f} MB ({args.dtype}, architecture gpt2)")
-    except (GGUFError, ModelError, FileNotFoundError) as e:
-        print(f"error: {first_line(e, 400)}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"error: cannot write {e.filename or args.out or 'the output'}: {e.strerror or e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_main(lambda: _run(args), report=(FileNotFoundError,), explain=lambda e: _explain(e, args))
+
+
+def _run(args) -> None:
+    check_dtype(args.dtype)
+    src = Path(args.model_path).expanduser()
+    out = Path(args.out).expanduser() if args.out else src.with_name(f"{src.name}-{args.dtype}.gguf")
+    path = export_gguf(src, out, args.dtype, progress=sys.stderr.isatty())
+    print(f"{path}: {path.stat().st_size / 1e6:.1f} MB ({args.dtype}, architecture gpt2)")
+
+
+def _explain(e: BaseException, args) -> str | None:
+    if isinstance(e, (GGUFError, ModelError, FileNotFoundError)):
+        return first_line(e, 400)
+    if isinstance(e, OSError):
+        return f"cannot write {e.filename or args.out or 'the output'}: {e.strerror or e}"
+    return None
 
 
 if __name__ == "__main__":

@@ -42,7 +42,6 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,7 +50,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from errors import GPT2ToolkitError
+from atomic import atomic_path
+from errors import GPT2ToolkitError, run_main
 from model import load_pretrained
 
 MODES = ("int8", "int4")
@@ -410,9 +410,7 @@ def save_quantized(model, tokenizer, out_dir, source_dir=None) -> Path:
         "quantized": quantized,
         "source": str(source_dir) if source_dir else None,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_path(out, folder=True) as tmp:  # an existing --out is replaced only by a complete folder
         safetensors.torch.save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt", "quantization": recipe["mode"]})
         model.config.save_pretrained(tmp)
         if tokenizer is not None:
@@ -420,17 +418,7 @@ def save_quantized(model, tokenizer, out_dir, source_dir=None) -> Path:
         for name in COPIED_FILES:
             if source_dir and (Path(source_dir) / name).is_file():
                 shutil.copy2(Path(source_dir) / name, tmp / name)
-        (tmp / QUANT_FILE).write_text(json.dumps(info, indent=2) + "\n")  # last: marks the folder complete
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / QUANT_FILE).write_text(json.dumps(info, indent=2) + "\n")
     return out
 
 
@@ -576,30 +564,33 @@ def _check_source(path: Path) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        check_mode(args.mode, args.group_size)
-        src = Path(args.model_path).expanduser()
-        _check_source(src)
-        out = Path(args.out).expanduser() if args.out else src.with_name(f"{src.name}-{args.mode}")
-        if out.resolve() == src.resolve():
-            raise QuantizationError("--out must differ from --model_path.")
-        tokenizer, model = load_pretrained(src, torch.float32, local_hint=QuantizeArguments.model_path)
-        quantize_model(model, args.mode, args.group_size)
-        save_quantized(model, tokenizer, out, source_dir=src if src.is_dir() else None)
-        before, after = folder_size(src) if src.is_dir() else None, folder_size(out)
-        what = f"{args.mode}" + (f", groups of {args.group_size}" if args.mode == "int4" else "")
-        if before:
-            print(f"{src}: {before / 1e6:.1f} MB -> {out}: {after / 1e6:.1f} MB ({what}, {after / before:.1%} of the original)")
-        else:
-            print(f"{out}: {after / 1e6:.1f} MB ({what})")
-    except (ValueError, FileNotFoundError) as e:  # QuantizationError, model.ModelError
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # writing the output: a full disk, a file where a folder should be, no permission
-        print(f"error: cannot write {e.filename or args.out or 'the output'}: {e.strerror or e}"
-              + (" (free some space, or pass --out on another disk)" if e.errno == errno.ENOSPC else ""), file=sys.stderr)
-        return 2
-    return 0
+    return run_main(lambda: _run(args), report=(ValueError, FileNotFoundError), explain=lambda e: _explain(e, args))
+
+
+def _run(args) -> None:
+    check_mode(args.mode, args.group_size)
+    src = Path(args.model_path).expanduser()
+    _check_source(src)
+    out = Path(args.out).expanduser() if args.out else src.with_name(f"{src.name}-{args.mode}")
+    if out.resolve() == src.resolve():
+        raise QuantizationError("--out must differ from --model_path.")
+    tokenizer, model = load_pretrained(src, torch.float32, local_hint=QuantizeArguments.model_path)
+    quantize_model(model, args.mode, args.group_size)
+    save_quantized(model, tokenizer, out, source_dir=src if src.is_dir() else None)
+    before, after = folder_size(src) if src.is_dir() else None, folder_size(out)
+    what = f"{args.mode}" + (f", groups of {args.group_size}" if args.mode == "int4" else "")
+    if before:
+        print(f"{src}: {before / 1e6:.1f} MB -> {out}: {after / 1e6:.1f} MB ({what}, {after / before:.1%} of the original)")
+    else:
+        print(f"{out}: {after / 1e6:.1f} MB ({what})")
+
+
+def _explain(e: BaseException, args) -> str | None:
+    """Writing the output failed: a full disk, a file where a folder should be, no permission."""
+    if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
+        return (f"cannot write {e.filename or args.out or 'the output'}: {e.strerror or e}"
+                + (" (free some space, or pass --out on another disk)" if e.errno == errno.ENOSPC else ""))
+    return None
 
 
 if __name__ == "__main__":

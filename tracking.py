@@ -24,6 +24,7 @@ from transformers import TrainerCallback
 
 import decode
 import generate
+from atomic import atomic_path, write_atomic
 
 REPO_DIR = Path(__file__).resolve().parent
 WANDB_ID_FILE = "wandb_run_id.txt"
@@ -46,9 +47,7 @@ class LocalMetricsCallback(TrainerCallback):
         # short; the file is rewritten aside and renamed, so that it is whole again and never half-written.
         if state.is_world_process_zero and self.path.is_file():
             kept = [l for l in read_metrics(self.path, warn=True) if l.get("step", 0) <= state.global_step]
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(json.dumps(l) + "\n" for l in kept))
-            os.replace(tmp, self.path)
+            write_atomic(self.path, "".join(json.dumps(l) + "\n" for l in kept))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
@@ -93,10 +92,11 @@ def save_figure(fig, png_path: Path) -> None:
     """Write `fig` as a PNG whole (a temporary file renamed into place: a reader never sees half a
     plot) and close it."""
     fig.tight_layout()
-    tmp = png_path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    pyplot().close(fig)
-    os.replace(tmp, png_path)
+    try:
+        with atomic_path(png_path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        pyplot().close(fig)
 
 
 def plot_losses(metrics_path: Path, png_path: Path) -> None:
@@ -190,9 +190,7 @@ class SampleCallback(TrainerCallback):
         if state.is_world_process_zero:
             self.rows = [r for r in read_samples(self.path, warn=True) if r["step"] <= state.global_step]
             if self.path.is_file():  # rewritten aside and renamed, as metrics.jsonl
-                tmp = self.path.with_suffix(".jsonl.tmp")
-                tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
-                os.replace(tmp, self.path)
+                write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
 
     def on_train_end(self, args, state, control, **kwargs):
         self.training = False  # the final evaluate() after training samples nothing: train.py prints the final samples

@@ -33,271 +33,30 @@ import errno
 import json
 import math
 import shutil
-import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import quiet_imports  # noqa: F401, I001  (before transformers: keeps torchao's import-time warnings off stderr)
-from transformers import (EarlyStoppingCallback, Trainer, TrainerCallback, default_data_collator, set_seed)
+from accelerate.utils import broadcast_object_list
+from transformers import (EarlyStoppingCallback, Trainer, default_data_collator, set_seed)
 
 import dataset
+from atomic import install, temp_beside
 from checkpoints import (COMPLETE, UserError, check_checkpoint_fits, checkpoint_step, choose_checkpoint,  # noqa: F401
-                         latest_complete_checkpoint, make_output_dir, mark_complete, remove_partial_checkpoints,
-                         replace_folder, rotate_checkpoints, unmark)
-from errors import GPT2ToolkitError
-from estimate import (GPU_MEMORY_SHARE, accumulation_steps, available_memory, estimate_memory, estimate_time, flops_per_token,
+                         latest_complete_checkpoint, make_output_dir, remove_partial_checkpoints)
+from errors import GPT2ToolkitError, run_main
+from estimate import (GPU_MEMORY_SHARE, accumulation_steps, available_memory, estimate_memory, flops_per_token,
                       gpu_batch_size, largest_batch, peak_flops, what_fits)
 from gpt2_tokenizer import load_tokenizer
 from model import FusedCausalLMLoss, ModelError, check_vocab, first_line, get_model, no_logits, padded_vocab_size, whole_blocks
-from optimizers import attach_found_inf, muon_with_adamw
 from perplexity import token_byte_lengths
+from trainer import EtaCallback, GPT2Trainer, StopOnSignalCallback
 from tracking import LocalMetricsCallback, SampleCallback, draw_samples, finish_wandb, manifest, start_wandb
 from train_args import (COMPILE_PAYS_AFTER_S, CPU_MAX_STEPS, DataArguments, ModelArguments, TrainArguments, check_block_size,  # noqa: F401
                         parse_args, parse_config_file, resolve_defaults, scratch_learning_rate, split_kwargs)
-
-# ----------------------------------------------------------------------------------------------
-# The Trainer: checkpoints marked COMPLETE last, guards, perplexity, Ctrl-C
-
-
-class NonFiniteLossError(GPT2ToolkitError, RuntimeError):
-    pass
-
-
-class GPT2Trainer(Trainer):
-    """Trainer whose checkpoints are marked COMPLETE last, whose loss comes from the hidden states (FusedCausalLMLoss
-    installed on the model), whose training steps read nothing on the host, and which stops on a NaN/inf loss."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.guard = NonFiniteGuard(self)
-        self.add_callback(self.guard)
-        self.add_callback(CompleteCheckpoints(self))
-
-    def create_optimizer(self, model=None):
-        """--optim muon: Muon for the hidden matrices, AdamW for the rest (optimizers.py); else the Trainer's."""
-        if self.args.optim != "muon" or self.optimizer is not None:
-            return super().create_optimizer(model)
-        model = self.model if model is None else model
-        decay = set(self.get_decay_parameter_names(model))  # the Trainer's rule: no decay on biases and LayerNorms
-        self.optimizer = muon_with_adamw(
-            model, lr=self.args.learning_rate, muon_lr=self.args.muon_learning_rate, weight_decay=self.args.weight_decay,
-            betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon,
-            no_decay={n for n, _ in model.named_parameters() if n not in decay})
-        return self.optimizer
-
-    def create_scheduler(self, num_training_steps: int, optimizer=None):
-        """warmup_stable_decay decays linearly over the last --decay_fraction of the run, unless
-        --lr_scheduler_kwargs says otherwise (transformers' own default is a cosine over a number of steps)."""
-        if self.args.lr_scheduler_type == "warmup_stable_decay" and self.lr_scheduler is None:
-            kwargs = dict(self.args.lr_scheduler_kwargs or {})
-            kwargs.setdefault("num_decay_steps", math.ceil(self.args.decay_fraction * num_training_steps))
-            kwargs.setdefault("decay_type", "linear")
-            kwargs["num_decay_steps"] = min(kwargs["num_decay_steps"], num_training_steps - self.args.get_warmup_steps(num_training_steps))
-            saved, self.args.lr_scheduler_kwargs = self.args.lr_scheduler_kwargs, kwargs
-            try:
-                return super().create_scheduler(num_training_steps, optimizer)
-            finally:
-                self.args.lr_scheduler_kwargs = saved
-        return super().create_scheduler(num_training_steps, optimizer)
-
-    def get_batch_samples(self, epoch_iterator, num_batches, device):
-        if 0 < self.state.max_steps <= self.state.global_step:
-            # Resumed from the last step's checkpoint (the run stopped during its final evaluation or save):
-            # transformers would train one step past --max_steps before its check, and change the final model.
-            # No batches: the Trainer runs no step and stops at the flag.
-            self.control.should_training_stop = True
-            return [], None
-        return super().get_batch_samples(epoch_iterator, num_batches, device)
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if isinstance(getattr(self.model, "_loss_function", None), FusedCausalLMLoss) and "labels" in inputs:
-            # The model's loss comes from its final hidden states; it computes logits for no position.
-            inputs = {**inputs, "logits_to_keep": no_logits(inputs["labels"].device)}
-        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        with whole_blocks(self.model):  # training blocks are never padded: no mask, no checks that read the input
-            loss = super().training_step(model, inputs, num_items_in_batch)
-        return self.guard.observe(loss)
-
-    def prediction_step(self, *args, **kwargs):
-        with whole_blocks(self.model):  # validation blocks are whole too
-            return super().prediction_step(*args, **kwargs)
-
-    val_bytes_per_token: float | None = None  # UTF-8 bytes per scored validation token (val_bytes_per_token)
-
-    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if "eval_loss" in logs:
-            logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))  # capped: exp overflows past ~709
-            if self.val_bytes_per_token:
-                logs["eval_bits_per_byte"] = logs["eval_loss"] / math.log(2) / self.val_bytes_per_token
-        super().log(logs, *args, **kwargs)
-
-
-class CompleteCheckpoints(TrainerCallback):
-    """A checkpoint is marked COMPLETE only after the Trainer has written all of it (on_save), and older ones are
-    rotated only then, so a run killed mid-save always leaves the previous complete checkpoint. The Trainer's own
-    rotation, which runs inside its save before the new checkpoint is whole, is turned off (its save_total_limit set to None);
-    this callback keeps --save_total_limit checkpoints plus the best one."""
-
-    def __init__(self, trainer: Trainer):
-        self.trainer = trainer
-        self.keep = trainer.args.save_total_limit
-        trainer.args.save_total_limit = None
-
-    def checkpoint(self, args, state) -> Path:
-        return Path(args.output_dir) / f"checkpoint-{state.global_step}"
-
-    def on_step_end(self, args, state, control, **kwargs):
-        # A folder left by an earlier run (resumed from an older checkpoint) is about to be written again: it must
-        # not look complete while it holds a mix of old and new files.
-        if control.should_save and args.should_save:
-            unmark(self.checkpoint(args, state))
-
-    on_epoch_end = on_step_end
-
-    def on_save(self, args, state, control, **kwargs):
-        self.trainer.accelerator.wait_for_everyone()  # every rank's RNG state is on disk
-        if args.should_save:
-            mark_complete(self.checkpoint(args, state))
-            rotate_checkpoints(args.output_dir, self.keep, state.best_model_checkpoint)
-
-
-class NonFiniteGuard(TrainerCallback):
-    """Stops training on a NaN/inf loss, with the step it happened at and the last good checkpoint, without reading
-    the loss on the host at every step (each such read makes the CPU wait for a GPU's queue to drain).
-
-    Each micro-step's loss is tested on the device. Under fp16 loss scaling the GradScaler skips an overflowing step
-    itself; the guard counts skipped steps and stops after max_skipped_steps in a row (divergence). Otherwise the
-    first non-finite loss sets a flag that the optimizer reads on the device (optimizers.attach_found_inf: torch's
-    fused AdamW, Muon), skipping that step and every later one, so the weights stay those from before it. The host
-    reads the guard only where the Trainer reads the loss anyway or is about to keep the weights: at steps that log,
-    evaluate, save or end training, and at the end of each epoch. An optimizer that cannot take the flag is guarded
-    the old way, with a host read at every step."""
-
-    max_skipped_steps = 20  # fp16 loss scaling skips a few overflowing steps by design; many mean divergence
-
-    def __init__(self, trainer: Trainer):
-        self.trainer = trainer
-        self.flags: dict[str, torch.Tensor] | None = None  # on the loss's device, made at the first step
-        self.on_device = False  # the optimizer skips flagged steps itself
-
-    def scaler(self):
-        return self.trainer.accelerator.scaler
-
-    def observe(self, loss: torch.Tensor) -> torch.Tensor:
-        """Called with each micro-step's loss; returns the loss to log (0 for a step the fp16 scaler skips)."""
-        bad = ~torch.isfinite(loss)
-        if self.flags is None:
-            zero = torch.zeros((), device=loss.device)
-            self.flags = {"found_inf": zero.clone(), "first_step": zero.clone(), "first_loss": zero.clone(),
-                          "step_bad": zero.clone(), "run": zero.clone(), "longest_run": zero.clone(), "skipped": zero.clone()}
-            self.on_device = self.scaler() is None and attach_found_inf(self.trainer.optimizer, self.flags["found_inf"])
-        s, step = self.flags, self.trainer.state.global_step + 1
-        first = bad & (s["first_step"] == 0)
-        s["first_step"] = torch.where(first, step, s["first_step"])
-        s["first_loss"] = torch.where(first, loss.detach().float(), s["first_loss"])
-        s["step_bad"] = torch.maximum(s["step_bad"], bad.float())
-        if self.scaler() is not None:
-            return torch.where(bad, torch.zeros_like(loss), loss)  # the scaler skips the step; log 0, not inf
-        if self.on_device:
-            s["found_inf"].copy_(torch.maximum(s["found_inf"], bad.float()))  # in place: the optimizer holds this tensor
-        else:
-            self.check()  # the optimizer would apply this step's gradients: read now
-        return loss
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if self.flags is not None and args.world_size > 1 and torch.distributed.is_initialized():
-            # The gradients are all-reduced: a non-finite loss on one rank is every rank's to skip and stop on
-            # (a collective queued on the device, not a host read).
-            s = self.flags
-            flags = torch.stack([s["found_inf"], s["step_bad"], s["first_step"]])
-            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-            s["found_inf"].copy_(flags[0])
-            s["step_bad"], s["first_step"] = flags[1], flags[2]
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.flags is None:
-            return
-        s = self.flags
-        s["run"] = (s["run"] + 1) * s["step_bad"]  # optimizer steps skipped in a row, on the device
-        s["longest_run"] = torch.maximum(s["longest_run"], s["run"])
-        s["skipped"] = s["skipped"] + s["step_bad"]
-        s["step_bad"] = torch.zeros_like(s["step_bad"])
-        if control.should_log or control.should_evaluate or control.should_save or control.should_training_stop:
-            self.check()
-
-    def on_epoch_end(self, args, state, control, **kwargs):
-        if self.flags is not None:
-            self.check()
-
-    def skipped(self) -> int:
-        """Optimizer steps the fp16 scaler skipped so far (a host read)."""
-        return 0 if self.flags is None else int(self.flags["skipped"].item())
-
-    def check(self) -> None:
-        """Read the guard on the host: raise NonFiniteLossError, or report the steps the fp16 scaler skipped."""
-        s = self.flags
-        first = int(s["first_step"].item())
-        if not first:
-            return
-        if self.scaler() is not None:
-            skipped, longest = self.skipped(), int(s["longest_run"].item())
-            print(f"Non-finite loss under fp16 loss scaling from step {first}: {skipped} optimizer step(s) skipped so far.")
-            s["first_step"].zero_()
-            s["skipped"].zero_()
-            if longest <= self.max_skipped_steps:
-                return
-            message = f"fp16 loss scaling skipped {longest} optimizer steps in a row (a non-finite loss first at step {first})"
-        else:
-            message = (f"The training loss became {s['first_loss'].item()} at step {first}; the optimizer skipped that step "
-                       "and every one after it, so the weights are those from before it")
-        latest = latest_complete_checkpoint(self.trainer.args.output_dir)
-        raise NonFiniteLossError(
-            f"{message}. Last good checkpoint: {latest or 'none yet'}. Try a lower --learning_rate, a longer --warmup_steps, "
-            f"--max_grad_norm 1.0, or --precision fp32/bf16, then resume with --resume {latest or 'never'}.")
-
-
-class StopOnSignalCallback(TrainerCallback):
-    """Ctrl-C (SIGINT) or SIGTERM: finish the current step, save a checkpoint, stop. A second Ctrl-C kills."""
-
-    def __init__(self):
-        self.requested = False
-        self.stopped = False
-        self._previous = {}
-
-    def install(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def uninstall(self):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
-
-    def _handle(self, signum, frame):
-        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping "
-              "(press Ctrl-C again to stop at once).", flush=True)
-        self.requested = True
-        signal.signal(signum, signal.SIG_DFL if signum != signal.SIGINT else signal.default_int_handler)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        requested = self.requested
-        if args.world_size > 1 and torch.distributed.is_initialized():
-            # Every rank must stop at the same step, or the others would wait forever in the next all-reduce.
-            flag = torch.tensor([int(requested)], device=args.device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            requested = bool(flag.item())
-        if requested:
-            self.stopped = True
-            control.should_save = True
-            control.should_training_stop = True
-        return control
-
 
 # ----------------------------------------------------------------------------------------------
 # The training run, in the order of transformers' run_clm: arguments, data, model, Trainer, train,
@@ -483,33 +242,6 @@ def verify_batch_size(model, args: TrainArguments, block: int) -> None:
                 torch.cuda.empty_cache()
 
 
-class EtaCallback(TrainerCallback):
-    """After the first timed steps (the first step, which compiles and warms up, is not timed): tokens/s, the
-    ETA of the remaining steps and, on a GPU whose peak is known, the FLOPs utilisation, printed once."""
-
-    def __init__(self, plan: dict, timed_steps: int = 10):
-        self.plan, self.timed_steps, self.start = plan, timed_steps, None
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == 1 or self.start is None:
-            self.start, self.start_step = time.perf_counter(), state.global_step
-            return
-        done = state.global_step - self.start_step
-        if done == min(self.timed_steps, state.max_steps - self.start_step) and state.is_world_process_zero:
-            speed = done * self.plan["tokens_per_step"] / (time.perf_counter() - self.start)
-            name = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else None
-            peak = peak_flops(name, "bf16" if args.bf16 or args.fp16 else "fp32")
-            left = estimate_time(self.plan["tokens_per_step"], state.max_steps - state.global_step, speed,
-                                 self.plan["flops_per_token"], peak)
-            self.plan["measured"] = {"step": state.global_step, "tokens_per_s": speed, "eta_s": left.seconds,
-                                     "utilization": left.utilization}
-            memory = ""
-            if args.device.type == "cuda":
-                self.plan["measured"]["peak_memory"] = peak = torch.cuda.max_memory_allocated(args.device)
-                memory = f"; peak GPU memory {peak / 2**30:.1f} GiB (estimated {self.plan['memory']['total'] / 2**30:.1f})"
-            print(f"After {state.global_step} steps: {left.line()} to go{memory}.")
-
-
 def model_config(model_args: ModelArguments, data_args: DataArguments):
     """The shape the run's model will have, without building it: the pretrained config, or the new model's with
     the tokenizer's padded vocabulary. None when a pretrained config cannot be read here (get_model says why later)."""
@@ -678,20 +410,21 @@ def report_stop(trainer: GPT2Trainer) -> str | None:
 
 
 def save_final_model(trainer: Trainer, final_dir: Path, eval_metrics: dict, manifest: dict) -> None:
-    """final_model/ is written aside and renamed into place, so it is never half-written.
+    """final_model/ is written aside and renamed into place (atomic.py), so it is never half-written.
 
-    Every rank calls this (FSDP gathers the full weights collectively); only the main process writes."""
-    tmp = final_dir.with_name(final_dir.name + ".tmp")
-    if trainer.args.should_save and tmp.exists():
-        shutil.rmtree(tmp)
-    trainer.accelerator.wait_for_everyone()
-    trainer.save_model(str(tmp))  # weights, config.json, generation_config.json, tokenizer files
+    Every rank calls this (FSDP gathers the full weights collectively) and saves into the main process's temporary
+    folder; only the main process writes."""
+    tmp = [str(temp_beside(final_dir, folder=True)) if trainer.args.should_save else None]
+    if trainer.accelerator.num_processes > 1:
+        broadcast_object_list(tmp)
+    trainer.save_model(tmp[0])  # weights, config.json, generation_config.json, tokenizer files
     trainer.accelerator.wait_for_everyone()
     if trainer.args.should_save:
+        tmp = Path(tmp[0])
         (tmp / "eval_results.json").write_text(json.dumps(eval_metrics, indent=2) + "\n")
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
         (tmp / "training_args.bin").unlink(missing_ok=True)
-        replace_folder(tmp, final_dir)
+        install(tmp, final_dir)
     if trainer.args.should_log:
         print(f"Final model saved in {final_dir} (load it with transformers.pipeline('text-generation', model='{final_dir}')).")
 
@@ -731,9 +464,7 @@ def explain_error(e: BaseException, args: TrainArguments | None) -> str | None:
     latest = latest_complete_checkpoint(out)
     resume_hint = f" The last complete checkpoint, {latest}, is intact; rerun to resume from it." if latest else ""
     text = str(e)
-    if isinstance(e, (UserError, NonFiniteLossError, ModelError)):
-        return text
-    if e.__class__.__name__ == "DataError":
+    if isinstance(e, GPT2ToolkitError):
         return text
     if isinstance(e, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text:
         return ("Out of memory. Use a smaller --per_device_train_batch_size (with --gradient_accumulation_steps to keep "
@@ -766,22 +497,18 @@ def train(**kwargs) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = None
-    try:
-        model_args, data_args, args = parse_args(argv)
-        result = run(model_args, data_args, args)
-    except KeyboardInterrupt:  # Ctrl-C outside the training loop (tokenizing, loading), or a second Ctrl-C
-        latest = latest_complete_checkpoint(args.output_dir if args else "logs")
-        print(f"error: interrupted; rerun the same command to {f'resume from {latest}' if latest else 'start again'}.",
-              file=sys.stderr)
-        return 130
-    except Exception as e:
-        message = explain_error(e, args)
-        if message is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        return 2
-    return 130 if result.get("interrupted") else 0
+    parsed: list = []
+
+    def body() -> int:
+        parsed.extend(parse_args(argv))
+        result = run(*parsed)
+        return 130 if result.get("interrupted") else 0
+
+    def interrupted() -> str:  # Ctrl-C outside the training loop (tokenizing, loading), or a second Ctrl-C
+        latest = latest_complete_checkpoint(parsed[2].output_dir if parsed else "logs")
+        return f"interrupted; rerun the same command to {f'resume from {latest}' if latest else 'start again'}."
+
+    return run_main(body, explain=lambda e: explain_error(e, parsed[2] if parsed else None), interrupted=interrupted)
 
 
 if __name__ == "__main__":

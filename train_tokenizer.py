@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -38,6 +37,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import dataset
+from atomic import atomic_path
+from errors import run_main
 from gpt2_tokenizer import CONTEXT_LENGTH, EOT, SPECIAL_TOKENS, load_tokenizer
 from readers import DataError
 
@@ -134,7 +135,7 @@ def train_tokenizer(
                     "mb_per_s": round(plan.trained_bytes / 1e6 / seconds, 3)},
         "held_out": compare_bytes_per_token(tokenizer, held_out),
     }
-    _save(tokenizer, report, out, overwrite)
+    _save(tokenizer, report, out)
     return tokenizer, report
 
 
@@ -252,23 +253,12 @@ def _wrap(backend):
                              add_prefix_space=False, clean_up_tokenization_spaces=False, model_max_length=CONTEXT_LENGTH)
 
 
-def _save(tokenizer, report: dict, out: Path, overwrite: bool) -> None:
-    """Write the folder beside `out` and rename it into place: an interrupted run leaves no half tokenizer."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.{os.getpid()}.{time.time_ns()}.tmp"
-    tmp.mkdir()  # not mkdtemp: the folder keeps the user's usual permissions, not 0700
-    try:
+def _save(tokenizer, report: dict, out: Path) -> None:
+    """Write the folder beside `out` and rename it into place (atomic.py): an interrupted run leaves no half
+    tokenizer. train_tokenizer has refused an existing `out` without --overwrite before training."""
+    with atomic_path(out, folder=True) as tmp:
         tokenizer.save_pretrained(str(tmp))
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-        if out.exists() and overwrite:
-            old = tmp.with_suffix(".old")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def compare_bytes_per_token(tokenizer, texts: list[str]) -> dict:
@@ -302,14 +292,13 @@ def main(argv: Optional[list] = None) -> int:
 
     parser = HfArgumentParser(TokenizerArguments, description=__doc__.split("\n\n")[0])
     (cli,) = parser.parse_args_into_dataclasses(args=argv)
-    try:
+
+    def body():
         _, report = train_tokenizer(**asdict(cli))
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_report(report))
-    print(f"Saved to {cli.out}. Train on it: python train.py --tokenizer_name {cli.out} ...")
-    return 0
+        print(format_report(report))
+        print(f"Saved to {cli.out}. Train on it: python train.py --tokenizer_name {cli.out} ...")
+
+    return run_main(body)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from atomic import write_atomic
 from errors import GPT2ToolkitError
 
 TOKENIZER_DIR = Path(__file__).resolve().parent
@@ -91,11 +92,11 @@ def build(out_dir: str | os.PathLike = TOKENIZER_DIR, source_dir: str | os.PathL
         raise TokenizerFilesError("The GPT-2 tokenizer built from the official files does not encode as expected.")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    # Save aside and rename into place: concurrent processes (torchrun ranks) never read half a file.
-    with tempfile.TemporaryDirectory(dir=out) as tmp:
+    # Each file written whole (atomic.py): concurrent processes (torchrun ranks) never read half a file.
+    with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
         for f in Path(tmp).iterdir():
-            os.replace(f, out / f.name)
+            write_atomic(out / f.name, f.read_bytes())
     return out
 
 

@@ -33,6 +33,7 @@ def weights_hash(model) -> str:
 def install_faults() -> None:
     """Patch train (the module experiments.py calls too) with the faults the environment asks for."""
     import train
+    import trainer
     from transformers import TrainerCallback
 
     sleep = float(os.environ.get("GPT2_DEBUG_STEP_SLEEP", "0"))
@@ -54,14 +55,14 @@ def install_faults() -> None:
 
     train.GPT2Trainer = FaultyTrainer
 
-    real_mark_complete = train.mark_complete
+    real_mark_complete = trainer.mark_complete
 
     def mark_complete(checkpoint):
         if kill_in_save is not None and Path(checkpoint).name == f"checkpoint-{kill_in_save}":
             os.kill(os.getpid(), signal.SIGKILL)  # every file of the checkpoint is written, the marker is not
         real_mark_complete(checkpoint)
 
-    train.mark_complete = mark_complete
+    trainer.mark_complete = mark_complete
 
     real_save_final_model = train.save_final_model
 

@@ -459,7 +459,7 @@ def test_cache_dir_that_is_a_file_or_read_only(tmp_path, monkeypatch):
     def read_only(*args, **kwargs):  # tests run as root, which may write into a chmod 555 folder
         raise OSError(30, "Read-only file system")
 
-    monkeypatch.setattr(dataset.tempfile, "mkdtemp", read_only)
+    monkeypatch.setattr(dataset, "temp_beside", read_only)
     with pytest.raises(DataError, match=r"cannot write the token cache there \(Read-only file system\)"):
         get_dataset_and_tokenizer(dataset_path=str(tmp_path / "d.jsonl"), cache_dir=str(tmp_path / "ro"))
 

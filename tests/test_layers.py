@@ -19,6 +19,7 @@ RANKS = {
     "generate": 6,
     "checkpoints": 7, "tracking": 7, "perplexity": 7, "web_api": 8,
     "train_args": 8,
+    "trainer": 8,
     "train": 9, "evaluation": 9, "web_demo": 9,
     "sweep_spec": 10,
     "experiments": 11,

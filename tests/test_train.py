@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file
 
 import checkpoints
@@ -785,14 +786,14 @@ def test_resume_from_a_folder_of_any_name(run_copy, tmp_path, corpus, cache_dir)
 
 def test_an_overwritten_checkpoint_is_incomplete_until_rewritten(run_copy, corpus, cache_dir, monkeypatch, capsys):
     # Resuming from checkpoint-4 rewrites checkpoint-8 in place; a failure half way must not leave the old marker.
-    real = train_mod.Trainer._save_optimizer_and_scheduler
+    real = transformers.Trainer._save_optimizer_and_scheduler
 
     def disk_full_at_step_8(self, output_dir):
         if self.state.global_step == 8:
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(self, output_dir)
 
-    monkeypatch.setattr(train_mod.Trainer, "_save_optimizer_and_scheduler", disk_full_at_step_8)
+    monkeypatch.setattr(transformers.Trainer, "_save_optimizer_and_scheduler", disk_full_at_step_8)
     assert main(to_argv(tiny_kwargs(run_copy, corpus, cache_dir, max_steps=8, resume=str(run_copy / "checkpoint-4")))) == 2
     assert "disk is full" in capsys.readouterr().err
     assert (run_copy / "checkpoint-8" / "model.safetensors").is_file() and not (run_copy / "checkpoint-8" / COMPLETE).exists()
@@ -872,7 +873,7 @@ def test_a_training_step_that_does_not_log_reads_no_tensor_on_the_host(tmp_path,
         monkeypatch.setattr(torch.Tensor, name, counted)
     steps = []
 
-    class Count(train_mod.TrainerCallback):
+    class Count(transformers.TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
             step = state.global_step + 1  # neither the first, nor one that logs, evaluates, saves or ends training
             counting[0] = 1 < step < args.max_steps and step % 5 != 0
@@ -887,7 +888,7 @@ def test_a_training_step_that_does_not_log_reads_no_tensor_on_the_host(tmp_path,
     assert reads == {}, reads
 
 
-class Weights(train_mod.TrainerCallback):
+class Weights(transformers.TrainerCallback):
     """The model's weights after each optimizer step."""
 
     def __init__(self):
@@ -949,21 +950,21 @@ def test_out_of_memory_says_what_to_change(tmp_path, corpus, cache_dir, monkeypa
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(train_mod.Trainer, "training_step", oom)
+    monkeypatch.setattr(transformers.Trainer, "training_step", oom)
     rc = main(to_argv(tiny_kwargs(tmp_path, corpus, cache_dir)))
     err = capsys.readouterr().err
     assert rc == 2 and "Out of memory" in err and "--per_device_train_batch_size" in err and "--block_size" in err
 
 
 def test_full_disk_keeps_the_previous_checkpoint(tmp_path, corpus, cache_dir, monkeypatch, capsys):
-    real = train_mod.Trainer._save_optimizer_and_scheduler
+    real = transformers.Trainer._save_optimizer_and_scheduler
 
     def disk_full_at_step_8(self, output_dir):
         if self.state.global_step == 2 * SAVE_STEPS:
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(self, output_dir)
 
-    monkeypatch.setattr(train_mod.Trainer, "_save_optimizer_and_scheduler", disk_full_at_step_8)
+    monkeypatch.setattr(transformers.Trainer, "_save_optimizer_and_scheduler", disk_full_at_step_8)
     rc = main(to_argv(tiny_kwargs(tmp_path, corpus, cache_dir)))
     err = capsys.readouterr().err
     assert rc == 2 and "disk is full" in err and "--output_dir" in err and "checkpoint-4, is intact" in err
@@ -986,7 +987,7 @@ TORCH_WRITE_FAILED = "[enforce fail at inline_container.cc:672] . PytorchStreamW
 
 
 def test_torch_write_failure_on_a_full_disk_is_explained(run_copy, corpus, cache_dir, monkeypatch, capsys):
-    real = train_mod.Trainer._save_optimizer_and_scheduler
+    real = transformers.Trainer._save_optimizer_and_scheduler
 
     def torch_save_fails_at_step_8(self, output_dir):
         if self.state.global_step == 8:
@@ -994,7 +995,7 @@ def test_torch_write_failure_on_a_full_disk_is_explained(run_copy, corpus, cache
         return real(self, output_dir)
 
     shutil.rmtree(run_copy / "checkpoint-8")
-    monkeypatch.setattr(train_mod.Trainer, "_save_optimizer_and_scheduler", torch_save_fails_at_step_8)
+    monkeypatch.setattr(transformers.Trainer, "_save_optimizer_and_scheduler", torch_save_fails_at_step_8)
     monkeypatch.setattr(shutil, "disk_usage", fake_disk(2**20))
     assert main(to_argv(tiny_kwargs(run_copy, corpus, cache_dir, max_steps=8))) == 2
     err = capsys.readouterr().err
