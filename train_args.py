@@ -40,6 +40,38 @@ COMPILE_PAYS_AFTER_S = 300
 # Arguments
 
 
+# Numeric flags the Trainer takes as they come: each must be a finite number in its range, or a run silently does
+# something else (--max_grad_norm nan turns clipping off, --weight_decay nan makes every weight NaN at the first step).
+# name: (lowest, highest, "[" or "(" for whether the lowest is allowed, "]" or ")" for the highest, what it means)
+NUMERIC_RANGES = {
+    "weight_decay": (0, math.inf, "[)", "a number at least 0"),
+    "max_grad_norm": (0, math.inf, "[)", "a number at least 0 (0: no clipping)"),
+    "adam_beta1": (0, 1, "[)", "at least 0 and less than 1"),
+    "adam_beta2": (0, 1, "[)", "at least 0 and less than 1"),
+    "adam_epsilon": (0, math.inf, "()", "a positive number"),
+    "warmup_steps": (0, math.inf, "[)", "a number of steps at least 0 (or a fraction of the run below 1)"),
+    "label_smoothing_factor": (0, 1, "[)", "at least 0 and less than 1"),
+    "logging_steps": (0, math.inf, "()", "a positive number of steps (or a fraction of the run below 1)"),
+    "save_steps": (0, math.inf, "()", "a positive number of steps (or a fraction of the run below 1)"),
+    "eval_steps": (0, math.inf, "()", "a positive number of steps (or a fraction of the run below 1)"),
+    "max_warmup_fraction": (0, 1, "[]", "between 0 and 1"),
+    "decay_fraction": (0, 1, "(]", "more than 0 and at most 1"),
+    "muon_learning_rate": (0, math.inf, "()", "a positive number"),
+}
+
+
+def check_numeric_flags(args) -> None:
+    """Refuse a NUMERIC_RANGES flag that is not finite or out of its range, before anything is read or trained."""
+    for name, (low, high, ends, meaning) in NUMERIC_RANGES.items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        above = low <= value if ends[0] == "[" else low < value
+        below = value <= high if ends[1] == "]" else value < high
+        if not (math.isfinite(value) and above and below):
+            raise UserError(f"--{name} {value:g}: must be {meaning}.")
+
+
 @dataclass
 class ModelArguments:
     """The model: a preset size, any shape, or pretrained weights to fine-tune (see model.get_model)."""
@@ -233,8 +265,7 @@ class TrainArguments(TrainingArguments):
         if compile_choice not in ("auto", "on", "off"):
             raise UserError(f"--torch_compile {self.torch_compile!r}: choose auto, on or off.")
         self.torch_compile = compile_choice == "on"  # transformers' bool; "auto" comes back after its checks
-        if not 0 <= self.max_warmup_fraction <= 1:
-            raise UserError(f"--max_warmup_fraction {self.max_warmup_fraction}: must be between 0 and 1.")
+        check_numeric_flags(self)
         if self.sample_prompts in (["none"], ["None"]):
             self.sample_prompts = []
         if self.sample_every is not None and self.sample_every < 0:
@@ -244,10 +275,6 @@ class TrainArguments(TrainingArguments):
             if self.early_stopping_patience < 1:
                 raise UserError(f"--early_stopping_patience {self.early_stopping_patience}: must be at least 1 evaluation.")
             self.load_best_model_at_end = True  # early stopping means the best model is the one to keep
-        if not 0 < self.decay_fraction <= 1:
-            raise UserError(f"--decay_fraction {self.decay_fraction}: must be more than 0 and at most 1.")
-        if not 0 < self.muon_learning_rate < math.inf:
-            raise UserError(f"--muon_learning_rate {self.muon_learning_rate:g}: must be a positive number.")
         # transformers knows neither "auto" nor "muon": it checks a stand-in, and the choice comes back after.
         optim, self.optim = self.optim, self.optim if self.optim not in ("auto", "muon") else "adamw_torch"
         try:

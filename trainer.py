@@ -105,10 +105,11 @@ class GPT2Trainer(Trainer):
 
 
 class CompleteCheckpoints(TrainerCallback):
-    """A checkpoint is marked COMPLETE only after the Trainer has written all of it (on_save), and older ones are
-    rotated only then, so a run killed mid-save always leaves the previous complete checkpoint. The Trainer's own
-    rotation, which runs inside its save before the new checkpoint is whole, is turned off (its save_total_limit set to None);
-    this callback keeps --save_total_limit checkpoints plus the best one."""
+    """A checkpoint is marked COMPLETE only after the Trainer has written all of it (on_save) and only if its weights
+    are finite, and older ones are rotated only then, so a run killed mid-save always leaves the previous complete
+    checkpoint and a NaN checkpoint is never resumed from. The Trainer's own rotation, which runs inside its save
+    before the new checkpoint is whole, is turned off (its save_total_limit set to None); this callback keeps
+    --save_total_limit checkpoints plus the best one."""
 
     def __init__(self, trainer: Trainer):
         self.trainer = trainer
@@ -128,9 +129,25 @@ class CompleteCheckpoints(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         self.trainer.accelerator.wait_for_everyone()  # every rank's RNG state is on disk
+        bad = non_finite_weights(self.trainer.model)
+        if bad:  # every rank holds the same weights, so every rank stops here
+            latest = latest_complete_checkpoint(args.output_dir)
+            raise NonFiniteLossError(
+                f"The weights hold NaN/inf after step {state.global_step} ({', '.join(bad[:3])}"
+                f"{', ...' if len(bad) > 3 else ''}): {self.checkpoint(args, state)} is not marked complete and is "
+                f"never resumed from. Last good checkpoint: {latest or 'none yet'}. Try a lower --learning_rate or "
+                f"--max_grad_norm 1.0, then resume with --resume {latest or 'never'}.")
         if args.should_save:
             mark_complete(self.checkpoint(args, state))
             rotate_checkpoints(args.output_dir, self.keep, state.best_model_checkpoint)
+
+
+def non_finite_weights(model) -> list[str]:
+    """Names of the parameters holding NaN/inf (one host read for the whole model when all are finite)."""
+    params = [(n, p) for n, p in model.named_parameters() if p.numel()]
+    if not params or torch.stack([p.detach().isfinite().all() for _, p in params]).all().item():
+        return []
+    return [n for n, p in params if not p.detach().isfinite().all().item()]
 
 
 class NonFiniteGuard(TrainerCallback):

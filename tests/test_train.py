@@ -203,6 +203,17 @@ def test_bad_schedule_and_muon_flags_are_refused():
             parse_args(argv)
 
 
+@pytest.mark.parametrize("argv", [["--weight_decay", "nan"], ["--weight_decay", "-0.1"], ["--max_grad_norm", "nan"],
+                                  ["--max_grad_norm", "inf"], ["--adam_beta1", "1.5"], ["--adam_beta2", "1"],
+                                  ["--adam_epsilon", "0"], ["--warmup_steps", "nan"], ["--label_smoothing_factor", "-1"],
+                                  ["--save_steps", "0"], ["--max_warmup_fraction", "nan"]])
+def test_numeric_flags_must_be_finite_and_in_range(argv):
+    # Each was taken as it came: --max_grad_norm nan meant no clipping, --weight_decay nan NaN weights from step 1.
+    with pytest.raises(train_mod.UserError, match=rf"^{argv[0]} {argv[1]}: must be "):
+        parse_args(argv)
+    parse_args([argv[0], "0.5"])  # a value in range is taken
+
+
 def test_muon_trains_with_both_optimizers_and_a_warmup_stable_decay_schedule(tmp_path, corpus, cache_dir):
     result = train(**tiny_kwargs(tmp_path, corpus, cache_dir, max_steps=10, warmup_steps=2, logging_steps=1,
                                  save_strategy="no", eval_strategy="no", optim="muon",
@@ -838,6 +849,22 @@ def test_nan_loss_stops_with_step_and_last_good_checkpoint(tmp_path, corpus, cac
     err = capsys.readouterr().err
     assert rc == 2
     assert "at step 6" in err and f"Last good checkpoint: {tmp_path / 'checkpoint-4'}" in err
+    assert not (tmp_path / "final_model").exists()
+
+
+def test_a_checkpoint_with_nan_weights_is_never_marked_complete(tmp_path, corpus, cache_dir, monkeypatch, capsys):
+    class PoisonAtStep8(transformers.TrainerCallback):  # after the step's loss was read as finite, before its save
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 8:
+                with torch.no_grad():
+                    model.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")
+
+    with_callback(monkeypatch, PoisonAtStep8())
+    assert main(to_argv(tiny_kwargs(tmp_path, corpus, cache_dir))) == 2
+    err = capsys.readouterr().err
+    assert "The weights hold NaN/inf after step 8 (transformer.h.0.mlp.c_fc.weight)" in err
+    assert f"Last good checkpoint: {tmp_path / 'checkpoint-4'}" in err
+    assert not (tmp_path / "checkpoint-8" / COMPLETE).exists() and checkpoints.latest_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-4"
     assert not (tmp_path / "final_model").exists()
 
 
