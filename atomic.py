@@ -15,7 +15,7 @@ import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 
 def fsync_dir(folder: Path) -> None:
@@ -128,6 +128,27 @@ def temp_beside(dest: str | Path, folder: bool = False) -> Path:
     if folder:
         tmp.mkdir()
     return tmp
+
+
+def destination_problem(dest: str | Path, folder: bool, replaceable: Callable[[Path], bool]) -> str | None:
+    """Why dest cannot be written, checked before the long work that makes it, or None: a file where one of its
+    folders should be, a file where the folder goes (or the other way round), something already there that
+    replaceable(dest) says this writer may not replace (a file it did not make), or a folder it cannot write into
+    (probed by making and removing a temporary beside dest). The caller raises its own error with the reason."""
+    dest = Path(dest)
+    blocking = next((p for p in reversed(dest.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        return f"{blocking} is a file, not a folder"
+    if dest.exists():
+        if dest.is_dir() != folder:
+            return f"{dest} is a {'folder' if dest.is_dir() else 'file'}, not a {'folder' if folder else 'file'}"
+        if not replaceable(dest):
+            return f"{dest} already exists and is not one this writer made"
+    try:
+        remove(temp_beside(dest))
+    except OSError as e:
+        return f"{dest.parent} cannot be written ({e.strerror or e})"
+    return None
 
 
 @contextmanager

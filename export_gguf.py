@@ -41,7 +41,7 @@ from pathlib import Path
 
 import quiet_imports  # noqa: F401, I001  (before transformers)
 
-from atomic import atomic_path
+from atomic import atomic_path, destination_problem
 from errors import GPT2ToolkitError, run_main
 from model import ModelError, first_line, load_pretrained
 from quantize import is_quantized_folder
@@ -73,6 +73,15 @@ class GGUFError(GPT2ToolkitError, ValueError):
 def check_dtype(dtype: str) -> None:
     if dtype not in DTYPES:
         raise GGUFError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}.")
+
+
+def is_gguf_file(path: Path) -> bool:
+    """Whether path starts with GGUF's magic bytes (a file this script may replace)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
 
 
 def _check_folder(path: Path) -> None:
@@ -208,6 +217,9 @@ def export_gguf(model_dir: str | os.PathLike, out_file: str | os.PathLike, dtype
     out = Path(out_file).expanduser()
     if out.is_dir():
         raise GGUFError(f"{out} is a folder; --out is the GGUF file to write (e.g. {out / 'model.gguf'}).")
+    problem = destination_problem(out, folder=False, replaceable=is_gguf_file)
+    if problem:  # before loading: never replace the model's weights, a run's notes, ... with a GGUF file
+        raise GGUFError(f"--out {out}: {problem}; export_gguf.py replaces only an existing GGUF file: choose another --out.")
     try:
         tokenizer, model = load_pretrained(src if src.exists() else str(model_dir), torch.float32, local_hint="logs/final_model")
     except (FileNotFoundError, ModelError) as e:

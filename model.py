@@ -171,7 +171,20 @@ def load_pretrained(model_dir: str | os.PathLike, dtype=None, local_hint: str | 
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
     check_vocab(tokenizer, model, name)
+    check_finite_weights(model, name)
     return tokenizer, model
+
+
+def check_finite_weights(model, name: str) -> None:
+    """Weights holding NaN or inf (a diverged run) are a ModelError naming the tensor: every score would be NaN,
+    sampling would crash deep inside torch, and an export or a quantized copy would carry them silently."""
+    with torch.no_grad():
+        for key, weight in model.named_parameters():
+            if type(weight.data) is not torch.Tensor:  # a quantized weight (quantize.py): integers, and no isfinite
+                continue
+            if weight.is_floating_point() and not torch.isfinite(weight).all():
+                raise ModelError(f"{name}: the weight {key} holds NaN or inf values (a diverged training run?): use an "
+                                 "earlier checkpoint-N folder, or retrain with a lower --learning_rate.")
 
 
 def check_vocab(tokenizer, model, name: str) -> None:

@@ -298,11 +298,24 @@ def one_line_error(rc, err):
 
 def test_cli_writes_the_file_and_replaces_an_existing_one_atomically(tiny_gpt2_dir, tmp_path, capsys):
     out = tmp_path / "model.gguf"
-    out.write_bytes(b"an older file")
+    out.write_bytes(b"GGUF, an older export")
     rc, stdout, err = run_cli(capsys, "--model_path", str(tiny_gpt2_dir), "--out", str(out), "--dtype", "q8_0")
     assert rc == 0, err
     assert out.read_bytes()[:4] == b"GGUF" and str(out) in stdout and "q8_0" in stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"]  # no temporary file left beside it
+
+
+@pytest.mark.parametrize("victim", ["model.safetensors", "notes.txt", "folder_is_a_file/model.gguf"])
+def test_an_existing_file_it_did_not_make_is_never_replaced(tiny_gpt2_dir, tmp_path, capsys, victim):
+    model = tmp_path / "final_model"
+    shutil.copytree(tiny_gpt2_dir, model)
+    (model / "notes.txt").write_text("my notes")
+    (model / "folder_is_a_file").write_text("a file where --out needs a folder")
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    rc, _, err = run_cli(capsys, "--model_path", str(model), "--out", str(model / victim))
+    one_line_error(rc, err)
+    assert "choose another --out" in err
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before  # the weights and notes untouched, nothing added
 
 
 def test_a_failed_export_leaves_the_existing_file_alone(tmp_path, capsys):

@@ -307,3 +307,28 @@ def test_the_model_and_its_fused_loss_compile_as_one_graph(by_tokens, monkeypatc
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
     for p, q in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad / 3, q.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_nan_weights_are_refused_by_every_loader_and_cli(tiny_gpt2_dir, tmp_path, capsys):
+    """A diverged run's weights: the loader names the tensor; export, quantize and generate stop with one line."""
+    from safetensors.torch import load_file, save_file
+
+    import export_gguf
+    import generate
+    import quantize
+    from model import load_pretrained
+
+    folder = tmp_path / "diverged"
+    shutil.copytree(tiny_gpt2_dir, folder)
+    weights = load_file(folder / "model.safetensors")
+    weights["transformer.h.1.attn.c_proj.weight"][3, 4] = float("nan")
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelError, match=r"the weight transformer\.h\.1\.attn\.c_proj\.weight holds NaN or inf"):
+        load_pretrained(folder)
+    for main, argv in ((export_gguf.main, ["--out", str(tmp_path / "m.gguf")]),
+                       (quantize.main, ["--out", str(tmp_path / "q")]),
+                       (generate.main, ["--length", "5", "--prompt", "Hi"])):
+        assert main(["--model_path", str(folder), *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and "transformer.h.1.attn.c_proj.weight" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["diverged"]  # nothing exported or quantized
