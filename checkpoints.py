@@ -148,8 +148,27 @@ def file_problem(path: Path) -> str | None:
                         with archive.open(entry) as f:  # reading to the end checks the CRC-32
                             while f.read(1 << 24):
                                 pass
+            if path.name != "training_args.bin":  # the Trainer loads the others with weights_only=True
+                return weights_only_problem(path)
     except (ValueError, zipfile.BadZipFile, SafetensorError, EOFError) as e:  # ValueError: JSON, UTF-8
         return str(e)
+    return None
+
+
+def weights_only_problem(path: Path) -> str | None:
+    """Why torch's weights-only loading, as the Trainer resumes, refuses a whole archive (a pickle of other objects
+    than tensors and numbers: written by other code, or tampered with), or None. The tensors are memory-mapped, not
+    read, so this costs little even for a large optimizer.pt."""
+    import pickle
+
+    import torch
+    from transformers.trainer_pt_utils import safe_globals
+
+    try:
+        with safe_globals():  # the numpy types the Trainer allows for rng_state.pth
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, AttributeError, ImportError) as e:
+        return f"torch's weights-only loading refuses it: {' '.join(str(e).split())[:200]}"
     return None
 
 

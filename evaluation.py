@@ -46,7 +46,6 @@ and only running sums are kept.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import os
 import sys
@@ -63,6 +62,9 @@ from tqdm.auto import tqdm
 import quiet_imports  # noqa: F401, I001  (before transformers: keeps torchao's import-time warnings off stderr)
 import generate
 from metrics import bleu, copy_rate, distinct_n, find_ngrams, ngram_hashes, ngrams, repetition_rate, rouge, text_metrics  # noqa: F401  (part of evaluation's API)
+from atomic import destination_problem, write_atomic
+from errors import run_main
+from lm_eval_bridge import Harness, task_names
 from model import count_parameters, first_line
 from perplexity import (EvaluationError, TextCounter, _device_of, encoder_for, iter_token_chunks, model_context,
                         sliding_window_nll)
@@ -70,57 +72,21 @@ from perplexity import evaluate_perplexity, evaluate_texts, iter_windows, token_
 
 
 # ----------------------------------------------------------------------------------------------
-# Loading models: generate.load_model, with evaluation's --precision and --tokenizer_name
+# Models: generate.load_model, with evaluation's --device, --precision and --tokenizer_name
 
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
               "auto": None}  # auto: generate.default_dtype (bf16, else fp16, on a GPU; fp32 on a CPU)
 
 
-def load_model(model_path: str, device: Optional[str] = None, precision: str = "fp32", tokenizer_name: Optional[str] = None):
-    """(model, tokenizer), loaded by generate.load_model: a folder train.py wrote (logs/final_model), a
-    checkpoint-N folder, a Hugging Face GPT-2 folder or Hub name, or a folder quantize.py wrote (int8/int4,
-    float32 only); the model is in eval mode on `device` ("auto" or None: CUDA, then MPS, then CPU).
-
-    The tokenizer is `tokenizer_name` when given, else the folder's own, else the official GPT-2 tokenizer.
-    """
-    if precision not in PRECISIONS:
-        raise EvaluationError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}.")
-    name = str(model_path)
+def _load(path: str, args: EvalArguments):
+    """(model, tokenizer) of one --model_path, its problems as EvaluationErrors."""
     try:
-        device = generate.pick_device(None if device in (None, "", "auto") else device)
-        tokenizer, model, _ = generate.load_model(name, device, PRECISIONS[precision])
-        if tokenizer_name:
-            tokenizer = _named_tokenizer(tokenizer_name, model, name)
+        device = generate.pick_device(None if args.device in (None, "", "auto") else args.device)
+        tokenizer, model, _ = generate.load_model(path, device, PRECISIONS[args.precision], args.tokenizer_name)
     except (ValueError, OSError) as e:  # ModelError and QuantizationError are ValueErrors; a missing folder an OSError
         raise EvaluationError(first_line(e, limit=1000)) from None
-    _check_finite_weights(model, name)
     return model, tokenizer
-
-
-def _named_tokenizer(tokenizer_name: str, model, name: str):
-    from gpt2_tokenizer import load_tokenizer
-
-    try:
-        tokenizer = load_tokenizer(tokenizer_name)
-    except (OSError, ValueError) as e:
-        raise EvaluationError(f"could not load the tokenizer {tokenizer_name!r} for {name}: {first_line(e)}") from None
-    vocab = model.get_input_embeddings().num_embeddings  # a larger id is an IndexError deep inside the forward
-    if len(tokenizer) > vocab:
-        raise EvaluationError(f"the tokenizer {tokenizer_name} has {len(tokenizer)} tokens but {name} only {vocab}: "
-                              "pass the matching --tokenizer_name.")
-    return tokenizer
-
-
-def _check_finite_weights(model, name: str) -> None:
-    """Refuse weights holding NaN or inf: every score would be NaN and sampling would crash."""
-    with torch.no_grad():
-        for key, weight in model.named_parameters():
-            if type(weight.data) is not torch.Tensor:  # a quantized weight (quantize.py): integers, and no isfinite
-                continue
-            if weight.is_floating_point() and not torch.isfinite(weight).all():
-                raise EvaluationError(f"{name}: the weight {key} holds NaN or inf values (a diverged training run?): "
-                                      "evaluate an earlier checkpoint-N folder, or retrain with a lower --learning_rate.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -440,6 +406,8 @@ class EvalArguments:
 def check_arguments(args: EvalArguments) -> None:
     if not args.model_path:
         raise EvaluationError("pass --model_path with one or more model folders (e.g. logs/final_model).")
+    if args.precision not in PRECISIONS:
+        raise EvaluationError(f"--precision {args.precision!r}: choose one of {', '.join(PRECISIONS)}.")
     if not args.dataset_path and not args.dataset_name and not args.tasks:
         raise EvaluationError("no data to evaluate on: pass --dataset_path (a file, folder or glob) or --dataset_name, "
                               "or harness tasks with --tasks.")
@@ -484,7 +452,7 @@ def evaluate(args: EvalArguments) -> dict:
     references: dict[str, list] = {}  # tokenizer fingerprint -> reference ids
     tokenizers: dict[str, Any] = {}  # tokenizer fingerprint -> tokenizer
     for path in args.model_path:
-        model, tokenizer = load_model(path, args.device, args.precision, args.tokenizer_name)
+        model, tokenizer = _load(path, args)
         context = model_context(model)
         row: dict[str, Any] = {"model": path, "parameters": count_parameters(model),
                                "context": context, "tokenizer": tokenizer.name_or_path, "vocab": len(tokenizer)}
@@ -528,127 +496,6 @@ def evaluate(args: EvalArguments) -> dict:
     if train_source is not None and generated:
         add_copy_rates(results, args, train, train_source, generated, references, tokenizers)
     return results
-
-
-# ----------------------------------------------------------------------------------------------
-# lm-evaluation-harness (--tasks)
-
-
-def task_names(spec: str) -> list[str]:
-    return [t.strip() for t in spec.split(",") if t.strip()]
-
-
-LOCAL_COPY_HINT = ("to run it offline, download it once where there is network (the harness caches it in "
-                   "~/.cache/huggingface/datasets), or write a task YAML over local JSON files (copy the task's YAML from "
-                   "lm_eval/tasks/, set `dataset_path: json` and `dataset_kwargs: {data_files: {test: my_copy.jsonl}}`) "
-                   "into a folder and pass it with --include_path")
-
-
-class Harness:
-    """The harness's tasks (checked and loaded once, before any model) and one run per model."""
-
-    def __init__(self, args: EvalArguments):
-        try:
-            import lm_eval
-            from lm_eval.tasks import TaskManager
-        except ImportError as e:
-            raise EvaluationError(f"--tasks needs lm-evaluation-harness ({first_line(e)}): pip install -r requirements.txt.") from None
-        _quiet_harness()
-        self.version = lm_eval.__version__
-        self.names = task_names(args.tasks)
-        self.include_path = str(Path(args.include_path).expanduser()) if args.include_path else None
-        self.manager = TaskManager(include_path=self.include_path)
-        unknown = [t for t in self.names if not self.manager.match_tasks([t])]
-        if unknown:
-            where = f" nor in --include_path {args.include_path}" if args.include_path else ""
-            raise EvaluationError(f"--tasks: {', '.join(unknown)} is not a task of lm-evaluation-harness {self.version}"
-                                  f"{where} (`lm-eval ls tasks` lists them; a task of your own needs --include_path).")
-        for name in self.names:  # one at a time, so that the error names the task
-            try:
-                with contextlib.redirect_stdout(sys.stderr):
-                    self.manager.load([name])
-            except Exception as e:  # datasets' and huggingface_hub's errors, a bad YAML, a missing data file
-                raise EvaluationError(_task_error(name, e)) from None
-
-    def describe(self) -> dict:
-        return {"lm_eval": self.version, "tasks": self.names, "include_path": self.include_path}
-
-    def run(self, path: str, model, tokenizer, args: EvalArguments) -> tuple[dict, str]:
-        """({task: {metric: value, metric_stderr: ..., samples: N}}, the harness's own table) of one model."""
-        import lm_eval
-        from lm_eval.utils import make_table
-
-        lm = self.model(path, model, tokenizer, args)
-        try:
-            with contextlib.redirect_stdout(sys.stderr):  # the harness prints ("bootstrapping ..."): stdout is the table's
-                out = lm_eval.simple_evaluate(model=lm, tasks=list(self.names), task_manager=self.manager,
-                                              num_fewshot=args.num_fewshot, limit=args.limit, batch_size=args.batch_size,
-                                              log_samples=False, verbosity="ERROR")
-        except Exception as e:
-            if isinstance(e, torch.cuda.OutOfMemoryError):
-                raise
-            raise EvaluationError(f"lm-evaluation-harness failed on {path}: {first_line(e, limit=500)}") from None
-        finally:
-            del lm
-        scores = {}
-        for task, values in out["results"].items():
-            row: dict[str, Any] = {}
-            for key, value in values.items():
-                if "," not in key or not isinstance(value, (int, float)):
-                    continue  # alias, name, sample_len
-                metric, filt = key.split(",", 1)
-                if filt != "none":
-                    metric = f"{metric} ({filt})"
-                row[metric] = None if isinstance(value, float) and not np.isfinite(value) else value
-            n = out.get("n-samples", {}).get(task, {})
-            if n:
-                row["samples"] = n.get("effective")
-            shots = out.get("n-shot", {}).get(task)
-            if shots is not None:
-                row["num_fewshot"] = shots
-            scores[task] = row
-        return scores, make_table(out)
-
-    @staticmethod
-    def model(path: str, model, tokenizer, args: EvalArguments):
-        """The harness's HFLM: for a model folder or Hub name its own loading (pretrained=<folder>, as
-        `lm_eval --model hf` does), for a quantize.py folder around our loader's model (from_pretrained cannot
-        read quantize.py's format)."""
-        from lm_eval.models.huggingface import HFLM
-
-        import quantize
-
-        try:
-            if quantize.is_quantized_folder(Path(path).expanduser()):
-                return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size)
-            folder = Path(path).expanduser()
-            own_tokenizer = not args.tokenizer_name and (not folder.is_dir() or any(
-                (folder / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json")))
-            dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-            return HFLM(pretrained=str(folder) if folder.is_dir() else path, tokenizer=None if own_tokenizer else tokenizer,
-                        device=str(_device_of(model)), dtype=dtype, batch_size=args.batch_size)
-        except (OSError, ValueError) as e:
-            raise EvaluationError(f"lm-evaluation-harness could not load {path}: {first_line(e, limit=500)}") from None
-
-
-def _task_error(name: str, e: Exception) -> str:
-    text = first_line(e, limit=300)
-    network = isinstance(e, ConnectionError) or any(w in f"{type(e).__name__} {e}".lower() for w in (
-        "offline", "connect", "couldn't reach", "could not reach", "network", "resolve", "timed out", "timeout",
-        "max retries", "doesn't exist on the hub", "localentrynotfound"))
-    if network:
-        return (f"--tasks {name}: its data could not be downloaded from the Hugging Face Hub (no network, or "
-                f"HF_DATASETS_OFFLINE/HF_HUB_OFFLINE set; {text}): {LOCAL_COPY_HINT}.")
-    return f"--tasks {name}: the harness could not load the task ({text}); if its data is a local copy, check the YAML and its data_files."
-
-
-def _quiet_harness() -> None:
-    """The harness logs every request batch and config at INFO/WARNING: keep only its errors (ours say what is
-    going on)."""
-    import logging
-
-    for name in ("lm_eval", "lm-eval"):
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _tokenizer_key(tokenizer) -> str:
@@ -705,65 +552,44 @@ def parse_args(argv: Optional[list[str]] = None) -> EvalArguments:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    import json
-
     from transformers.utils import logging as hf_logging
-
-    from dataset import DataError
 
     args = parse_args(argv)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # "Loading weights" bars: ours say what is going on
     warnings.formatwarning = lambda message, category, *a, **k: f"warning: {message}\n"
-    try:
-        outputs = [(_prepare_output(p, kind), kind) for p, kind in
-                   ((args.output_json, "json"), (args.output_md, "md")) if p]  # now, not after an hour of evaluation
-        results = evaluate(args)
-    except (EvaluationError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2  # bad input, as every CLI of the toolkit says it
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    except torch.cuda.OutOfMemoryError:
-        print("error: out of GPU memory: lower --batch_size / --gen_batch_size, or use --precision bf16.", file=sys.stderr)
-        return 2
+    return run_main(lambda: _run(args), explain=_explain, interrupted="interrupted")
+
+
+def _run(args: EvalArguments) -> int:
+    import json
+
+    outputs = [(Path(p).expanduser(), kind) for p, kind in ((args.output_json, "json"), (args.output_md, "md")) if p]
+    for out, kind in outputs:  # now, not after an hour of evaluation
+        problem = destination_problem(out, folder=False, replaceable=lambda p: True)
+        if problem:
+            raise EvaluationError(f"--output_{kind} {out}: {problem}: choose another path"
+                                  + (f", e.g. {out / f'eval.{kind}'}." if out.is_dir() else "."))
+    results = evaluate(args)
     table = markdown_table(results)
     print(table)  # first: if a file cannot be written (a full disk), the results are still on screen
-    for path, kind in outputs:
+    for out, kind in outputs:
         try:
-            _write_atomic(path, json.dumps(results, indent=2) + "\n" if kind == "json" else table + "\n")
+            write_atomic(out, json.dumps(results, indent=2) + "\n" if kind == "json" else table + "\n")
         except OSError as e:
-            print(f"error: {path} could not be written ({e.strerror or e}): free some space or choose another "
-                  f"--output_{kind}; the table above has the results.", file=sys.stderr)
-            return 2
+            raise EvaluationError(f"{out} could not be written ({e.strerror or e}): free some space or choose another "
+                                  f"--output_{kind}; the table above has the results.") from None
     return 0
 
 
-def _prepare_output(path: str, kind: str) -> Path:
-    """The --output_{kind} file's path, its folder created; an EvaluationError if it cannot be written."""
-    out, flag = Path(path).expanduser(), f"--output_{kind}"
-    if out.is_dir():
-        raise EvaluationError(f"{flag} {out} is a folder: pass a file name, e.g. {out / f'eval.{kind}'}.")
-    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
-    if blocking is not None:
-        raise EvaluationError(f"{flag} {out}: {blocking} is a file, not a folder: choose another path.")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}."):
-            pass
-    except OSError as e:
-        raise EvaluationError(f"{flag} {out} cannot be written ({e.strerror or e}): choose another path.") from None
-    return out
+def _explain(e: BaseException) -> str | None:
+    from dataset import DataError
 
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)  # a kill or a full disk mid-write leaves the previous file, never half of one
-    finally:
-        tmp.unlink(missing_ok=True)
+    if isinstance(e, DataError):
+        return str(e)
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return "out of GPU memory: lower --batch_size / --gen_batch_size, or use --precision bf16."
+    return None
 
 
 if __name__ == "__main__":

@@ -32,7 +32,8 @@ import torch
 import quiet_imports  # noqa: F401, I001  (before transformers: keeps torchao's import-time warnings off stderr)
 import decode
 import quantize
-from model import check_vocab, folder_tokenizer, load_pretrained
+from errors import run_main
+from model import ModelError, check_finite_weights, check_vocab, first_line, folder_tokenizer, load_pretrained
 from sampling import Penalties, RowsOut, check_sampling_args, decode_rows  # noqa: F401  (check_sampling_args: part of the API)
 
 DEFAULT_MODEL_PATH = "logs/final_model"
@@ -73,7 +74,8 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def load_model(model_dir: str | os.PathLike = DEFAULT_MODEL_PATH, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+def load_model(model_dir: str | os.PathLike = DEFAULT_MODEL_PATH, device: str | torch.device | None = None,
+               dtype: torch.dtype | None = None, tokenizer_name: str | None = None):
     """Load a GPT-2 for generation; returns `(tokenizer, model, device)`.
 
     `model_dir` is a folder written by train.py (`logs/final_model`), a Trainer `checkpoint-N`
@@ -82,7 +84,8 @@ def load_model(model_dir: str | os.PathLike = DEFAULT_MODEL_PATH, device: str | 
     automatically (CUDA, MPS, CPU) unless given; the model is in eval mode, in bf16/fp16 on GPUs and
     fp32 on CPU. A folder written by quantize.py (int8/int4, it holds quantization.json) is loaded by
     quantize.load_quantized, on the CPU. Errors: FileNotFoundError, or a ValueError (model.ModelError,
-    quantize.QuantizationError) naming the file and what to do.
+    quantize.QuantizationError) naming the file and what to do. `tokenizer_name` (a folder or Hub name) replaces
+    the folder's own tokenizer, for a model trained with train_tokenizer.py's tokenizer but saved without it.
     """
     path = Path(str(model_dir)).expanduser()
     if quantize.is_quantized_folder(path):
@@ -90,13 +93,27 @@ def load_model(model_dir: str | os.PathLike = DEFAULT_MODEL_PATH, device: str | 
         if dtype not in (None, torch.float32):
             raise ValueError(f"{path} is quantized: it computes in float32, not {dtype}.")
         model = quantize.load_quantized(path, device)
+        check_finite_weights(model, str(path))
         tokenizer = folder_tokenizer(path)
-        check_vocab(tokenizer, model, str(path))
-        return tokenizer, model, device
-    device = pick_device(device)
-    tokenizer, model = load_pretrained(model_dir, dtype or default_dtype(device), local_hint=DEFAULT_MODEL_PATH)
-    model.to(device).eval()
+    else:
+        device = pick_device(device)
+        tokenizer, model = load_pretrained(model_dir, dtype or default_dtype(device), local_hint=DEFAULT_MODEL_PATH)
+        model.to(device).eval()
+    if tokenizer_name:
+        tokenizer = _named_tokenizer(tokenizer_name, str(model_dir))
+        check_vocab(tokenizer, model, f"{model_dir} with the tokenizer {tokenizer_name}")
+    elif quantize.is_quantized_folder(path):
+        check_vocab(tokenizer, model, str(path))  # load_pretrained checks its own
     return tokenizer, model, device
+
+
+def _named_tokenizer(tokenizer_name: str, model_name: str):
+    from gpt2_tokenizer import load_tokenizer
+
+    try:
+        return load_tokenizer(tokenizer_name)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"could not load the tokenizer {tokenizer_name!r} for {model_name}: {first_line(e)}") from None
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -479,59 +496,53 @@ def parse_args(argv=None) -> GenerateArguments:
 def main(argv=None) -> int:
     args = parse_args(argv)
     warnings.formatwarning = lambda message, category, *a, **k: f"warning: {message}\n"
-    try:
-        kwargs = dict(
-            max_new_tokens=args.length,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            temperature=args.temperature,
-            repetition_penalty=args.repetition_penalty,
-            no_repeat_ngram_size=args.no_repeat_ngram_size,
-            num_return_sequences=args.num_return_sequences,
-            seed=args.seed,
-            stop=args.stop,
-            threads=args.threads,
-        )
-        check_sampling_args(**{k: v for k, v in kwargs.items() if k not in ("seed", "stop", "threads")})
-        do_stream = args.stream if args.stream is not None else (sys.stdout.isatty() and not args.json)
-        if do_stream and args.json:
-            raise ValueError("--stream and --json do not mix: JSON lines are written once a completion is done")
-        if do_stream and args.num_return_sequences > 1:
-            if args.stream:
-                raise ValueError("--stream prints one sequence at a time: use --num_return_sequences 1")
-            do_stream = False
-        prompts = read_prompts(args)
-        tokenizer, model, device = load_model(args.model_path, device=args.device)
-        for i, prompt in enumerate(prompts):
-            if do_stream:
-                sys.stdout.write(prompt)
+    return run_main(lambda: _run(args), report=(ValueError, FileNotFoundError))
+
+
+def _run(args: GenerateArguments) -> None:
+    kwargs = dict(
+        max_new_tokens=args.length,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        temperature=args.temperature,
+        repetition_penalty=args.repetition_penalty,
+        no_repeat_ngram_size=args.no_repeat_ngram_size,
+        num_return_sequences=args.num_return_sequences,
+        seed=args.seed,
+        stop=args.stop,
+        threads=args.threads,
+    )
+    check_sampling_args(**{k: v for k, v in kwargs.items() if k not in ("seed", "stop", "threads")})
+    do_stream = args.stream if args.stream is not None else (sys.stdout.isatty() and not args.json)
+    if do_stream and args.json:
+        raise ValueError("--stream and --json do not mix: JSON lines are written once a completion is done")
+    if do_stream and args.num_return_sequences > 1:
+        if args.stream:
+            raise ValueError("--stream prints one sequence at a time: use --num_return_sequences 1")
+        do_stream = False
+    prompts = read_prompts(args)
+    tokenizer, model, device = load_model(args.model_path, device=args.device)
+    for i, prompt in enumerate(prompts):
+        if do_stream:
+            sys.stdout.write(prompt)
+            sys.stdout.flush()
+
+            def on_text(_, piece):
+                sys.stdout.write(piece)
                 sys.stdout.flush()
 
-                def on_text(_, piece):
-                    sys.stdout.write(piece)
-                    sys.stdout.flush()
-
-                generate(tokenizer, model, device, prompt, on_text=on_text, **kwargs)
-                sys.stdout.write("\n")
-                continue
-            for j, c in enumerate(generate(tokenizer, model, device, prompt, **kwargs)):
-                if args.json:
-                    print(json.dumps({"prompt": c.prompt, "completion": c.completion, "prompt_tokens": c.prompt_tokens,
-                                      "completion_tokens": c.completion_tokens, "finish_reason": c.finish_reason}, ensure_ascii=False))
-                else:
-                    if i or j:
-                        print("-" * 40)
-                    print(c.text)
-            sys.stdout.flush()
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Unix tools do
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit-time flush cannot fail again
-        return 141
-    return 0
+            generate(tokenizer, model, device, prompt, on_text=on_text, **kwargs)
+            sys.stdout.write("\n")
+            continue
+        for j, c in enumerate(generate(tokenizer, model, device, prompt, **kwargs)):
+            if args.json:
+                print(json.dumps({"prompt": c.prompt, "completion": c.completion, "prompt_tokens": c.prompt_tokens,
+                                  "completion_tokens": c.completion_tokens, "finish_reason": c.finish_reason}, ensure_ascii=False))
+            else:
+                if i or j:
+                    print("-" * 40)
+                print(c.text)
+        sys.stdout.flush()
 
 
 if __name__ == "__main__":

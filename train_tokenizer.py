@@ -37,7 +37,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import dataset
-from atomic import atomic_path
+from atomic import atomic_path, destination_problem
 from errors import run_main
 from gpt2_tokenizer import CONTEXT_LENGTH, EOT, SPECIAL_TOKENS, load_tokenizer
 from readers import DataError
@@ -104,6 +104,9 @@ def train_tokenizer(
     out = Path(out)
     if out.exists() and not overwrite:
         raise DataError(f"{out} already exists: choose another --out, or pass --overwrite to replace it.")
+    problem = destination_problem(out, folder=True, replaceable=lambda _: overwrite)
+    if problem:  # checked before training, which can take an hour
+        raise DataError(f"--out {out}: {problem}: choose another --out.")
     args = dataset.DataArguments(dataset_name=dataset_name, dataset_path=dataset_path, val_split=val_split, **kwargs)
     if not 0 <= val_split < 1:
         raise DataError(f"val_split={val_split} must be in [0, 1).")

@@ -1,31 +1,23 @@
-"""The HTTP API behind web_demo.py: request limits, the model's queue, and the JSON and OpenAI routes.
+"""The HTTP API behind web_demo.py: request limits and validation, and the JSON and OpenAI routes.
 
 `build_api(tokenizer, model, device, WebDemoArguments(...))` returns the FastAPI app without the page
 (POST /api/generate, POST /v1/completions, GET /v1/models); web_demo.py mounts its Gradio page on it and
-runs the command line. Sampling is generate.py's `generate` and log-probabilities its `score`; this
-module only validates, queues and formats, and never imports web_demo.
-"""
+runs the command line. Requests wait for the model in engine.py's queue, where generate.py's `generate`
+samples and its `score` gives log-probabilities; this module validates and formats, and never imports
+web_demo."""
 
 import asyncio
-import collections
 import hmac
 import json
 import math
 import os
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from errors import GPT2ToolkitError
-from generate import (
-    DEFAULT_MODEL_PATH,
-    Completion,
-    check_sampling_args,
-    generate,
-    score,
-)
+from engine import Engine, RequestError, collect
+from generate import DEFAULT_MODEL_PATH, check_sampling_args
 
 API_KEY_ENV = "WEB_DEMO_API_KEY"
 
@@ -68,191 +60,6 @@ def resolve_api_key(args: WebDemoArguments) -> str | None:
     if key != key.strip() or not (key.isascii() and key.isprintable()):
         raise ValueError(f"{where} must be printable ASCII without leading or trailing spaces: it travels in an HTTP header")
     return key
-
-
-class RequestError(GPT2ToolkitError):
-    """A client mistake or a refusal, answered in OpenAI's error format."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None, type: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-# ----------------------------------------------------------------------------- the model's queue
-
-
-class _Cancelled(Exception):
-    pass
-
-
-class _Job:
-    def __init__(self, kwargs: dict, loop: asyncio.AbstractEventLoop):
-        self.kwargs, self.loop = kwargs, loop
-        self.events: asyncio.Queue = asyncio.Queue()
-        self.cancelled = False
-
-    def put(self, *event):
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:  # the request's event loop is gone (server shutting down)
-            self.cancelled = True
-
-
-class Engine:
-    """One worker thread owns the model; requests wait their turn in a bounded queue.
-
-    Generation is serialized rather than batched: a request's sampling settings apply to its
-    whole batch in `generate`, and one small model already keeps a CPU busy. Every request,
-    from the page or the API, goes through here, so concurrent requests never share the model.
-    """
-
-    def __init__(self, tokenizer, model, device, queue_size: int = 32, threads: int | None = None):
-        self.tokenizer, self.model, self.device, self.threads = tokenizer, model, device, threads
-        self.queue_size = queue_size
-        # A deque rather than a queue.Queue: a job whose client went away leaves it at once, so a
-        # crowd of clients that disconnect cannot keep its places full while one long job runs.
-        self._waiting: collections.deque = collections.deque()
-        self._changed = threading.Condition()
-        self._closed = False
-        self._worker = threading.Thread(target=self._work, name="web_demo-model", daemon=True)
-        self._worker.start()
-
-    def close(self):
-        """Stop the worker once the jobs already waiting are done."""
-        with self._changed:
-            self._closed = True
-            self._changed.notify()
-
-    def _next_job(self):
-        with self._changed:
-            while not self._waiting and not self._closed:
-                self._changed.wait()
-            return self._waiting.popleft() if self._waiting else None
-
-    def _work(self):
-        while (job := self._next_job()) is not None:
-            if job.cancelled:
-                continue
-
-            def on_text(row, piece, job=job):
-                if job.cancelled:  # the client went away: stop sampling at the next token
-                    raise _Cancelled
-                job.put("text", row, piece)
-
-            try:
-                if "logprobs" in job.kwargs:  # a /v1/completions request with logprobs or max_tokens 0
-                    result = _generate_scored(self.tokenizer, self.model, self.device, on_text, self.threads, **job.kwargs)
-                else:
-                    result = generate(self.tokenizer, self.model, self.device, on_text=on_text, threads=self.threads, **job.kwargs)
-                job.put("done", result)
-            except _Cancelled:
-                pass
-            except Exception as e:  # handed to the request, which answers with it
-                job.put("error", e)
-
-    async def run(self, kwargs: dict):
-        """Queue one `generate(**kwargs)`; yield ("text", row, piece) events, then ("done", completions).
-
-        With "logprobs" and "echo" in kwargs: `_generate_scored(**kwargs)`, and ("done", (completions, logprobs)).
-        """
-        job = _Job(kwargs, asyncio.get_running_loop())
-        with self._changed:
-            if len(self._waiting) >= self.queue_size:
-                raise RequestError(503, "The server is busy: too many requests are waiting. Retry shortly.", code="overloaded", type="server_error")
-            self._waiting.append(job)
-            self._changed.notify()
-        try:
-            while True:
-                event = await job.events.get()
-                if event[0] == "error":
-                    e = event[1]
-                    if isinstance(e, ValueError):
-                        raise RequestError(400, str(e)) from e
-                    raise RequestError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error") from e
-                yield event
-                if event[0] == "done":
-                    return
-        finally:
-            job.cancelled = True  # covers a client that disconnects while its request waits or streams
-            with self._changed:
-                if job in self._waiting:
-                    self._waiting.remove(job)
-
-
-def _generate_scored(tokenizer, model, device, on_text, threads, logprobs: int | None, echo: bool, **kwargs):
-    """`generate(**kwargs)` (nothing when max_new_tokens is 0), then OpenAI's `logprobs` object of each
-    completion (None when `logprobs` is None), from one scoring pass (generate.score) over prompt + completion.
-
-    The logprob of a sampled token is the model's own (log_softmax of its logits): no temperature,
-    top-k/top-p or penalty, as OpenAI reports it. A completion that ended at EOS has that token last.
-    """
-    n, top_n = kwargs["num_return_sequences"], logprobs or 0
-    if kwargs["max_new_tokens"] == 0:  # score the prompts: nothing is generated
-        scored = score(tokenizer, model, device, kwargs["prompts"], top_n, threads=threads)
-        done = [Completion(p if isinstance(p, str) else tokenizer.decode(p, skip_special_tokens=True), "", len(s.ids), 0, "length",
-                           [], s.ids) for p, s in zip(kwargs["prompts"], scored) for _ in range(n)]
-        if logprobs is None:
-            return done, None
-        scored = [s for s in scored for _ in range(n)]
-    else:
-        done = generate(tokenizer, model, device, on_text=on_text, threads=threads, **kwargs)
-        if logprobs is None:
-            return done, None
-        eos = tokenizer.eos_token_id
-        scored = score(tokenizer, model, device, [c.prompt_ids + c.completion_ids + ([eos] if c.finish_reason == "eos" else [])
-                                                  for c in done], top_n, threads=threads)
-    return done, [_openai_logprobs(tokenizer, c, s, echo, logprobs) for c, s in zip(done, scored)]
-
-
-def _openai_logprobs(tokenizer, c, s, echo: bool, top_n: int) -> dict:
-    """OpenAI's legacy `logprobs` of one choice: its tokens (the prompt's first with echo), their logprobs,
-    the `top_n` most likely tokens at each position (plus the chosen one when it is not among them, as
-    OpenAI documents: up to top_n + 1 entries) and each token's character offset in the choice's text."""
-    P = len(c.prompt_ids)
-    start = 0 if echo else P
-    ids, logprobs, tops = s.ids[start:], s.logprobs[start:], s.top[start:]
-    names: dict[int, str] = {}
-
-    def name(t):
-        if t not in names:
-            names[t] = tokenizer.decode([t])  # special tokens too: a final EOS reads "<|endoftext|>"
-        return names[t]
-
-    top_logprobs = []
-    for t, lp, top in zip(ids, logprobs, tops):
-        if top is None:
-            top_logprobs.append(None)
-            continue
-        alternatives = {}
-        for alt, alt_lp in [*top, (t, lp)][: top_n + (t not in {a for a, _ in top})]:
-            alternatives.setdefault(name(alt), alt_lp)  # two ids may read the same (byte pieces): keep the likelier
-        top_logprobs.append(alternatives)
-    prompt_text = c.prompt if echo else ""
-    offsets = (_text_offsets(tokenizer, s.ids[:P], len(prompt_text), 0) if echo else []) + \
-        _text_offsets(tokenizer, s.ids[P:], len(c.completion), len(prompt_text))
-    return {"tokens": [name(t) for t in ids], "token_logprobs": logprobs, "top_logprobs": top_logprobs, "text_offset": offsets}
-
-
-def _text_offsets(tokenizer, ids: list[int], length: int, base: int) -> list[int]:
-    """Where each token starts in a text of `length` characters that these ids decode to, plus `base`: the
-    characters the tokens before it complete (a token inside a multi-byte character starts where it does)."""
-    offsets, done, pending = [], 0, 0
-    for i in range(len(ids)):
-        offsets.append(base + min(done, length))
-        piece = tokenizer.decode(ids[pending : i + 1], skip_special_tokens=True)
-        if not piece.endswith("\ufffd"):
-            done, pending = done + len(piece), i + 1
-    return offsets
-
-
-async def collect(engine: Engine, kwargs: dict):
-    """The completions of one queued request."""
-    async for event in engine.run(kwargs):
-        if event[0] == "done":
-            return event[1]
 
 
 class _ClientGone(Exception):

@@ -11,19 +11,22 @@ Routes
   GET  /v1/models       the one model served
 
 So `openai.OpenAI(base_url="http://127.0.0.1:7860/v1", api_key="...")` and LangChain's OpenAI
-class work unchanged. Sampling is generate.py's `generate`; web_api.py validates, queues and formats
-(the API); this module adds the page and the command line. The model is loaded once, from the path
+class work unchanged. Sampling is generate.py's `generate`; web_api.py validates and formats (the API),
+engine.py queues requests for the model; this module adds the page and the command line. The model is loaded once, from the path
 given at start-up: no request chooses it.
 
 As a library (tests do this): `app = build_app(tokenizer, model, device, WebDemoArguments(...))`
 returns a FastAPI app to serve with uvicorn.
 """
 
+import errno
 import hmac
 import ipaddress
 import os
+import socket
 import sys
 
+from errors import run_main
 from generate import load_model
 # Moved to web_api.py; still importable from here.
 from web_api import API_KEY_ENV, Engine, Limits, RequestError, WebDemoArguments, build_api, collect, resolve_api_key  # noqa: F401
@@ -127,23 +130,39 @@ def check_args(args: WebDemoArguments):
     resolve_api_key(args)
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port, before the model loads: a port in use is a one-line error, not uvicorn's
+    traceback after "Serving"; uvicorn then serves on this very socket (no other process can take the port)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart right after a stop works
+    try:
+        sock.bind((host.strip("[]"), port))
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise ValueError(f"port {port} on {host} is in use (another server?): stop it, or pass another --port.") from None
+        raise ValueError(f"cannot listen on {host}:{port} ({e.strerror or e}): pass another --host or --port.") from None
+    return sock
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        check_args(args)
-        tokenizer, model, device = load_model(args.model_path, device=args.device)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_main(lambda: _serve(args), report=(ValueError, FileNotFoundError))
+
+
+def _serve(args: WebDemoArguments) -> None:
     import uvicorn
 
+    check_args(args)
+    sock = listen(args.host, args.port)
+    tokenizer, model, device = load_model(args.model_path, device=args.device)
     if not _is_loopback(args.host) and resolve_api_key(args) is None:
         print(f"warning: serving on {args.host} without --api_key: anyone who can reach this port can use the model", file=sys.stderr)
     app = build_app(tokenizer, model, device, args)
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"Serving {args.model_path} on http://{shown}:{args.port}  (page /, API /v1/completions, /api/generate)", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
-    return 0
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
 
 
 if __name__ == "__main__":

@@ -127,9 +127,36 @@ def _load(name_or_path: str):
             tokenizer_file=str(TOKENIZER_DIR / "tokenizer.json"), name_or_path=name_or_path,
             **SPECIAL_TOKENS, model_max_length=CONTEXT_LENGTH,
         )
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    folder = Path(name_or_path)
+    if folder.is_dir():
+        tokenizer = _load_folder(folder, AutoTokenizer)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _load_folder(folder: Path, AutoTokenizer):
+    """A local tokenizer folder, or a TokenizerFilesError naming what is wrong with it: no tokenizer files (else
+    transformers gives a 0-token vocabulary, and the error later blames the data), a damaged file, or token ids
+    beyond the vocabulary's size (else an IndexError in the model, or an overflow in dataset.py's token files)."""
+    if not (folder / "tokenizer.json").is_file() and not all((folder / f).is_file() for f in ("vocab.json", "merges.txt")):
+        raise TokenizerFilesError(
+            f"{folder} holds no tokenizer (no tokenizer.json, nor vocab.json and merges.txt): pass a folder written by "
+            "train_tokenizer.py, a model folder that has its tokenizer, or a Hub name such as gpt2.")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except Exception as e:  # the tokenizers library raises its own exception type for a damaged tokenizer.json
+        reason = " ".join(str(e).split())[:300] or type(e).__name__
+        raise TokenizerFilesError(f"{folder}: its tokenizer files cannot be loaded ({reason}): copy them again, or "
+                                  "rerun train_tokenizer.py to write them.") from None
+    vocab = tokenizer.get_vocab()
+    top = max(vocab.values(), default=-1)
+    if not vocab or top >= len(tokenizer):
+        raise TokenizerFilesError(
+            f"{folder}: {'its vocabulary is empty' if not vocab else f'token id {top} is beyond its {len(tokenizer)}-token vocabulary'}"
+            ": the files are damaged or hand-edited; rerun train_tokenizer.py to write them.")
     return tokenizer
 
 

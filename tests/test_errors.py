@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTED = {
     "readers": "DataError", "model": "ModelError", "optimizers": "OptimizerError", "perplexity": "EvaluationError",
     "quantize": "QuantizationError", "export_gguf": "GGUFError", "download_dataset": "DownloadError",
-    "checkpoints": "UserError", "trainer": "NonFiniteLossError", "sweep_spec": "SweepError", "web_api": "RequestError",
+    "checkpoints": "UserError", "trainer": "NonFiniteLossError", "sweep_spec": "SweepError", "engine": "RequestError",
     "gpt2_tokenizer": "TokenizerFilesError",
 }
 BUILTIN_ANCESTRY = {"DataError": ValueError, "ModelError": ValueError, "OptimizerError": ValueError,

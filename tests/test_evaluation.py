@@ -13,7 +13,10 @@ import torch
 import torch.nn.functional as F
 
 import evaluation as ev
+import generate as G
 import perplexity as pp
+from errors import GPT2ToolkitError
+from model import ModelError
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTEXT = 128
@@ -67,7 +70,7 @@ def small_vocab():
 
 @pytest.fixture(scope="session")
 def tiny(tiny_model_dir):
-    model, tokenizer = ev.load_model(str(tiny_model_dir), device="cpu")
+    tokenizer, model, _ = G.load_model(str(tiny_model_dir), device="cpu")
     return model, tokenizer
 
 
@@ -432,8 +435,8 @@ def test_help_names_the_generation_metrics():
 def test_broken_model_folders_are_one_line_errors(broken_model_folder, text_file, kind, capsys):
     """Issue 13, item 11: a broken model folder is an EvaluationError naming the broken file (model.load_folder)."""
     folder, named = broken_model_folder(kind)
-    with pytest.raises(ev.EvaluationError) as e:
-        ev.load_model(str(folder), device="cpu")
+    with pytest.raises(GPT2ToolkitError) as e:
+        G.load_model(str(folder), device="cpu")
     assert str(e.value).startswith(str(named))  # the broken file first, then what is wrong with it
     assert ev.main(["--model_path", str(folder), "--dataset_path", str(text_file), "--no_progress"]) == 2
     err = capsys.readouterr().err.strip()
@@ -453,7 +456,7 @@ def test_unwritable_outputs_fail_before_evaluating(tiny_gpt2_dir, tmp_path, text
     monkeypatch.setattr(ev, "evaluate", lambda args: pytest.fail("evaluated although the output cannot be written"))
     base = ["--model_path", str(tiny_gpt2_dir), "--dataset_path", str(text_file), "--no_progress"]
     for flag, path, expected in [("--output_json", tmp_path / "afile" / "r.json", f"{tmp_path / 'afile'} is a file"),
-                                 ("--output_md", tmp_path, "is a folder: pass a file name")]:
+                                 ("--output_md", tmp_path, "is a folder, not a file: choose another path, e.g.")]:
         assert ev.main([*base, flag, str(path)]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"error: {flag} ") and expected in err and len(err.splitlines()) == 1, err
@@ -472,8 +475,8 @@ def test_non_finite_weights_and_nan_losses_are_errors(tiny_gpt2_dir, tmp_path, t
     with torch.no_grad():
         model.transformer.h[0].mlp.c_fc.weight[0, 0] = float("inf")
     model.save_pretrained(tmp_path / "diverged")
-    with pytest.raises(ev.EvaluationError, match=r"diverged: the weight transformer\.h\.0\.mlp\.c_fc\.weight holds NaN or inf"):
-        ev.load_model(str(tmp_path / "diverged"), device="cpu")
+    with pytest.raises(ModelError, match=r"diverged: the weight transformer\.h\.0\.mlp\.c_fc\.weight holds NaN or inf"):
+        G.load_model(str(tmp_path / "diverged"), device="cpu")
     with pytest.raises(ev.EvaluationError, match="loss is NaN"):  # a model handed to the library directly
         ev.evaluate_texts(model, tokenizer, ["some text to score"], progress=False)
 

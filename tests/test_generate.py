@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -271,6 +272,22 @@ def test_checkpoint_folder_without_tokenizer(model_dir, tmp_path, loaded):
     tok, model, dev = G.load_model(ckpt)
     assert len(tok) == 50257 and tok.pad_token == tok.eos_token
     assert G.generate_once(tok, model, dev, "Hi", 8, temperature=0) == G.generate_once(*loaded, "Hi", 8, temperature=0)
+
+
+def test_tokenizer_name_replaces_the_folders_tokenizer(model_dir, tmp_path, small_bpe_folder):
+    from model import ModelError, get_model
+
+    tok, model, _ = G.load_model(model_dir, tokenizer_name=str(small_bpe_folder))
+    assert len(tok) == 300 and model.get_input_embeddings().num_embeddings == 50257
+    with pytest.raises(ModelError, match=f"could not load the tokenizer '{tmp_path / 'none'}' for {model_dir}"):
+        G.load_model(model_dir, tokenizer_name=str(tmp_path / "none"))
+    small = tmp_path / "small"  # a model of 300 tokens with its own tokenizer, named with GPT-2's 50257-token one
+    shutil.copytree(small_bpe_folder, small)
+    get_model(n_layer=1, n_embd=32, n_head=2, n_positions=32, vocab_size=300, bos_token_id=0, eos_token_id=0,
+              verbose=False).save_pretrained(small)
+    assert len(G.load_model(small)[0]) == 300
+    with pytest.raises(ModelError, match=f"{small} with the tokenizer {model_dir}: the tokenizer has 50257 tokens but the model only 300"):
+        G.load_model(small, tokenizer_name=str(model_dir))
 
 
 def test_weights_changed_in_place_are_picked_up(model_dir):

@@ -45,3 +45,36 @@ def test_other_tokenizer_by_path(tmp_path, tokenizer):
     tokenizer.save_pretrained(tmp_path)
     tok = load_tokenizer(tmp_path)
     assert tok.encode("Hello world") == [15496, 995]
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("no_files", r"holds no tokenizer \(no tokenizer.json"),
+    ("truncated", "its tokenizer files cannot be loaded"),
+    ("id_beyond_vocab", "token id 70000 is beyond its"),
+])
+def test_a_damaged_tokenizer_folder_is_a_one_line_error_naming_it(tmp_path, damage, message):
+    import json
+
+    import dataset
+    from readers import DataError
+
+    folder = tmp_path / "tok"
+    shutil.copytree(TOKENIZER_DIR, folder)
+    tokenizer_json = folder / "tokenizer.json"
+    if damage == "no_files":
+        for name in ("tokenizer.json", "vocab.json", "merges.txt"):
+            (folder / name).unlink(missing_ok=True)
+    elif damage == "truncated":
+        text = tokenizer_json.read_text(encoding="utf-8")
+        tokenizer_json.write_text(text[: len(text) // 2], encoding="utf-8")
+    else:
+        spec = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+        spec["model"]["vocab"]["zzz_hand_added"] = 70000  # beyond the vocabulary, and beyond uint16 token files
+        tokenizer_json.write_text(json.dumps(spec), encoding="utf-8")
+    with pytest.raises(TokenizerFilesError, match=message) as caught:
+        load_tokenizer(folder)
+    assert str(folder) in str(caught.value)
+    (tmp_path / "d.txt").write_text("Some text to tokenize.\n" * 50)
+    with pytest.raises((TokenizerFilesError, DataError), match=message):  # not "contains no text", no OverflowError
+        dataset.get_dataset_and_tokenizer(dataset_path=str(tmp_path / "d.txt"), tokenizer_name=str(folder),
+                                          cache_dir=str(tmp_path / "cache"))

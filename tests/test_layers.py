@@ -17,7 +17,7 @@ RANKS = {
     "quantize": 4, "estimate": 4, "optimizers": 4,
     "decode": 5, "sampling": 5, "export_gguf": 5,
     "generate": 6,
-    "checkpoints": 7, "tracking": 7, "perplexity": 7, "web_api": 8,
+    "checkpoints": 7, "tracking": 7, "perplexity": 7, "engine": 7, "web_api": 8, "lm_eval_bridge": 8,
     "train_args": 8,
     "trainer": 8,
     "train": 9, "evaluation": 9, "web_demo": 9,

@@ -287,7 +287,7 @@ def not_tokenized(**kwargs):
     ({"per_device_train_batch_size": 0}, "--per_device_train_batch_size 0: must be at least 1"),
     ({"block_size": 0}, "--block_size 0: must be at least 2"),
     ({"n_positions": 8}, "--block_size 16 exceeds the model's context of 8 tokens"),
-    ({"warmup_steps": -3}, "Expected value warmup_steps >= 0"),  # one of transformers' own checks, as a message
+    ({"warmup_steps": -3}, "--warmup_steps -3: must be a number of steps at least 0"),
     ({"vocab_multiple": 0}, "--vocab_multiple 0: must be a whole number of at least 1"),
 ])
 def test_bad_values_are_one_line_errors_before_any_work(tmp_path, corpus, cache_dir, capsys, monkeypatch, overrides, message):
@@ -745,9 +745,17 @@ def flip_a_middle_byte(path):
     path.write_bytes(bytes(data))
 
 
+def foreign_torch_pickle(path):
+    """A whole torch archive whose pickle holds an object weights-only loading refuses (other code wrote it)."""
+    from fractions import Fraction
+
+    torch.save({"state": Fraction(1, 3)}, path)
+
+
 @pytest.mark.parametrize("name, damage", [
     ("optimizer.pt", cut_in_half), ("optimizer.pt", flip_a_middle_byte), ("scheduler.pt", lambda p: p.write_bytes(b"")),
     ("rng_state.pth", cut_in_half), ("trainer_state.json", cut_in_half), ("model.safetensors", lambda p: p.write_bytes(b"x" * 999)),
+    ("optimizer.pt", foreign_torch_pickle), ("scheduler.pt", foreign_torch_pickle), ("rng_state.pth", foreign_torch_pickle),
 ])
 def test_checkpoint_problem_names_the_damaged_file(run_copy, name, damage):
     checkpoint = run_copy / "checkpoint-8"
@@ -756,8 +764,9 @@ def test_checkpoint_problem_names_the_damaged_file(run_copy, name, damage):
     assert checkpoints.checkpoint_problem(checkpoint).startswith(f"{name} is damaged (")
 
 
-def test_damaged_latest_checkpoint_resumes_from_the_one_before(run_copy, corpus, cache_dir, capsys):
-    cut_in_half(run_copy / "checkpoint-8" / "optimizer.pt")  # COMPLETE, but cut short later (a copy that stopped)
+@pytest.mark.parametrize("damage", [cut_in_half, foreign_torch_pickle])
+def test_damaged_latest_checkpoint_resumes_from_the_one_before(run_copy, corpus, cache_dir, capsys, damage):
+    damage(run_copy / "checkpoint-8" / "optimizer.pt")  # COMPLETE, but cut short later (a copy that stopped), or foreign
     result = train(**tiny_kwargs(run_copy, corpus, cache_dir, max_steps=8))
     out = capsys.readouterr().out
     assert f"Checkpoint {run_copy / 'checkpoint-8'} cannot be resumed from: optimizer.pt is damaged" in out

@@ -183,6 +183,29 @@ def test_an_existing_folder_is_kept_unless_overwrite(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["tok"]  # no temporary folder left beside it
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("where", ["a_file", "under_a_file", "unwritable"])
+def test_a_bad_out_is_refused_before_training_and_nothing_is_moved(tmp_path, monkeypatch, where, overwrite):
+    import atomic
+    import train_tokenizer
+
+    (tmp_path / "a_file").write_text("the user's file")
+    out = {"a_file": tmp_path / "a_file", "under_a_file": tmp_path / "a_file" / "tok", "unwritable": tmp_path / "ro" / "tok"}[where]
+    if where == "unwritable":  # tests run as root, which writes into a chmod 555 folder: refuse the probe instead
+        def read_only(dest, folder=False):
+            raise OSError(30, "Read-only file system")
+        monkeypatch.setattr(atomic, "temp_beside", read_only)
+    trained = []
+    monkeypatch.setattr(train_tokenizer, "_train_bpe", lambda *a, **k: trained.append(1))
+    match = "Read-only file system" if where == "unwritable" else ("already exists" if where == "a_file" and not overwrite
+                                                                   else "is a file, not a folder")
+    with pytest.raises(DataError, match=match):
+        train_bpe(dataset_name="builtin", vocab_size=300, out=out, overwrite=overwrite)
+    assert trained == []  # refused before the long work
+    assert (tmp_path / "a_file").read_text() == "the user's file"
+    assert sorted(p.name for p in tmp_path.iterdir()) in (["a_file"], ["a_file", "ro"])  # no hidden .old or .tmp
+
+
 # ----------------------------------------------------------------------------------------------
 # Round trip: every document comes back exactly
 

@@ -4,6 +4,7 @@ import http.client
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+import engine as E
 import generate as G
 import web_api as A
 import web_demo as W
@@ -416,11 +418,12 @@ def test_api_key(keyed):
 
 @pytest.fixture
 def served(monkeypatch):
-    """main() up to serving: the keyword arguments of each uvicorn.run call, which returns at once."""
+    """main() up to serving: the host and port of each socket it would listen on; serving returns at once."""
     import uvicorn
 
     calls = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(W, "listen", lambda host, port: calls.append({"host": host, "port": port}) or "socket")
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets: calls.append({"sockets": sockets}))
     monkeypatch.delenv(W.API_KEY_ENV, raising=False)
     return calls
 
@@ -449,8 +452,21 @@ def test_key_that_no_header_can_carry_is_an_error(model_dir, capsys, served):
 def test_network_host_without_key_warns(model_dir, monkeypatch, capsys, served, host, key, warned):
     monkeypatch.setattr(W, "build_app", lambda *a, **k: None)  # the page is not what this test is about
     assert W.main(["--model_path", str(model_dir), "--host", host] + (["--api_key", key] if key else [])) == 0
-    assert served and served[0]["host"] == host
+    assert served == [{"host": host, "port": 7860}, {"sockets": ["socket"]}]
     assert ("warning: serving on" in capsys.readouterr().err) == warned
+
+
+def test_port_in_use_is_an_error_before_the_model_loads(model_dir, monkeypatch, capsys):
+    monkeypatch.setattr(W, "load_model", lambda *a, **k: pytest.fail("loaded the model although the port is taken"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert W.main(["--model_path", str(model_dir), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: port {port} on 127.0.0.1 is in use (another server?): stop it, or pass another --port.\n", err
+    with W.listen("127.0.0.1", port) as sock:  # free again: the socket uvicorn serves on
+        assert sock.getsockname() == ("127.0.0.1", port)
 
 
 def test_full_queue_answers_503(keyed):
@@ -492,7 +508,7 @@ def paced(monkeypatch, delay=0.02, pieces=None):
 
     `pieces`, when given, collects every piece handed on to the server, as it is sampled.
     """
-    real_generate, ended = A.generate, []
+    real_generate, ended = E.generate, []
 
     def paced_generate(*args, on_text, **kwargs):
         # The tiny model samples a token in about a millisecond: pace the pieces so that a
@@ -511,7 +527,7 @@ def paced(monkeypatch, delay=0.02, pieces=None):
         ended.append("done")
         return result
 
-    monkeypatch.setattr(A, "generate", paced_generate)  # where the Engine looks it up
+    monkeypatch.setattr(E, "generate", paced_generate)  # where the Engine looks it up
     return ended
 
 
