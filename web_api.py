@@ -44,6 +44,16 @@ class WebDemoArguments:
     max_stop_chars: int = field(default=256, metadata={"help": "Longest stop string accepted, in characters (longer ones get a 400)."})
     max_body_bytes: int = field(default=65536, metadata={"help": "Largest request body accepted, in bytes (larger ones get a 413)."})
     queue_size: int = field(default=32, metadata={"help": "Requests that may wait for the model; beyond that a request gets a 503."})
+    max_connections: int = field(
+        default=1000,
+        metadata={"help": "Most open client connections; held below the open-file limit (ulimit -n). When full, the connection "
+                          "idle longest is closed for a new one, or the new one refused."},
+    )
+    read_timeout: float = field(
+        default=10.0,
+        metadata={"help": "Seconds a client has to send a request's headers, and again its body (else 408), before its "
+                          "connection is closed: stalled clients cannot hold the server's connections."},
+    )
     device: str | None = field(default=None, metadata={"help": "cuda, mps or cpu; when unset, the best available."})
     threads: int | None = field(default=None, metadata={"help": "CPU threads while sampling; when unset, 1 (fastest for small models), as in generate.py."})
 
@@ -205,8 +215,8 @@ def _request_models():
 
     class CompletionRequest(Strict):
         model: str | None = None
-        # Text, texts, token ids or lists of token ids, as OpenAI accepts (lm-evaluation-harness sends ids).
-        prompt: str | list[str] | list[Int] | list[list[Int]] = "<|endoftext|>"
+        # Text, token ids, or a list of prompts each text or token ids, as OpenAI accepts (lm-evaluation-harness sends ids).
+        prompt: str | list[Int] | list[str | list[Int]] = "<|endoftext|>"
         max_tokens: Int | None = 16
         temperature: Float = 1.0
         top_p: Float = 1.0
@@ -254,10 +264,11 @@ def _openai_finish(reason: str) -> str:
 
 
 class _BodyLimit:
-    """ASGI middleware: 413 for a request body over `max_bytes`, declared or streamed."""
+    """ASGI middleware: 413 for a request body over `max_bytes`, declared or streamed; 408 (and the connection
+    closed) for one that does not arrive within `timeout` seconds, so that a stalled client frees its place."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, timeout: float):
+        self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -268,11 +279,21 @@ class _BodyLimit:
                 return await _send_error(send, RequestError(400, "invalid Content-Length header"))
             if int(declared) > self.max_bytes:
                 return await _send_error(send, self._too_large())
-        received, started, refused = 0, False, False
+        received, started, refused, complete = 0, False, False, False
 
         async def limited_receive():
-            nonlocal received, refused
-            message = await receive()
+            nonlocal received, refused, complete
+            if complete:  # the body is in: receive() now only answers when the client disconnects
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout)
+            except asyncio.TimeoutError:
+                refused = True
+                if not started:
+                    await _send_error(send, RequestError(408, f"the request body did not arrive within {self.timeout:g} s",
+                                                         code="request_timeout"), close=True)
+                raise _TooLarge from None
+            complete = message["type"] != "http.request" or not message.get("more_body", False)
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes and not refused:  # chunked bodies declare no length
@@ -300,13 +321,14 @@ class _BodyLimit:
 
 
 class _TooLarge(Exception):
-    pass
+    """The body was refused (too large, or too slow): the answer is sent already."""
 
 
-async def _send_error(send, error: RequestError):
+async def _send_error(send, error: RequestError, close: bool = False):
     body = json.dumps(error.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": error.status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                "headers": headers + [(b"connection", b"close")] * close})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -327,15 +349,29 @@ def build_api(tokenizer, model, device, args: WebDemoArguments | None = None):
         yield
         engine.close()
 
-    app = FastAPI(title="GPT-2 web demo", lifespan=lifespan, docs_url="/api/docs", redoc_url=None, openapi_url="/api/openapi.json")
+    app = FastAPI(title="GPT-2 web demo", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.limits, app.state.model_name = engine, limits, model_name
     _add_error_handlers(app)
     auth = [Depends(_key_checker(api_key))]
+    _add_schema_routes(app, auth)
     CompletionRequest, GenerateRequest = _request_models()
     _add_openai_routes(app, auth, engine, limits, model_name, CompletionRequest)
     _add_generate_route(app, auth, engine, limits, model_name, GenerateRequest)
-    app.add_middleware(_BodyLimit, max_bytes=args.max_body_bytes)
+    app.add_middleware(_BodyLimit, max_bytes=args.max_body_bytes, timeout=args.read_timeout)
     return app
+
+
+def _add_schema_routes(app, auth) -> None:
+    """/api/openapi.json and /api/docs, behind the key like every other route: the schema names every route and field."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+
+    @app.get("/api/openapi.json", dependencies=auth, include_in_schema=False)
+    def schema():
+        return app.openapi()
+
+    @app.get("/api/docs", dependencies=auth, include_in_schema=False)
+    def docs():
+        return get_swagger_ui_html(openapi_url="/api/openapi.json", title=f"{app.title}: API")
 
 
 def _add_error_handlers(app) -> None:

@@ -19,9 +19,12 @@ As a library (tests do this): `app = build_app(tokenizer, model, device, WebDemo
 returns a FastAPI app to serve with uvicorn.
 """
 
+import contextlib
 import errno
 import hmac
 import ipaddress
+import logging
+import math
 import os
 import socket
 import sys
@@ -98,6 +101,7 @@ def _mount_page(app, engine: Engine, limits: Limits, model_name: str, api_key: s
     return gr.mount_gradio_app(
         app, blocks, path="/", auth=auth, auth_message="Password: the server's API key (any user name)." if api_key else None,
         ssr_mode=False, mcp_server=False, pwa=False, enable_monitoring=False, footer_links=[],
+        app_kwargs={"openapi_url": None},  # Gradio's schema of the page would sit at /openapi.json, open to all
     )
 
 
@@ -122,9 +126,12 @@ def _is_loopback(host: str) -> bool:
 
 
 def check_args(args: WebDemoArguments):
-    for name in ("max_prompt_tokens", "max_tokens_cap", "max_sequences", "max_stop_chars", "max_body_bytes", "queue_size"):
+    for name in ("max_prompt_tokens", "max_tokens_cap", "max_sequences", "max_stop_chars", "max_body_bytes", "queue_size",
+                 "max_connections"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    if not 0 < args.read_timeout < math.inf:
+        raise ValueError(f"--read_timeout must be a positive number of seconds, got {args.read_timeout}")
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
     resolve_api_key(args)
@@ -146,6 +153,107 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+ACCEPT_BATCH = 128  # uvicorn's backlog: asyncio accepts up to this many sockets per wake-up, before any protocol sees them
+
+
+def connection_cap(wanted: int) -> int:
+    """--max_connections, lowered to what the open-file limit leaves (each connection is a file descriptor):
+    past the limit, accept() fails in a loop and no request gets through. The soft limit is raised towards the
+    hard one first, as servers do; the reserve covers the files in use, and the sockets asyncio accepts (up to
+    two batches) and closes (on the next turn of the loop) before the cap can see them."""
+    try:
+        import resource
+    except ImportError:  # Windows: no such limit
+        return wanted
+    reserve = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 64
+    reserve += 64 + 3 * ACCEPT_BATCH  # the model's files, logs, static files being sent; sockets in flight
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted + reserve:
+        raised = wanted + reserve if hard == resource.RLIM_INFINITY else min(hard, wanted + reserve)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+    if soft == resource.RLIM_INFINITY or soft - reserve >= wanted:
+        return wanted
+    room = max(1, soft - reserve)
+    print(f"warning: the open-file limit ({soft}) leaves room for {room} connections, not --max_connections {wanted}: "
+          "raise it (ulimit -n) to serve more", file=sys.stderr)
+    return room
+
+
+class _OneLineAcceptErrors(logging.Filter):
+    """asyncio logs a traceback each time accept() runs out of file descriptors (then pauses a second): one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith("socket.accept() out of system resource"):
+            record.msg, record.args, record.exc_info = "accept() failed: too many open files; retrying in 1 s", (), None
+        return True
+
+
+def guarded_protocol(max_connections: int, read_timeout: float) -> type:
+    """uvicorn's HTTP/1.1 protocol with two guards against clients that connect and stall (slowloris): a
+    connection that has not sent a complete request's headers `read_timeout` seconds after it began waiting for
+    one is closed, and at most `max_connections` are open: past that, the connection waiting longest for a request
+    is closed to make room, or, when every connection is busy with a request, the new one is refused. One log line
+    per connection closed; the body's timeout is web_api's (an ASGI middleware)."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    log = logging.getLogger("uvicorn.error")
+
+    class GuardedH11Protocol(H11Protocol):
+        def connection_made(self, transport):
+            self.waiting_since, self.refused = self.loop.time(), False
+            if len(self.connections) >= max_connections and not self._make_room():
+                self.refused = True
+                peer = transport.get_extra_info("peername")
+                log.warning("refused a connection from %s: %d connections are busy (--max_connections)", _peer(peer),
+                            max_connections)
+                transport.abort()
+                return
+            super().connection_made(transport)
+            self.timer = self.loop.call_later(read_timeout, self._check_stalled)
+
+        def connection_lost(self, exc):
+            if self.refused:
+                return
+            self.timer.cancel()
+            super().connection_lost(exc)
+
+        def _waiting(self) -> bool:
+            """Between requests, or in the middle of a request's headers (h11 has not parsed them yet)."""
+            return self.conn.their_state is h11.IDLE and not self.transport.is_closing()
+
+        def _check_stalled(self):
+            now = self.loop.time()
+            if not self._waiting():
+                self.waiting_since = None  # a request is being read (its body has web_api's timeout) or answered
+            elif self.waiting_since is None:
+                self.waiting_since = now
+            elif now - self.waiting_since >= read_timeout:
+                log.warning("closed the connection from %s: no complete request headers in %g s (--read_timeout)",
+                            _peer(self.client), read_timeout)
+                self.transport.abort()
+                return
+            self.timer = self.loop.call_later(min(1.0, read_timeout), self._check_stalled)
+
+        def _make_room(self) -> bool:
+            waiting = [c for c in self.connections if isinstance(c, GuardedH11Protocol) and c._waiting()]
+            if not waiting:
+                return False
+            oldest = min(waiting, key=lambda c: c.waiting_since if c.waiting_since is not None else self.loop.time())
+            log.warning("closed the connection from %s to make room: %d connections are open (--max_connections)",
+                        _peer(oldest.client), max_connections)
+            oldest.transport.abort()
+            return True
+
+    return GuardedH11Protocol
+
+
+def _peer(address) -> str:
+    return f"{address[0]}:{address[1]}" if address else "an unknown client"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     return run_main(lambda: _serve(args), report=(ValueError, FileNotFoundError))
@@ -162,7 +270,9 @@ def _serve(args: WebDemoArguments) -> None:
     app = build_app(tokenizer, model, device, args)
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"Serving {args.model_path} on http://{shown}:{args.port}  (page /, API /v1/completions, /api/generate)", file=sys.stderr)
-    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+    protocol = guarded_protocol(connection_cap(args.max_connections), args.read_timeout)
+    logging.getLogger("asyncio").addFilter(_OneLineAcceptErrors())
+    uvicorn.Server(uvicorn.Config(app, http=protocol, backlog=ACCEPT_BATCH, log_level="warning")).run(sockets=[sock])
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 import http.client
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -229,6 +230,10 @@ def test_batched_prompts_as_text_and_as_token_ids(server, loaded):
     # One list of ints is one prompt of token ids.
     status, one = call(server, "/v1/completions", {"prompt": ids[2], **req})
     assert status == 200 and len(one["choices"]) == 1 and one["choices"][0]["logprobs"]["tokens"] == by_ids["choices"][2]["logprobs"]["tokens"]
+    # Text and token ids mixed in one list, as OpenAI (and the docs' example) take them.
+    status, mixed = call(server, "/v1/completions", {"prompt": [texts[0], ids[2]], **req})
+    assert status == 200, mixed
+    assert [c["logprobs"]["tokens"] for c in mixed["choices"]] == [by_ids["choices"][i]["logprobs"]["tokens"] for i in (0, 2)]
 
 
 def test_lm_evaluation_harness_local_completions_request(server, loaded):
@@ -414,6 +419,107 @@ def test_api_key(keyed):
     # The scheme is case-insensitive (RFC 9110); spacing around the key does not matter.
     for value in (f"Bearer {KEY}", f"bearer {KEY}", f"BEARER  {KEY}", f"Bearer\t{KEY}", f"  Bearer {KEY}  "):
         assert call(keyed, "/v1/models", headers={"Authorization": value})[0] == 200, repr(value)
+
+
+def test_the_schema_sits_behind_the_key(loaded, model_dir):
+    s = Server(W.build_app(*loaded, W.WebDemoArguments(model_path=str(model_dir), api_key=KEY, **LIMITS)))  # with the page
+    try:
+        for path in ("/api/openapi.json", "/api/docs"):
+            assert call(s, path)[0] == 401, path
+        status, schema = call(s, "/api/openapi.json", headers={"Authorization": f"Bearer {KEY}"})
+        assert status == 200 and "/v1/completions" in schema["paths"]
+        assert call(s, "/api/docs", headers={"Authorization": f"Bearer {KEY}"})[0] == 200
+        status, answer = call(s, "/openapi.json")  # the page's own schema is not served at all
+        assert status == 404 and "paths" not in str(answer), answer
+    finally:
+        s.stop()
+
+
+def test_a_body_that_does_not_arrive_gets_408_and_the_connection_closed(loaded, model_dir):
+    s = Server(W.build_app(*loaded, W.WebDemoArguments(model_path=str(model_dir), read_timeout=0.5, **LIMITS), page=False))
+    try:
+        with socket.create_connection(("127.0.0.1", s.port), timeout=10) as sock:
+            start = time.monotonic()
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n{\"prompt\"")
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408 ") and b"did not arrive within 0.5 s" in answer, answer
+        assert time.monotonic() - start < 5
+        assert call(s, "/v1/models")[0] == 200  # and the server serves on
+    finally:
+        s.stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="open-file limits as Linux sets them")
+def test_stalled_connections_cannot_starve_the_server(model_dir, tmp_path):
+    """1,100 connections that send a request line and one header, then nothing, against a server limited to 1,024
+    open files: a new request is still answered within 5 s, the stalled ones are closed after --read_timeout, and
+    the log holds one line per connection closed, no traceback."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1500:
+        pytest.skip(f"this test opens 1,100 sockets; the open-file limit is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 4096, hard))
+    port, log = _free_port(), tmp_path / "server.log"
+
+    def limit_files():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
+
+    with open(log, "wb") as out:
+        server = subprocess.Popen([sys.executable, "web_demo.py", "--model_path", str(model_dir), "--port", str(port),
+                                   "--read_timeout", "4"], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                  preexec_fn=limit_files, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    stalled = []
+    try:
+        deadline = time.monotonic() + 180
+        while b"Serving" not in log.read_bytes():
+            assert server.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        start = time.monotonic()
+        for _ in range(1100):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            stalled.append(sock)
+            try:
+                sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n")
+            except OSError:
+                pass  # closed already, to make room
+        opened = time.monotonic() - start
+        target = type("Target", (), {"url": f"http://127.0.0.1:{port}"})
+        asked = time.monotonic()
+        status, body = call(target, "/v1/models", timeout=5)
+        assert status == 200 and time.monotonic() - asked < 5, (status, body)
+        # Every stalled connection is closed by the server (made room for, or timed out) within --read_timeout + 5 s.
+        open_still = []
+        for i, sock in enumerate(stalled):
+            sock.settimeout(max(0.1, start + opened + 4 + 5 - time.monotonic()))
+            try:
+                if sock.recv(1) != b"":
+                    open_still.append((i, "answered"))
+            except ConnectionResetError:
+                pass
+            except socket.timeout:
+                open_still.append((i, round(time.monotonic() - start, 1)))
+        assert not open_still, (open_still, opened)
+        assert server.poll() is None
+    finally:
+        for sock in stalled:
+            sock.close()
+        server.terminate()
+        server.wait(timeout=30)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    text = log.read_text()
+    assert log.stat().st_size < 1_000_000 and "Traceback" not in text and "Too many open files" not in text, text[-3000:]
+    lines = [line for line in text.splitlines() if "closed the connection from" in line or "refused a connection" in line]
+    assert len(lines) == 1100, len(lines)
 
 
 @pytest.fixture
@@ -620,8 +726,13 @@ def test_cli_help(capsys):
     assert exit.value.code == 0
     out = capsys.readouterr().out
     for flag in ("--model_path", "--host", "--port", "--api_key", "--max_prompt_tokens", "--max_tokens_cap", "--max_sequences",
-                 "--max_stop_chars", "--max_body_bytes", "--queue_size"):
+                 "--max_stop_chars", "--max_body_bytes", "--queue_size", "--max_connections", "--read_timeout"):
         assert flag in out
+    for flags, message in ((["--max_connections", "0"], "--max_connections must be a positive integer, got 0"),
+                           (["--read_timeout", "nan"], "--read_timeout must be a positive number of seconds, got nan"),
+                           (["--read_timeout", "0"], "--read_timeout must be a positive number of seconds, got 0.0")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            W.check_args(W.parse_args(flags))
 
 
 def test_cli_import_is_light_and_bad_model_path_is_a_clear_error(tmp_path):
