@@ -40,7 +40,7 @@ from errors import run_main
 from gpt2_tokenizer import load_tokenizer
 from readers import _STATS, DataError, expand_path, file_digest, file_state, normalise, read_files, shown
 
-PIPELINE_VERSION = 1  # bump when the tokens or blocks written for the same inputs would change
+PIPELINE_VERSION = 2  # bump when the tokens or blocks written for the same inputs would change
 REPO_DIR = Path(__file__).resolve().parent
 DEFAULT_CACHE_DIR = Path(os.environ.get("GPT2_CACHE_DIR", REPO_DIR / ".cache" / "datasets"))
 GPT2_OUTPUT_ALIASES = {"small": "small-117M", "medium": "medium-345M", "large": "large-762M", "xl": "xl-1542M"}
@@ -238,7 +238,8 @@ def token_dtype(tokenizer):
 
 
 def tokenize_source(source: Source, args: DataArguments, tokenizer, out_dir: str, split: str) -> dict:
-    """Write `{split}.tokens` (flat ids) and `{split}.docs.npy` (start of each document) to out_dir."""
+    """Write `{split}.tokens` (flat ids), `{split}.docs.npy` (start of each document) and `{split}.hashes.npy` (a
+    64-bit hash of each document's text, to find byte-identical copies) to out_dir."""
     eot = tokenizer.eos_token_id
     if eot is None:
         raise DataError(f"Tokenizer {tokenizer.name_or_path} has no EOS token to separate documents.")
@@ -248,23 +249,26 @@ def tokenize_source(source: Source, args: DataArguments, tokenizer, out_dir: str
     doc_starts, n_tokens, n_chars = [], 0, 0
     batch, batch_ends, batch_chars = [], [], 0
     doc_has_text = False
+    doc_hashes, doc_hash = [], DocumentHash()
     total, unit = source.total()
     with open(os.path.join(out_dir, f"{split}.tokens"), "wb") as out, \
             tqdm(total=total, unit=unit, unit_scale=True, desc=f"Tokenizing {split} ({source.describe()})",
                  disable=None) as progress:
 
         def flush():
-            nonlocal n_tokens, doc_has_text
-            for ids, ends in zip(encode(batch), batch_ends):
+            nonlocal n_tokens, doc_has_text, doc_hash
+            for ids, ends, text in zip(encode(batch), batch_ends, batch):
+                doc_hash.update(text)
                 if ids and not doc_has_text:
                     doc_starts.append(n_tokens)
                     doc_has_text = True
                 if ends:
                     if doc_has_text:
                         ids = ids + [eot]
+                        doc_hashes.append(doc_hash.value())
                     else:
                         _STATS.empty_docs += 1
-                    doc_has_text = False
+                    doc_has_text, doc_hash = False, DocumentHash()
                 out.write(np.asarray(ids, dtype=dtype).tobytes())
                 n_tokens += len(ids)
             batch.clear()
@@ -279,7 +283,10 @@ def tokenize_source(source: Source, args: DataArguments, tokenizer, out_dir: str
                 flush()
                 batch_chars = 0
         flush()
+        if doc_has_text:  # a last document without an end
+            doc_hashes.append(doc_hash.value())
     np.save(os.path.join(out_dir, f"{split}.docs.npy"), np.asarray(doc_starts, dtype=np.int64))
+    np.save(os.path.join(out_dir, f"{split}.hashes.npy"), np.asarray(doc_hashes, dtype=np.uint64))
     bad_lines, empty = _STATS.bad_lines - stats_before[0], _STATS.empty_docs - stats_before[1]
     if bad_lines:
         print(f"Skipped {bad_lines} malformed line(s) in {source.describe()} (skip_bad_lines=True).")
@@ -342,8 +349,16 @@ def split_and_pack(tok_dir: str, tok_meta: dict, out_dir: str, args: DataArgumen
     elif args.val_split <= 0:
         method = "none"
         _pack(tokens, 0, n_tokens, train)
-    elif (is_val := validation_documents(n_docs, args.val_split, seed)) is not None:
+    elif (is_val := validation_documents(n_docs, args.val_split, seed, hashes := np.load(
+            os.path.join(tok_dir, "train.hashes.npy")))) is not None:
         method = "documents"
+        copied = copied_documents(hashes)
+        if copied.any():
+            held = int((copied & is_val).sum())
+            print(f"{int(copied.sum())} documents of {tok_meta['source']} are byte-identical to another one: "
+                  + ("every copy stays in training, none in validation (it would score text the model was trained on)."
+                     if not held else f"too few are unique to hold out {int(is_val.sum())} without copies, so {held} "
+                                      "copies are in validation too."))
         doc_ends = np.append(starts[1:], n_tokens)
         for a in range(0, n_tokens, CHUNK_TOKENS):
             b = min(a + CHUNK_TOKENS, n_tokens)
@@ -365,16 +380,41 @@ def split_and_pack(tok_dir: str, tok_meta: dict, out_dir: str, args: DataArgumen
     return info
 
 
-def validation_documents(n_docs: int, val_split: float, seed: int) -> Optional[np.ndarray]:
+def validation_documents(n_docs: int, val_split: float, seed: int, hashes: Optional[np.ndarray] = None) -> Optional[np.ndarray]:
     """Which of n_docs documents are held out for validation (a bool mask; the documents counted are those with
     text, in reading order), or None when there are too few to hold out whole ones: then the last val_split of
-    the tokens is, as nanoGPT does. train_tokenizer.py holds out the same documents."""
+    the tokens is, as nanoGPT does. With the documents' `hashes` (DocumentHash), a document with a byte-identical
+    copy anywhere in the data is held out only when too few documents are unique. train_tokenizer.py holds out
+    the same documents."""
     n_val = int(round(n_docs * val_split))
     if not 1 <= n_val < n_docs:
         return None
+    order = np.random.default_rng(seed).permutation(n_docs)
+    if hashes is not None and len(hashes) == n_docs:  # copies last: held out only when too few documents are unique
+        copied = copied_documents(hashes)[order]
+        order = np.concatenate([order[~copied], order[copied]])
     is_val = np.zeros(n_docs, dtype=bool)
-    is_val[np.random.default_rng(seed).permutation(n_docs)[:n_val]] = True
+    is_val[order[:n_val]] = True
     return is_val
+
+
+class DocumentHash:
+    """A 64-bit hash of a document's text, fed piece by piece: equal for byte-identical documents."""
+
+    def __init__(self):
+        self._hash = hashlib.blake2b(digest_size=8)
+
+    def update(self, text: str) -> None:
+        self._hash.update(text.encode("utf-8", "surrogatepass"))
+
+    def value(self) -> int:
+        return int.from_bytes(self._hash.digest(), "little")
+
+
+def copied_documents(hashes: np.ndarray) -> np.ndarray:
+    """Mask of the documents whose text occurs more than once."""
+    _, inverse, counts = np.unique(hashes, return_inverse=True, return_counts=True)
+    return counts[inverse.reshape(-1)] > 1
 
 
 def _pack(tokens: np.ndarray, a: int, b: int, writer: BlockWriter):

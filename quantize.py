@@ -50,7 +50,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from atomic import atomic_path
+from atomic import atomic_path, destination_problem
 from errors import GPT2ToolkitError, run_main
 from model import load_pretrained
 
@@ -373,6 +373,15 @@ def is_quantized_folder(path) -> bool:
     return Path(path).expanduser().joinpath(QUANT_FILE).is_file()
 
 
+def check_destination(out: Path) -> None:
+    """A QuantizationError unless `out` can become the quantized folder: it would be replaced, so it may only be
+    an earlier quantize.py output or an empty folder, and its parent must be writable."""
+    problem = destination_problem(out, folder=True, replaceable=lambda p: is_quantized_folder(p) or not any(p.iterdir()))
+    if problem:
+        raise QuantizationError(f"--out {out}: {problem}: choose another --out"
+                                + (", or move it away first." if out.exists() else "."))
+
+
 def save_quantized(model, tokenizer, out_dir, source_dir=None) -> Path:
     """Write a quantized model (from `quantize_model`) as a loadable folder; atomic: a folder that
     exists afterwards is complete. Files from `source_dir` (generation_config.json) are copied."""
@@ -383,10 +392,7 @@ def save_quantized(model, tokenizer, out_dir, source_dir=None) -> Path:
     if not recipe:
         raise QuantizationError("the model is not quantized: call quantize_model(model, mode) first.")
     out = Path(out_dir).expanduser()
-    if out.exists() and not (is_quantized_folder(out) or (out.is_dir() and not any(out.iterdir()))):
-        # It would be replaced: never anything but an earlier quantize.py output (or an empty folder).
-        raise QuantizationError(f"{out} exists and is not a folder written by quantize.py, which would replace it: "
-                                "choose another --out, or move it away first.")
+    check_destination(out)
     tensors, quantized = {}, []
     quantized_modules = {name: mod for name, mod in model.named_modules() if hasattr(mod, "quant_plain")}
     for name, mod in quantized_modules.items():
@@ -574,6 +580,7 @@ def _run(args) -> None:
     out = Path(args.out).expanduser() if args.out else src.with_name(f"{src.name}-{args.mode}")
     if out.resolve() == src.resolve():
         raise QuantizationError("--out must differ from --model_path.")
+    check_destination(out)  # before the model loads and quantizes, not after
     tokenizer, model = load_pretrained(src, torch.float32, local_hint=QuantizeArguments.model_path)
     quantize_model(model, args.mode, args.group_size)
     save_quantized(model, tokenizer, out, source_dir=src if src.is_dir() else None)

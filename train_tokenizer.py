@@ -165,10 +165,15 @@ class _HeldOut:
             return cls("official valid split")
         if args.val_split <= 0:
             return cls("none")
-        n_docs = n_chars = 0  # a first pass: which documents are held out depends on how many there are
+        n_chars = 0  # a first pass: which documents are held out depends on how many there are, and on copies
+        hashes: list[dataset.DocumentHash] = []
         for doc, piece in _pieces(train_src, args, tmp, "Counting documents"):
-            n_docs, n_chars = doc + 1, n_chars + len(piece)
-        is_val = dataset.validation_documents(n_docs, args.val_split, seed)
+            if doc == len(hashes):
+                hashes.append(dataset.DocumentHash())
+            hashes[doc].update(piece)
+            n_chars += len(piece)
+        is_val = dataset.validation_documents(len(hashes), args.val_split, seed,
+                                              np.asarray([h.value() for h in hashes], dtype=np.uint64))
         if is_val is not None:
             return cls("documents", is_val=is_val)
         return cls("position", cut_chars=int(n_chars * (1 - args.val_split)))

@@ -127,6 +127,32 @@ def test_split_by_document_is_disjoint_and_seeded(tmp_path, cache, tokenizer):
     assert doc_ids(val_other) != val_ids
 
 
+def test_copies_of_a_document_across_files_stay_out_of_validation(tmp_path, cache, tokenizer, capsys):
+    copies = [f"copied{i} " * 20 for i in range(10)]
+    write_jsonl(tmp_path / "a.jsonl", [f"unique{i} " * 20 for i in range(50)] + copies)
+    write_jsonl(tmp_path / "b.jsonl", copies + [f"unique{i} " * 20 for i in range(50, 70)])
+
+    def words(ds, prefix):
+        return {w for w in tokenizer.decode(all_tokens(ds)).split() if w.startswith(prefix)}
+
+    _, train, val = get_dataset_and_tokenizer(dataset_path=str(tmp_path / "*.jsonl"), block_size=4, val_split=0.2,
+                                              cache_dir=cache, seed=1)
+    assert len(words(val, "unique")) == 18 and not words(val, "copied")  # 90 documents, 18 held out, no copy among them
+    assert len(words(train, "copied")) == 10 and not words(train, "unique") & words(val, "unique")
+    out = capsys.readouterr().out
+    assert out.count("20 documents of") == 1 and "byte-identical to another one: every copy stays in training" in out
+    get_dataset_and_tokenizer(dataset_path=str(tmp_path / "*.jsonl"), block_size=4, val_split=0.2, cache_dir=cache, seed=1)
+    assert "byte-identical" not in capsys.readouterr().out  # said once, when the split is made
+
+
+def test_without_copies_the_held_out_documents_are_the_same():
+    hashes = np.arange(100, dtype=np.uint64)
+    assert (dataset.validation_documents(100, 0.1, 5, hashes) == dataset.validation_documents(100, 0.1, 5)).all()
+    hashes[[3, 50]] = 7  # documents 3 and 50 are one text
+    is_val = dataset.validation_documents(100, 0.1, 5, hashes)
+    assert is_val.sum() == 10 and not is_val[[3, 7, 50]].any()
+
+
 def test_single_document_splits_by_position(tmp_path, cache, tokenizer):
     (tmp_path / "one.txt").write_text("word " * 2000)
     _, train, val = get_dataset_and_tokenizer(dataset_path=str(tmp_path / "one.txt"), block_size=10, cache_dir=cache)

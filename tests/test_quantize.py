@@ -333,20 +333,22 @@ def test_a_folder_that_does_not_match_its_quantization_json_is_one_error(quantiz
     assert err.startswith("error: ") and err.count("\n") == 1 and named in err
 
 
-def test_out_never_replaces_a_folder_quantize_did_not_write(fp32_dir, tmp_path, capsys):
+def test_out_never_replaces_a_folder_quantize_did_not_write(fp32_dir, tmp_path, capsys, monkeypatch):
     # --out used to be renamed away and deleted whatever it was (e.g. --out ~/Documents)
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "notes.txt").write_text("keep me")
-    assert Q.main(["--model_path", str(fp32_dir), "--mode", "int8", "--out", str(precious)]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith(f"error: {precious} exists and is not a folder written by quantize.py") and err.count("\n") == 1
-    assert [p.name for p in precious.iterdir()] == ["notes.txt"]
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    assert Q.main(["--model_path", str(fp32_dir), "--mode", "int8", "--out", str(blocker / "q")]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: cannot write") and err.count("\n") == 1
+    with monkeypatch.context() as m:  # every case is refused before the model loads
+        m.setattr(Q, "load_pretrained", lambda *a, **k: pytest.fail("loaded the model although --out cannot be written"))
+        for out, reason in ((precious, f"{precious} already exists and is not one this writer made: choose another --out, "
+                                       "or move it away first."),
+                            (blocker / "q", f"{blocker} is a file, not a folder: choose another --out."),
+                            (blocker, f"{blocker} is a file, not a folder: choose another --out, or move it away first.")):
+            assert Q.main(["--model_path", str(fp32_dir), "--mode", "int8", "--out", str(out)]) == 2
+            assert capsys.readouterr().err == f"error: --out {out}: {reason}\n"
+    assert [p.name for p in precious.iterdir()] == ["notes.txt"] and blocker.read_text() == "x"
     broken = tmp_path / "broken"
     shutil.copytree(fp32_dir, broken)
     (broken / "model.safetensors").write_bytes(b"\0" * 100)
