@@ -358,6 +358,8 @@ def test_not_a_model_and_not_a_gpt2_are_one_line_errors(tiny_gpt2_dir, tmp_path,
     assert "'llama'" in err and "GPT-2" in err
     with pytest.raises(GGUFError, match="config.json"):
         export_gguf(empty, tmp_path / "m.gguf")
+    with pytest.raises(GGUFError, match="does not exist"):  # the library's own error, not a FileNotFoundError
+        export_gguf(tmp_path / "missing", tmp_path / "m.gguf")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "llama"]
 
 
