@@ -91,7 +91,7 @@ def load_model(model_dir: str | os.PathLike = DEFAULT_MODEL_PATH, device: str | 
     if quantize.is_quantized_folder(path):
         device = torch.device(device) if device is not None else torch.device("cpu")
         if dtype not in (None, torch.float32):
-            raise ValueError(f"{path} is quantized: it computes in float32, not {dtype}.")
+            raise quantize.QuantizationError(f"{path} is quantized: it computes in float32, not {dtype}.")
         model = quantize.load_quantized(path, device)
         check_finite_weights(model, str(path))
         tokenizer = folder_tokenizer(path)

@@ -263,16 +263,18 @@ def _serve(args: WebDemoArguments) -> None:
     import uvicorn
 
     check_args(args)
-    sock = listen(args.host, args.port)
-    tokenizer, model, device = load_model(args.model_path, device=args.device)
-    if not _is_loopback(args.host) and resolve_api_key(args) is None:
-        print(f"warning: serving on {args.host} without --api_key: anyone who can reach this port can use the model", file=sys.stderr)
-    app = build_app(tokenizer, model, device, args)
-    shown = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"Serving {args.model_path} on http://{shown}:{args.port}  (page /, API /v1/completions, /api/generate)", file=sys.stderr)
-    protocol = guarded_protocol(connection_cap(args.max_connections), args.read_timeout)
-    logging.getLogger("asyncio").addFilter(_OneLineAcceptErrors())
-    uvicorn.Server(uvicorn.Config(app, http=protocol, backlog=ACCEPT_BATCH, log_level="warning")).run(sockets=[sock])
+    with listen(args.host, args.port) as sock:
+        tokenizer, model, device = load_model(args.model_path, device=args.device)
+        if not _is_loopback(args.host) and resolve_api_key(args) is None:
+            print(f"warning: serving on {args.host} without --api_key: anyone who can reach this port can use the model",
+                  file=sys.stderr)
+        app = build_app(tokenizer, model, device, args)
+        shown = f"[{args.host}]" if ":" in args.host else args.host
+        print(f"Serving {args.model_path} on http://{shown}:{args.port}  (page /, API /v1/completions, /api/generate)",
+              file=sys.stderr)
+        protocol = guarded_protocol(connection_cap(args.max_connections), args.read_timeout)
+        logging.getLogger("asyncio").addFilter(_OneLineAcceptErrors())
+        uvicorn.Server(uvicorn.Config(app, http=protocol, backlog=ACCEPT_BATCH, log_level="warning")).run(sockets=[sock])
 
 
 if __name__ == "__main__":

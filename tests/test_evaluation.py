@@ -403,7 +403,7 @@ def test_cli_bad_input(case, tiny_model_dir, tmp_path, text_file, capsys):
 
 
 def test_worked_example_on_webtext_sample(shared_data, tiny_model_dir):
-    """The README's example on the shared WebText test sample (skipped when ../shared/data is absent)."""
+    """docs/evaluation.md's example on the shared WebText test sample (skipped when ../shared/data is absent)."""
     test = shared_data / "gpt2-output" / "webtext.test.head30.jsonl"
     args = ev.EvalArguments(model_path=[str(tiny_model_dir)], dataset_path=str(test), max_documents=2, num_samples=3,
                             prompt_tokens=32, reference_tokens=16, train_data=str(test), progress=False)

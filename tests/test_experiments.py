@@ -277,15 +277,15 @@ def test_ctrl_c_stops_the_sweep_and_force_retrains_from_scratch(tmp_path, monkey
     assert main([str(path), "--only", "nope"]) == 2 and "--only nope: no such run" in capsys.readouterr().err
 
 
-def test_the_example_sweep_is_valid_and_in_the_readme():
+def test_the_example_sweep_is_valid_and_in_the_docs():
     runs = load_sweep(ROOT / "sweeps" / "example.yaml")
     resolved = validate(runs)
     assert len(runs) == 4 and all(r["block_size"] == 128 for r in resolved.values())
-    readme = (ROOT / "README.md").read_text()
-    assert "## Experiments: `experiments.py`" in readme and "![experiments](docs/experiments.png)" in readme
-    assert (ROOT / "docs" / "experiments.png").is_file()
+    page = (ROOT / "docs" / "experiments.md").read_text()
+    assert "![experiments](experiments.png)" in page and (ROOT / "docs" / "experiments.png").is_file()
+    assert "python experiments.py sweeps/example.yaml" in (ROOT / "README.md").read_text()
     for run in runs:
-        assert f"| {run.name} | finished |" in readme
+        assert f"| {run.name} | finished |" in page
 
 
 # ----------------------------------------------------------------------------------------------

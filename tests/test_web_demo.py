@@ -1,5 +1,6 @@
 """web_demo.py (and web_api.py behind it) over real HTTP on 127.0.0.1: the OpenAI and JSON APIs, limits, the openai client, and the page in Chromium."""
 
+import contextlib
 import http.client
 import json
 import os
@@ -528,7 +529,7 @@ def served(monkeypatch):
     import uvicorn
 
     calls = []
-    monkeypatch.setattr(W, "listen", lambda host, port: calls.append({"host": host, "port": port}) or "socket")
+    monkeypatch.setattr(W, "listen", lambda host, port: calls.append({"host": host, "port": port}) or contextlib.nullcontext("socket"))
     monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets: calls.append({"sockets": sockets}))
     monkeypatch.delenv(W.API_KEY_ENV, raising=False)
     return calls
