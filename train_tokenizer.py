@@ -166,14 +166,18 @@ class _HeldOut:
         if args.val_split <= 0:
             return cls("none")
         n_chars = 0  # a first pass: which documents are held out depends on how many there are, and on copies
-        hashes: list[dataset.DocumentHash] = []
+        hashes: list[int] = []  # one int per document; only the current document's hasher is alive
+        current, current_doc = None, -1
         for doc, piece in _pieces(train_src, args, tmp, "Counting documents"):
-            if doc == len(hashes):
-                hashes.append(dataset.DocumentHash())
-            hashes[doc].update(piece)
+            if doc != current_doc:
+                if current is not None:
+                    hashes.append(current.value())
+                current, current_doc = dataset.DocumentHash(), doc
+            current.update(piece)
             n_chars += len(piece)
-        is_val = dataset.validation_documents(len(hashes), args.val_split, seed,
-                                              np.asarray([h.value() for h in hashes], dtype=np.uint64))
+        if current is not None:
+            hashes.append(current.value())
+        is_val = dataset.validation_documents(len(hashes), args.val_split, seed, np.asarray(hashes, dtype=np.uint64))
         if is_val is not None:
             return cls("documents", is_val=is_val)
         return cls("position", cut_chars=int(n_chars * (1 - args.val_split)))
