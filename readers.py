@@ -24,7 +24,8 @@ import sys
 import warnings
 import zlib
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
 
 import xxhash
 
@@ -383,12 +384,12 @@ def read_csv(stream, path: str, text_field: str, skip_bad_lines: bool = False) -
         text_stream.detach()  # the caller closes the file
 
 
-def read_parquet(path: str, text_field: str, tmp_dir: str) -> Iterator[tuple[str, bool]]:
+def read_parquet(path: str, text_field: str, tmp_dir: str, row_groups: Optional[range] = None) -> Iterator[tuple[str, bool]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     if path.lower().endswith(".gz"):  # Parquet needs random access: decompress to a scratch file first
-        plain = os.path.join(tmp_dir, "decompressed.parquet")
+        plain = os.path.join(tmp_dir, f"decompressed-{os.getpid()}.parquet")
         with gzip.open(path, "rb") as src, open(plain, "wb") as dst:
             shutil.copyfileobj(src, dst)
         path_to_read = plain
@@ -404,28 +405,83 @@ def read_parquet(path: str, text_field: str, tmp_dir: str) -> Iterator[tuple[str
         if not (pa.types.is_string(value) or pa.types.is_large_string(value) or pa.types.is_string_view(value)):
             raise DataError(f"{shown(path)}: column '{text_field}' holds {kind}, not text. Choose a text column with "
                             "text_field=... (--text_field).")
-        for batch in pf.iter_batches(columns=[text_field], batch_size=4096):
+        groups = list(row_groups) if row_groups is not None else None
+        for batch in pf.iter_batches(columns=[text_field], batch_size=4096, row_groups=groups):
             for text in batch.column(0).to_pylist():
                 yield normalise(text or ""), True
     except pa.ArrowInvalid as e:
         raise DataError(f"{shown(path)} is not a readable Parquet file ({e}). Write it again, or save the text as "
                         ".jsonl.") from None
+    finally:
+        if path_to_read != path:
+            os.unlink(path_to_read)
 
 
-def read_files(paths: list, text_field: str, skip_bad_lines: bool, progress, tmp_dir: str,
-               states: Optional[dict] = None) -> Iterator[tuple[str, bool]]:
-    """The pieces of each file in turn, advancing `progress` by bytes read. `states`: path -> file_state when the
-    files were fingerprinted; a file that changed since, or while it is read, is an error."""
-    states = states or {}
-    for path in paths:
-        replaced_before = _STATS.replaced
-        state = states.get(path) or file_state(path)
-        raw, stream = open_binary(path)
-        done, pieces = 0, None
-        try:
-            with reading(path):
-                fmt = file_format(path)
-                if fmt != ".parquet":
+def parquet_row_groups(path: str) -> int:
+    """How many row groups a Parquet file has (each can be read alone)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path).metadata.num_row_groups
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"{shown(path)} is not a readable Parquet file ({e}). Write it again, or save the text as "
+                        ".jsonl.") from None
+
+
+@dataclass(frozen=True)
+class Part:
+    """A piece of one file that can be read alone: a byte range of an uncompressed .jsonl or .txt file starting at
+    a line, a range of a Parquet file's row groups, or a whole file (end=None). `state` is the file's
+    file_state when it was fingerprinted: a file that differs by the end of the read is an error."""
+
+    path: str
+    start: int = 0
+    end: Optional[int] = None
+    state: Optional[tuple] = None
+
+    @property
+    def first(self) -> bool:  # where a file's byte-order mark is, and where a .txt file's document starts
+        return self.start == 0
+
+    def last(self, size: int) -> bool:  # where a .txt file's document ends
+        return self.end is None or (file_format(self.path) != ".parquet" and self.end >= size)
+
+
+class _Window(io.RawIOBase):
+    """Bytes [start, end) of an open binary file, as a readable stream."""
+
+    def __init__(self, raw, start: int, end: int):
+        raw.seek(start)
+        self.raw, self.left = raw, end - start
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer)[:max(0, self.left)]
+        n = self.raw.readinto(view) if len(view) else 0
+        self.left -= n
+        return n
+
+
+def read_part(part: Part, text_field: str, skip_bad_lines: bool, tmp_dir: str,
+              progress: Optional[Callable[[int], None]] = None) -> Iterator[tuple[str, bool]]:
+    """The (text, ends_document) pieces of one Part, calling progress(bytes) as the file is read."""
+    path = part.path
+    state = part.state or file_state(path)
+    fmt = file_format(path)
+    raw, stream = open_binary(path)
+    done, pieces = 0, None
+    try:
+        with reading(path):
+            if fmt == ".parquet":
+                rows = None if part.end is None else range(part.start, part.end)
+                pieces = read_parquet(path, text_field, tmp_dir, rows)
+            else:
+                if part.end is not None:
+                    stream = io.BufferedReader(_Window(raw, part.start, part.end), TXT_CHUNK_BYTES)
+                if part.first:
                     skip_utf8_bom(stream, path)
                 if fmt == ".txt":
                     pieces = read_txt(stream)
@@ -433,26 +489,60 @@ def read_files(paths: list, text_field: str, skip_bad_lines: bool, progress, tmp
                     pieces = read_json_lines(stream, path, text_field, skip_bad_lines)
                 elif fmt == ".json":
                     pieces = read_json(stream, path, text_field, skip_bad_lines)
-                elif fmt == ".csv":
-                    pieces = read_csv(stream, path, text_field, skip_bad_lines)
                 else:
-                    pieces = read_parquet(path, text_field, tmp_dir)
+                    pieces = read_csv(stream, path, text_field, skip_bad_lines)
+            try:
                 for piece in pieces:
                     yield piece
-                    pos = raw.tell()
-                    progress.update(pos - done)
-                    done = pos
-            if file_state(path) != state:  # the cache key was the old content: what we read may be neither
-                raise DataError(f"{shown(path)} changed while it was read (is a program still writing it?). Run again "
-                                "once it is complete.")
-            if fmt == ".txt":
-                yield "", True  # the whole file is one document
-        finally:
-            progress.update(max(0, state[0] - done))
-            if pieces is not None:  # a reader left half-way (the caller stopped early) lets go of the file first
-                pieces.close()
-            stream.close()
-            raw.close()
-        if _STATS.replaced > replaced_before:
-            warnings.warn(f"{shown(path)}: {_STATS.replaced - replaced_before} byte sequence(s) are not valid UTF-8 and were "
-                          "replaced by U+FFFD. Re-encode the file as UTF-8 to keep those characters.", stacklevel=3)
+                    if progress is not None and fmt != ".parquet":
+                        pos = raw.tell()
+                        progress(pos - part.start - done)
+                        done = pos - part.start
+            except DataError as e:
+                if part.start and fmt == ".jsonl":  # the reader counted lines from the part's start
+                    raise DataError(_shift_line(str(e), path, part.start)) from None
+                raise
+        if file_state(path) != state:  # the cache key was the old content: what we read may be neither
+            raise DataError(f"{shown(path)} changed while it was read (is a program still writing it?). Run again "
+                            "once it is complete.")
+        if fmt == ".txt" and part.last(state[0]):
+            yield "", True  # the whole file is one document
+    finally:
+        if progress is not None:  # the rest of the bytes (all of a Parquet file's; none of its row groups')
+            span = state[0] - part.start if part.end is None else 0 if fmt == ".parquet" else part.end - part.start
+            progress(max(0, span - done))
+        if pieces is not None:  # a reader left half-way (the caller stopped early) lets go of the file first
+            pieces.close()
+        stream.close()
+        raw.close()
+
+
+def _shift_line(message: str, path: str, start: int) -> str:
+    """An error's "path, line N" counted from byte `start` of the file, counted from its first line instead."""
+    before = 0
+    with open(path, "rb") as f:
+        left = start
+        while left > 0 and (chunk := f.read(min(left, 8 << 20))):
+            before += chunk.count(b"\n")
+            left -= len(chunk)
+    prefix = f"{shown(path)}, line "
+    head, found, rest = message.partition(prefix)
+    number, colon, tail = rest.partition(":")
+    return head + found + str(int(number) + before) + colon + tail if found and number.isdigit() else message
+
+
+def read_files(paths: list, text_field: str, skip_bad_lines: bool, progress, tmp_dir: str,
+               states: Optional[dict] = None) -> Iterator[tuple[str, bool]]:
+    """The pieces of each file in turn, advancing `progress` (a tqdm) by bytes read. `states`: path -> file_state
+    when the files were fingerprinted; a file that changed since, or while it is read, is an error."""
+    states = states or {}
+    for path in paths:
+        replaced_before = _STATS.replaced
+        yield from read_part(Part(path, state=states.get(path)), text_field, skip_bad_lines, tmp_dir, progress.update)
+        warn_replaced(path, _STATS.replaced - replaced_before)
+
+
+def warn_replaced(path: str, count: int) -> None:
+    if count:
+        warnings.warn(f"{shown(path)}: {count} byte sequence(s) are not valid UTF-8 and were replaced by U+FFFD. "
+                      "Re-encode the file as UTF-8 to keep those characters.", stacklevel=4)
