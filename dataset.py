@@ -35,10 +35,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import download_dataset
-from atomic import install, remove, temp_beside
+import shards
+from atomic import fsync_tree, install, remove, temp_beside
 from errors import run_main
 from gpt2_tokenizer import load_tokenizer
-from readers import _STATS, DataError, expand_path, file_digest, file_state, normalise, read_files, shown
+from readers import DataError, expand_path, file_digest, file_state, normalise, read_files, shown
 
 PIPELINE_VERSION = 2  # bump when the tokens or blocks written for the same inputs would change
 REPO_DIR = Path(__file__).resolve().parent
@@ -47,7 +48,6 @@ GPT2_OUTPUT_ALIASES = {"small": "small-117M", "medium": "medium-345M", "large": 
 GPT2_OUTPUT_NAMES = download_dataset.DATASETS
 DEFAULT_DATASET_NAME = "small"
 BUILTIN_NAME = "builtin"
-BATCH_CHARS = 4 << 20  # text handed to the tokenizer at once
 
 
 @dataclass
@@ -80,6 +80,18 @@ class DataArguments:
         default=False, metadata={"help": "Skip malformed JSON/JSONL lines and CSV rows (and count them) instead of stopping "
                                  "with an error."}
     )
+    num_proc: Optional[int] = field(
+        default=None, metadata={"help": "Worker processes that read, tokenize and pack the data (default: every core "
+                                "this process may use). The result is the same with any number."}
+    )
+    streaming: bool = field(
+        default=False, metadata={"help": "Read a Hugging Face Hub dataset as a stream, tokenized as it arrives, instead of "
+                                 "downloading all of it first."}
+    )
+    prepare_timeout: float = field(
+        default=1800.0, metadata={"help": "Seconds a process waits, with no progress seen, while another one prepares the "
+                                  "same data (the other ranks of a torchrun job) before it stops with an error."}
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -102,7 +114,7 @@ class Source:
                 self.states[path] = file_state(path)
                 h.update(os.fsencode(os.path.basename(path)) + b"\0" + file_digest(path).encode())
         elif self.kind == "hub":
-            h.update(self.hub_dataset._fingerprint.encode())
+            h.update(hub_fingerprint(self.hub_dataset).encode())
         else:
             h.update(builtin_text_digest().encode())
         return h.hexdigest()
@@ -112,7 +124,7 @@ class Source:
         if self.kind == "files":
             return sum(os.path.getsize(p) for p in self.files), "B"
         if self.kind == "hub":
-            return len(self.hub_dataset), "doc"
+            return getattr(self.hub_dataset, "num_rows", None), "doc"  # None: a stream of unknown length
         return len(builtin_documents()), "doc"
 
     def describe(self) -> str:
@@ -169,7 +181,7 @@ def load_hub(args: DataArguments, split: Optional[str] = None):
     import datasets
 
     try:
-        loaded = datasets.load_dataset(args.dataset_name, args.dataset_config, split=split)
+        loaded = datasets.load_dataset(args.dataset_name, args.dataset_config, split=split, streaming=args.streaming)
     except Exception as e:  # the library's errors for a bad name are long; say what was tried instead
         raise DataError(
             f"'{args.dataset_name}' is not a file, a gpt-2-output-dataset name ({', '.join(GPT2_OUTPUT_NAMES)}), "
@@ -177,10 +189,24 @@ def load_hub(args: DataArguments, split: Optional[str] = None):
             f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
         ) from None
     for ds in ([loaded] if split else loaded.values()):
-        if args.text_field not in ds.column_names:
+        if ds.column_names is not None and args.text_field not in ds.column_names:  # a stream may not know its own
             raise DataError(f"Hub dataset {args.dataset_name} has no column '{args.text_field}'; columns: "
                             f"{', '.join(ds.column_names)}. Choose one with --text_field.")
     return loaded
+
+
+def hub_fingerprint(ds) -> str:
+    """A Hub dataset split's content key: datasets' own fingerprint, or for a stream (which has none) its name,
+    configuration, split and the data files with their revision or modification time, as datasets records them."""
+    if getattr(ds, "_fingerprint", None):
+        return ds._fingerprint
+    import datasets
+
+    info = ds.info
+    builder = datasets.load_dataset_builder(info.dataset_name if os.sep not in str(info.dataset_name) else info.dataset_name,
+                                            info.config_name)
+    return hashlib.sha256(json.dumps([info.dataset_name, info.config_name, str(ds.split), builder.hash],
+                                     default=str).encode()).hexdigest()
 
 
 def resolve_split(args: DataArguments, split: str) -> Source:
@@ -216,82 +242,46 @@ def iter_pieces(source: Source, args: DataArguments, progress: tqdm, tmp_dir: st
 
 
 # ----------------------------------------------------------------------------------------------
-# Tokenizing: documents -> one flat token file plus document start offsets
-
-
-def make_encoder(tokenizer):
-    """A function list[str] -> list[list[int]] using all cores; tiktoken for the official GPT-2 BPE."""
-    import gpt2_tokenizer
-
-    if gpt2_tokenizer.is_official_gpt2(tokenizer):
-        enc = gpt2_tokenizer.tiktoken_encoding()  # same ids as the HF tokenizer (tested), ~4x faster
-        threads = os.cpu_count() or 1
-        return lambda texts: enc.encode_ordinary_batch(texts, num_threads=threads)
-    backend = tokenizer.backend_tokenizer if hasattr(tokenizer, "backend_tokenizer") else None
-    if backend is not None:
-        return lambda texts: [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
-    return lambda texts: [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+# Tokenizing: documents -> token shards, document starts and hashes (shards.py does the work on every core)
 
 
 def token_dtype(tokenizer):
     return np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
 
 
-def tokenize_source(source: Source, args: DataArguments, tokenizer, out_dir: str, split: str) -> dict:
-    """Write `{split}.tokens` (flat ids), `{split}.docs.npy` (start of each document) and `{split}.hashes.npy` (a
-    64-bit hash of each document's text, to find byte-identical copies) to out_dir."""
+def source_shards(source: Source, args: DataArguments):
+    """The source's shards: planned from its files, or cut from its stream of documents."""
+    if source.kind == "files":
+        return shards.plan_files(source.files, source.states)
+    if source.kind == "builtin":
+        return shards.fed_shards(builtin_documents())
+    return shards.fed_shards(text for batch in source.hub_dataset.iter(batch_size=1000) for text in batch[args.text_field])
+
+
+def tokenize_source(source: Source, args: DataArguments, tokenizer, out_dir: str, split: str,
+                    heartbeat=lambda: None) -> dict:
+    """Tokenize a source into out_dir on args.num_proc workers: `{split}-NNNNN.tokens` per shard (flat ids),
+    `{split}.docs.npy` (where each document starts) and `{split}.hashes.npy` (a 64-bit hash of each document's
+    text, to find byte-identical copies). Shards finished by an earlier, interrupted run are kept."""
     eot = tokenizer.eos_token_id
     if eot is None:
         raise DataError(f"Tokenizer {tokenizer.name_or_path} has no EOS token to separate documents.")
-    encode = make_encoder(tokenizer)
-    dtype = token_dtype(tokenizer)
-    stats_before = (_STATS.bad_lines, _STATS.empty_docs)
-    doc_starts, n_tokens, n_chars = [], 0, 0
-    batch, batch_ends, batch_chars = [], [], 0
-    doc_has_text = False
-    doc_hashes, doc_hash = [], DocumentHash()
+    job = shards.Job(split, out_dir, eot, np.dtype(token_dtype(tokenizer)).name, args.text_field, args.skip_bad_lines)
     total, unit = source.total()
-    with open(os.path.join(out_dir, f"{split}.tokens"), "wb") as out, \
-            tqdm(total=total, unit=unit, unit_scale=True, desc=f"Tokenizing {split} ({source.describe()})",
-                 disable=None) as progress:
-
-        def flush():
-            nonlocal n_tokens, doc_has_text, doc_hash
-            for ids, ends, text in zip(encode(batch), batch_ends, batch):
-                doc_hash.update(text)
-                if ids and not doc_has_text:
-                    doc_starts.append(n_tokens)
-                    doc_has_text = True
-                if ends:
-                    if doc_has_text:
-                        ids = ids + [eot]
-                        doc_hashes.append(doc_hash.value())
-                    else:
-                        _STATS.empty_docs += 1
-                    doc_has_text, doc_hash = False, DocumentHash()
-                out.write(np.asarray(ids, dtype=dtype).tobytes())
-                n_tokens += len(ids)
-            batch.clear()
-            batch_ends.clear()
-
-        for text, ends in iter_pieces(source, args, progress, out_dir):
-            batch.append(text)
-            batch_ends.append(ends)
-            batch_chars += len(text)
-            n_chars += len(text)
-            if batch_chars >= BATCH_CHARS or len(batch) >= 16384:
-                flush()
-                batch_chars = 0
-        flush()
-        if doc_has_text:  # a last document without an end
-            doc_hashes.append(doc_hash.value())
-    np.save(os.path.join(out_dir, f"{split}.docs.npy"), np.asarray(doc_starts, dtype=np.int64))
-    np.save(os.path.join(out_dir, f"{split}.hashes.npy"), np.asarray(doc_hashes, dtype=np.uint64))
-    bad_lines, empty = _STATS.bad_lines - stats_before[0], _STATS.empty_docs - stats_before[1]
+    workers = args.num_proc or shards.default_workers()
+    with tqdm(total=total, unit=unit, unit_scale=True, disable=None,
+              desc=f"Tokenizing {split} ({source.describe()}, {workers} worker{'s' * (workers > 1)})") as progress:
+        records = shards.run_shards(source_shards(source, args), job, shards.encoder_spec(tokenizer), workers,
+                                    progress.update, heartbeat)
+    starts, hashes = shards.merge(records, job)
+    np.save(os.path.join(out_dir, f"{split}.docs.npy"), starts)
+    np.save(os.path.join(out_dir, f"{split}.hashes.npy"), hashes)
+    bad_lines = sum(r["bad_lines"] for r in records)
     if bad_lines:
         print(f"Skipped {bad_lines} malformed line(s) in {source.describe()} (skip_bad_lines=True).")
-    return {"documents": len(doc_starts), "tokens": n_tokens, "characters": n_chars,
-            "skipped_bad_lines": bad_lines, "empty_documents": empty}
+    return {"documents": len(starts), "tokens": sum(r["tokens"] for r in records),
+            "characters": sum(r["characters"] for r in records), "skipped_bad_lines": bad_lines,
+            "empty_documents": sum(r["empty_documents"] for r in records), "shard_tokens": [r["tokens"] for r in records]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -332,25 +322,37 @@ class BlockWriter:
 CHUNK_TOKENS = 1 << 22  # tokens moved at a time while splitting and packing: bounds memory
 
 
-def split_and_pack(tok_dir: str, tok_meta: dict, out_dir: str, args: DataArguments, seed: int) -> dict:
-    """Assign documents to train/val and pack each split into blocks."""
-    def memmap(split):
-        return np.memmap(os.path.join(tok_dir, f"{split}.tokens"), mode="r", dtype=tok_meta["dtype"])
+@dataclass(frozen=True)
+class Segment:
+    """The tokens of one token shard that go to one split: all of them, those in a range of positions of the whole
+    stream, or those of the documents the validation mask picks (want_val)."""
 
-    tokens, starts = memmap("train"), np.load(os.path.join(tok_dir, "train.docs.npy"))
-    n_docs, n_tokens = len(starts), len(tokens)
-    train = BlockWriter(os.path.join(out_dir, "train.arrow"), args.block_size)
-    val = BlockWriter(os.path.join(out_dir, "val.arrow"), args.block_size)
+    path: str
+    offset: int  # position of the shard's first token in its split's stream
+    tokens: int  # tokens in the shard
+    count: int  # tokens of the shard that go to this split
+    select: tuple  # ("all",) | ("range", lo, hi) | ("docs", want_val)
+
+
+def split_and_pack(tok_dir: str, tok_meta: dict, out_dir: str, args: DataArguments, seed: int,
+                   heartbeat=lambda: None) -> dict:
+    """Assign documents to train/val and pack each split into blocks: one Arrow file per token shard where a block
+    starts, written by args.num_proc workers; together, in order, they are one stream of blocks."""
+    def segments(split: str, select: tuple, count) -> list[Segment]:
+        out, offset = [], 0
+        for i, n in enumerate(tok_meta["shard_tokens"][split]):
+            out.append(Segment(os.path.join(tok_dir, f"{split}-{i:05d}.tokens"), offset, n, count(offset, n), select))
+            offset += n
+        return out
+
+    n_tokens = tok_meta["tokenized"]["train"]["tokens"]
+    everything = segments("train", ("all",), lambda o, n: n)
     if "valid" in tok_meta["tokenized"]:
-        method = "official valid split"
-        _pack(tokens, 0, n_tokens, train)
-        valid = memmap("valid")
-        _pack(valid, 0, len(valid), val)
+        method, streams = "official valid split", {"train": everything, "val": segments("valid", ("all",), lambda o, n: n)}
     elif args.val_split <= 0:
-        method = "none"
-        _pack(tokens, 0, n_tokens, train)
-    elif (is_val := validation_documents(n_docs, args.val_split, seed, hashes := np.load(
-            os.path.join(tok_dir, "train.hashes.npy")))) is not None:
+        method, streams = "none", {"train": everything}
+    elif (is_val := validation_documents(n_docs := len(starts := np.load(os.path.join(tok_dir, "train.docs.npy"))),
+                                         args.val_split, seed, hashes := np.load(os.path.join(tok_dir, "train.hashes.npy")))) is not None:
         method = "documents"
         copied = copied_documents(hashes)
         if copied.any():
@@ -359,31 +361,99 @@ def split_and_pack(tok_dir: str, tok_meta: dict, out_dir: str, args: DataArgumen
                   + ("every copy stays in training, none in validation (it would score text the model was trained on)."
                      if not held else f"too few are unique to hold out {int(is_val.sum())} without copies, so {held} "
                                       "copies are in validation too."))
-        doc_ends = np.append(starts[1:], n_tokens)
-        for a in range(0, n_tokens, CHUNK_TOKENS):
-            b = min(a + CHUNK_TOKENS, n_tokens)
-            d0, d1 = np.searchsorted(starts, a, "right") - 1, np.searchsorted(starts, b, "left")
-            lengths = np.clip(doc_ends[d0:d1], a, b) - np.clip(starts[d0:d1], a, b)
-            in_val = np.repeat(is_val[d0:d1], lengths)
-            chunk = np.asarray(tokens[a:b])
-            train.add(chunk[~in_val])
-            val.add(chunk[in_val])
+        np.save(os.path.join(out_dir, "val_documents.npy"), is_val)
+        lengths = np.diff(np.append(starts, n_tokens))
+        val_before = np.concatenate([[0], np.cumsum(lengths * is_val)])  # validation tokens before each document
+
+        def val_tokens(a: int, b: int) -> int:  # in positions [a, b)
+            def upto(p):
+                d = min(np.searchsorted(starts, p, "right") - 1, n_docs - 1)
+                return int(val_before[d] + min(p - starts[d], lengths[d]) * is_val[d])
+            return upto(b) - upto(a)
+
+        streams = {"train": segments("train", ("docs", False), lambda o, n: n - val_tokens(o, o + n)),
+                   "val": segments("train", ("docs", True), lambda o, n: val_tokens(o, o + n))}
     else:  # too few documents to hold some out whole: the last val_split of the tokens, as nanoGPT does
-        method = "position"
-        cut = int(n_tokens * (1 - args.val_split))
-        _pack(tokens, 0, cut, train)
-        _pack(tokens, cut, n_tokens, val)
-    info = {"split_method": method, "train": {"blocks": train.blocks, "dropped_tokens": train.close()}}
-    val_dropped = val.close()
-    if method != "none":
-        info["val"] = {"blocks": val.blocks, "dropped_tokens": val_dropped}
+        method, cut = "position", int(n_tokens * (1 - args.val_split))
+        overlap = lambda lo, hi: (lambda o, n: max(0, min(o + n, hi) - max(o, lo)))  # noqa: E731
+        streams = {"train": segments("train", ("range", 0, cut), overlap(0, cut)),
+                   "val": segments("train", ("range", cut, n_tokens), overlap(cut, n_tokens))}
+    job = (out_dir, tok_dir, tok_meta["dtype"], n_tokens, args.block_size)
+    tasks = [(split, k, stream, *job) for split, stream in streams.items() for k in range(len(stream))
+             if _block_span(stream, k, args.block_size) is not None]
+    workers = min(args.num_proc or shards.default_workers(), len(tasks))
+    blocks = dict.fromkeys(streams, 0)
+    with tqdm(total=len(tasks), unit="shard", desc=f"Packing blocks of {args.block_size}", disable=None) as progress:
+        results = (shards.run_tasks(pack_segment, tasks, workers, what="packing blocks") if workers > 1
+                   else (pack_segment(*task) for task in tasks))
+        for split, n in results:
+            blocks[split] += n
+            progress.update(1)
+            heartbeat()
+    info = {"split_method": method}
+    for split, stream in streams.items():
+        total = sum(s.count for s in stream)
+        info[split] = {"blocks": blocks[split], "dropped_tokens": total - total // args.block_size * args.block_size}
     return info
+
+
+def _block_span(stream: list[Segment], k: int, block: int) -> Optional[tuple[int, int]]:
+    """[first, end): the stream positions of the blocks that start in segment k (the last may run into the
+    following segments), or None when none does. Only the stream's final partial block is dropped."""
+    offset = sum(s.count for s in stream[:k])
+    count, total = stream[k].count, sum(s.count for s in stream)
+    first = -(-offset // block) * block
+    end = min((offset + count - 1) // block * block + block, total // block * block)
+    return (first - offset, end - first) if count and first < offset + count and end > first else None
+
+
+def pack_segment(split: str, k: int, stream: list[Segment], out_dir: str, tok_dir: str, dtype: str, n_tokens: int,
+                 block: int) -> tuple[str, int]:
+    """Write `{split}-{k}.arrow`: the blocks that start in segment k of the split's stream."""
+    skip, need = _block_span(stream, k, block)
+    masks = {}
+    if any(s.select[0] == "docs" for s in stream):
+        masks = {"starts": np.load(os.path.join(tok_dir, "train.docs.npy"), mmap_mode="r"),
+                 "is_val": np.load(os.path.join(out_dir, "val_documents.npy"), mmap_mode="r")}
+    writer = BlockWriter(os.path.join(out_dir, f"{split}-{k:05d}.arrow"), block)
+    for segment in stream[k:]:
+        for chunk in _selected(segment, dtype, n_tokens, **masks):
+            if skip:
+                dropped = min(skip, len(chunk))
+                chunk, skip = chunk[dropped:], skip - dropped
+            writer.add(chunk[:need])
+            need -= min(need, len(chunk))
+            if not need:
+                break
+        if not need:
+            break
+    assert writer.close() == 0, "a segment's blocks end on a block boundary"
+    fsync_tree(Path(out_dir, f"{split}-{k:05d}.arrow"))
+    return split, writer.blocks
+
+
+def _selected(segment: Segment, dtype: str, n_tokens: int, starts=None, is_val=None) -> Iterator[np.ndarray]:
+    """The segment's tokens, CHUNK_TOKENS of the shard at a time."""
+    with open(segment.path, "rb") as f:
+        for a in range(0, segment.tokens, CHUNK_TOKENS):
+            chunk = np.fromfile(f, dtype=dtype, count=min(CHUNK_TOKENS, segment.tokens - a))
+            lo, hi = segment.offset + a, segment.offset + a + len(chunk)
+            kind = segment.select[0]
+            if kind == "range":
+                yield chunk[max(0, segment.select[1] - lo):max(0, min(hi, segment.select[2]) - lo)]
+            elif kind == "docs":
+                d0, d1 = np.searchsorted(starts, lo, "right") - 1, np.searchsorted(starts, hi, "left")
+                doc_ends = np.append(starts[d0 + 1:d1], n_tokens if d1 >= len(starts) else starts[d1])
+                lengths = np.clip(doc_ends, lo, hi) - np.clip(starts[d0:d1], lo, hi)
+                yield chunk[np.repeat(is_val[d0:d1] == segment.select[1], lengths)]
+            else:
+                yield chunk
 
 
 def validation_documents(n_docs: int, val_split: float, seed: int, hashes: Optional[np.ndarray] = None) -> Optional[np.ndarray]:
     """Which of n_docs documents are held out for validation (a bool mask; the documents counted are those with
     text, in reading order), or None when there are too few to hold out whole ones: then the last val_split of
-    the tokens is, as nanoGPT does. With the documents' `hashes` (DocumentHash), a document with a byte-identical
+    the tokens is, as nanoGPT does. With the documents' `hashes` (shards.DocumentHash), a document with a byte-identical
     copy anywhere in the data is held out only when too few documents are unique. train_tokenizer.py holds out
     the same documents."""
     n_val = int(round(n_docs * val_split))
@@ -398,28 +468,10 @@ def validation_documents(n_docs: int, val_split: float, seed: int, hashes: Optio
     return is_val
 
 
-class DocumentHash:
-    """A 64-bit hash of a document's text, fed piece by piece: equal for byte-identical documents."""
-
-    def __init__(self):
-        self._hash = hashlib.blake2b(digest_size=8)
-
-    def update(self, text: str) -> None:
-        self._hash.update(text.encode("utf-8", "surrogatepass"))
-
-    def value(self) -> int:
-        return int.from_bytes(self._hash.digest(), "little")
-
-
 def copied_documents(hashes: np.ndarray) -> np.ndarray:
     """Mask of the documents whose text occurs more than once."""
     _, inverse, counts = np.unique(hashes, return_inverse=True, return_counts=True)
     return counts[inverse.reshape(-1)] > 1
-
-
-def _pack(tokens: np.ndarray, a: int, b: int, writer: BlockWriter):
-    for start in range(a, b, CHUNK_TOKENS):
-        writer.add(np.asarray(tokens[start:min(start + CHUNK_TOKENS, b)]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -442,32 +494,48 @@ def _tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(state.encode()).hexdigest()
 
 
-def cached(cache_root: Path, key: str, build) -> Path:
-    """Return cache_root/key, building it with build(tmp_dir) first if it is not complete."""
+def cached(cache_root: Path, key: str, build, args: DataArguments, resumable: bool = False) -> Path:
+    """Return cache_root/key, building it first with build(work_dir, heartbeat) if it is not complete.
+
+    One process builds while any other that wants the same entry (every rank of a torchrun job) waits for it.
+    The work folder of a resumable build keeps what an interrupted run finished (token shards); the entry is
+    renamed into place only when complete."""
     final = cache_root / key
-    damage = cache_damage(final)
-    if damage is None:
+    if cache_damage(final) is None:
         return final
     try:
-        tmp = temp_beside(final, folder=True)
+        remove(temp_beside(final))  # a probe: the folder can be written
     except OSError as e:
         raise DataError(f"cache_dir {cache_root}: cannot write the token cache there ({e.strerror or e}). Pass a "
                         "writable folder with cache_dir=... (--cache_dir) or $GPT2_CACHE_DIR.") from None
-    if final.exists():  # an entry cut short (a copy, a crash before its data reached the disk): never trust it
-        warnings.warn(f"Cache entry {final} is damaged ({damage}): rebuilding it.", stacklevel=3)
-    try:
-        meta = build(str(tmp))
-        meta["cache_files"] = {p.name: p.stat().st_size for p in tmp.iterdir()}  # checked when the entry is reused
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))  # written last: marks the entry complete
-        # Replace the entry only if it is still damaged: another process that finished it first made one as good.
-        install(tmp, final, replace=final.exists() and cache_damage(final) is not None)
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(e):
-            raise DataError(f"The disk holding cache_dir {cache_root} is full ({e.strerror or e}); nothing half-written "
-                            "was kept. Free space, or pass cache_dir=... (--cache_dir) on a larger disk.") from None
-        raise
-    finally:
-        remove(tmp)
+    with shards.exclusive(cache_root / f".{key}.lock", f"the data cache {final}", args.prepare_timeout) as heartbeat:
+        damage = cache_damage(final)
+        if damage is None:  # the process waited for made it
+            return final
+        if final.exists():  # an entry cut short (a copy, a crash before its data reached the disk): never trust it
+            warnings.warn(f"Cache entry {final} is damaged ({damage}): rebuilding it.", stacklevel=3)
+        work = cache_root / f".{key}.partial"
+        if not resumable:
+            remove(work)
+        work.mkdir(exist_ok=True)
+        try:
+            meta = build(str(work), heartbeat)
+            meta["cache_files"] = {p.name: p.stat().st_size for p in work.iterdir()}  # checked when the entry is reused
+            (work / "meta.json").write_text(json.dumps(meta, indent=2))  # written last: marks the entry complete
+            install(work, final, replace=final.exists())
+        except DataError:
+            remove(work)  # the input must change before a rerun: nothing here would be reused
+            raise
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(e):
+                remove(work)
+                raise DataError(f"The disk holding cache_dir {cache_root} is full ({e.strerror or e}); nothing "
+                                "half-written was kept. Free space, or pass cache_dir=... (--cache_dir) on a larger "
+                                "disk.") from None
+            raise
+        finally:
+            if not resumable:
+                remove(work)
     return final
 
 
@@ -522,25 +590,26 @@ def get_dataset_and_tokenizer(
     tok_key = _key("tokens", PIPELINE_VERSION, tokenizer_fingerprint(tokenizer), args.text_field,
                    args.skip_bad_lines, train_src.fingerprint(), val_src.fingerprint() if val_src else None)
 
-    def tokenize(tmp: str) -> dict:
-        counts = {"train": tokenize_source(train_src, args, tokenizer, tmp, "train")}
+    def tokenize(work: str, heartbeat) -> dict:
+        counts = {"train": tokenize_source(train_src, args, tokenizer, work, "train", heartbeat)}
         if val_src:
-            counts["valid"] = tokenize_source(val_src, args, tokenizer, tmp, "valid")
-        meta = {"dtype": np.dtype(token_dtype(tokenizer)).name, "source": train_src.describe(), "tokenized": counts}
+            counts["valid"] = tokenize_source(val_src, args, tokenizer, work, "valid", heartbeat)
+        meta = {"dtype": np.dtype(token_dtype(tokenizer)).name, "source": train_src.describe(), "tokenized": counts,
+                "shard_tokens": {split: c.pop("shard_tokens") for split, c in counts.items()}}
         if counts["train"]["tokens"] == 0:
             raise DataError(f"{train_src.describe()} contains no text: nothing to train on.")
         return meta
 
-    tok_dir = cached(cache_root, tok_key, tokenize)
+    tok_dir = cached(cache_root, tok_key, tokenize, args, resumable=True)
     block_key = _key("blocks", tok_key, block_size, val_split if not val_src else None, seed)
 
-    def pack(tmp: str) -> dict:
+    def pack(work: str, heartbeat) -> dict:
         meta = json.loads((tok_dir / "meta.json").read_text())
-        meta.update(split_and_pack(str(tok_dir), meta, tmp, args, seed))
+        meta.update(split_and_pack(str(tok_dir), meta, work, args, seed, heartbeat))
         meta.update(fingerprint=block_key, block_size=block_size, data_args=asdict(args), seed=seed)
         return meta
 
-    block_dir = cached(cache_root, block_key, pack)
+    block_dir = cached(cache_root, block_key, pack, args)
     meta = json.loads((block_dir / "meta.json").read_text())
     meta["source"] = train_src.describe()  # the entry may have been built from a copy of this data elsewhere
     train_ds = _load_split(block_dir, "train", meta, args)
@@ -560,7 +629,13 @@ def _load_split(block_dir: Path, split: str, meta: dict, args: DataArguments):
         raise DataError(f"The {split} split of {meta['source']} has {tokens} tokens, fewer than one block of "
                         f"{args.block_size}. Use more data, a smaller --block_size"
                         f"{' or a larger --val_split' if split == 'val' else ''}.")
-    return Dataset.from_file(str(block_dir / f"{split}.arrow"))
+    files = sorted(block_dir.glob(f"{split}-*.arrow"))  # one per token shard where a block starts, in order
+    parts = [Dataset.from_file(str(f)) for f in files]
+    if len(parts) == 1:
+        return parts[0]
+    from datasets import concatenate_datasets
+
+    return concatenate_datasets(parts)
 
 
 def dataset_info(dataset) -> dict:
@@ -580,6 +655,6 @@ if __name__ == "__main__":
 
     def prepare() -> None:
         _, train, val = get_dataset_and_tokenizer(**asdict(cli_args))
-        print(json.dumps({k: v for k, v in dataset_info(train).items() if k != "data_args"}, indent=2))
+        print(json.dumps({k: v for k, v in dataset_info(train).items() if k not in ("data_args", "shard_tokens")}, indent=2))
 
     sys.exit(run_main(prepare))

@@ -293,9 +293,9 @@ class TextCounter:
 
 def encoder_for(tokenizer):
     """list[str] -> list[list[int]], no special tokens added (tiktoken for the official GPT-2 BPE)."""
-    from dataset import make_encoder
+    from shards import encoder
 
-    return make_encoder(tokenizer)
+    return encoder(tokenizer)
 
 
 def iter_token_chunks(pieces: Iterable[tuple[str, bool]], tokenizer, counter: Optional[TextCounter] = None,

@@ -37,6 +37,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import dataset
+import shards
 from atomic import atomic_path, destination_problem
 from errors import run_main
 from gpt2_tokenizer import CONTEXT_LENGTH, EOT, SPECIAL_TOKENS, load_tokenizer
@@ -172,7 +173,7 @@ class _HeldOut:
             if doc != current_doc:
                 if current is not None:
                     hashes.append(current.value())
-                current, current_doc = dataset.DocumentHash(), doc
+                current, current_doc = shards.DocumentHash(), doc
             current.update(piece)
             n_chars += len(piece)
         if current is not None:
@@ -278,8 +279,8 @@ def compare_bytes_per_token(tokenizer, texts: list[str]) -> dict:
     n_bytes = sum(len(t.encode()) for t in texts)
     if not n_bytes:
         return {"documents": 0, "bytes": 0}
-    ours = sum(map(len, dataset.make_encoder(tokenizer)(texts)))  # as dataset.py will tokenize the corpus
-    gpt2 = sum(map(len, dataset.make_encoder(load_tokenizer())(texts)))
+    ours = sum(map(len, shards.encoder(tokenizer)(texts)))  # as dataset.py will tokenize the corpus
+    gpt2 = sum(map(len, shards.encoder(load_tokenizer())(texts)))
     return {"documents": len(texts), "bytes": n_bytes, "tokens": ours, "gpt2_tokens": gpt2,
             "bytes_per_token": round(n_bytes / ours, 4), "gpt2_bytes_per_token": round(n_bytes / gpt2, 4)}
 

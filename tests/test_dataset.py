@@ -516,7 +516,7 @@ def test_damaged_cache_entry_is_rebuilt_not_trusted(tmp_path, cache, tokenizer):
     del train, val
     with open(arrow, "r+b") as f:  # a copy cut short, or a crash before the data reached the disk
         f.truncate(__import__("os").path.getsize(arrow) // 2)
-    with pytest.warns(UserWarning, match=r"is damaged \(train.arrow has \d+ bytes, not \d+\): rebuilding it"):
+    with pytest.warns(UserWarning, match=r"is damaged \(train-00000.arrow has \d+ bytes, not \d+\): rebuilding it"):
         _, train, val = get_dataset_and_tokenizer(dataset_path=str(tmp_path / "d.jsonl"), block_size=8, cache_dir=cache)
     assert (len(train), len(val)) == (n_train, n_val)
 
