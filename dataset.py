@@ -41,7 +41,7 @@ from errors import run_main
 from gpt2_tokenizer import load_tokenizer
 from readers import DataError, expand_path, file_digest, file_state, normalise, read_files, shown
 
-PIPELINE_VERSION = 2  # bump when the tokens or blocks written for the same inputs would change
+PIPELINE_VERSION = 3  # bump when the tokens or blocks written for the same inputs would change
 REPO_DIR = Path(__file__).resolve().parent
 DEFAULT_CACHE_DIR = Path(os.environ.get("GPT2_CACHE_DIR", REPO_DIR / ".cache" / "datasets"))
 GPT2_OUTPUT_ALIASES = {"small": "small-117M", "medium": "medium-345M", "large": "large-762M", "xl": "xl-1542M"}
@@ -106,6 +106,7 @@ class Source:
     files: list = field(default_factory=list)
     hub_dataset: object = None
     states: dict = field(default_factory=dict)  # path -> file_state when fingerprinted: a later change is an error
+    stream_key: Optional[str] = None  # a streamed Hub dataset's content key (it has no fingerprint)
 
     def fingerprint(self) -> str:
         h = hashlib.sha256(self.kind.encode())
@@ -114,7 +115,7 @@ class Source:
                 self.states[path] = file_state(path)
                 h.update(os.fsencode(os.path.basename(path)) + b"\0" + file_digest(path).encode())
         elif self.kind == "hub":
-            h.update(hub_fingerprint(self.hub_dataset).encode())
+            h.update((self.stream_key or self.hub_dataset._fingerprint).encode())
         else:
             h.update(builtin_text_digest().encode())
         return h.hexdigest()
@@ -172,8 +173,10 @@ def resolve_hub(args: DataArguments) -> tuple[Source, Optional[Source]]:
     if "train" not in splits:
         raise DataError(f"Hub dataset {args.dataset_name} has no 'train' split (it has {', '.join(splits)}).")
     val_name = next((s for s in ("validation", "valid") if s in splits), None)
-    val = Source("hub", hub_dataset=splits[val_name]) if val_name else None
-    return Source("hub", hub_dataset=splits["train"]), val
+    def source(split: str) -> Source:
+        return Source("hub", hub_dataset=splits[split], stream_key=stream_key(args, split) if args.streaming else None)
+
+    return source("train"), source(val_name) if val_name else None
 
 
 def load_hub(args: DataArguments, split: Optional[str] = None):
@@ -195,18 +198,13 @@ def load_hub(args: DataArguments, split: Optional[str] = None):
     return loaded
 
 
-def hub_fingerprint(ds) -> str:
-    """A Hub dataset split's content key: datasets' own fingerprint, or for a stream (which has none) its name,
-    configuration, split and the data files with their revision or modification time, as datasets records them."""
-    if getattr(ds, "_fingerprint", None):
-        return ds._fingerprint
+def stream_key(args: DataArguments, split: str) -> str:
+    """The content key of a streamed Hub dataset split, which has no fingerprint of its own: its name, configuration,
+    split and datasets' hash of its builder (which follows the data files' revision, or their modification times)."""
     import datasets
 
-    info = ds.info
-    builder = datasets.load_dataset_builder(info.dataset_name if os.sep not in str(info.dataset_name) else info.dataset_name,
-                                            info.config_name)
-    return hashlib.sha256(json.dumps([info.dataset_name, info.config_name, str(ds.split), builder.hash],
-                                     default=str).encode()).hexdigest()
+    builder = datasets.load_dataset_builder(args.dataset_name, args.dataset_config)
+    return json.dumps([args.dataset_name, args.dataset_config, split, builder.hash])
 
 
 def resolve_split(args: DataArguments, split: str) -> Source:
@@ -223,7 +221,7 @@ def resolve_split(args: DataArguments, split: str) -> Source:
             raise DataError(f"{path} not found: run `python download_dataset.py --datasets {name} --splits {split} "
                             f"--out_dir {args.data_dir}` first, or pass --dataset_path.")
         return Source("files", [path])
-    return Source("hub", hub_dataset=load_hub(args, split))
+    return Source("hub", hub_dataset=load_hub(args, split), stream_key=stream_key(args, split) if args.streaming else None)
 
 
 def iter_pieces(source: Source, args: DataArguments, progress: tqdm, tmp_dir: str) -> Iterator[tuple[str, bool]]:
@@ -289,34 +287,40 @@ def tokenize_source(source: Source, args: DataArguments, tokenizer, out_dir: str
 
 
 class BlockWriter:
-    """Streams tokens into an Arrow file of `block_size` rows; only the final partial block is dropped."""
+    """Streams tokens into an Arrow file of `block_size` rows; only the final partial block is dropped. It holds
+    `input_ids` only: `labels`, the same tokens, is added when the file is loaded (_load_split) without a copy."""
 
     def __init__(self, path: str, block_size: int):
         import pyarrow as pa
 
         self.pa, self.block_size = pa, block_size
         row = pa.list_(pa.int32(), block_size)
-        self.schema = pa.schema([("input_ids", row), ("labels", row)])
+        self.schema = pa.schema([("input_ids", row)])
         self.sink = pa.OSFile(path, "wb")
         self.writer = pa.ipc.new_stream(self.sink, self.schema)
-        self.carry = np.empty(0, dtype=np.int32)
+        self.buf = np.empty(CHUNK_TOKENS + block_size, dtype=np.int32)  # reused: fresh big arrays cost page faults
+        self.fill = 0  # tokens in buf not yet written (less than a block between calls)
         self.blocks = 0
 
     def add(self, tokens: np.ndarray):
-        buf = np.concatenate([self.carry, tokens.astype(np.int32)])
-        n = len(buf) // self.block_size * self.block_size
-        if n:
-            flat = self.pa.array(buf[:n])
-            rows = self.pa.FixedSizeListArray.from_arrays(flat, self.block_size)
-            self.writer.write_batch(self.pa.record_batch([rows, rows], schema=self.schema))
-            self.blocks += n // self.block_size
-        self.carry = buf[n:]
+        while len(tokens):
+            take = min(len(tokens), len(self.buf) - self.fill)
+            self.buf[self.fill:self.fill + take] = tokens[:take]
+            self.fill, tokens = self.fill + take, tokens[take:]
+            n = self.fill // self.block_size * self.block_size
+            if n:
+                flat = self.pa.Array.from_buffers(self.pa.int32(), n, [None, self.pa.py_buffer(self.buf[:n])])
+                rows = self.pa.FixedSizeListArray.from_arrays(flat, self.block_size)
+                self.writer.write_batch(self.pa.record_batch([rows], schema=self.schema))  # written before buf is reused
+                self.blocks += n // self.block_size
+                self.buf[:self.fill - n] = self.buf[n:self.fill]
+                self.fill -= n
 
     def close(self) -> int:
         """Finish the file; returns the number of tokens dropped (less than one block)."""
         self.writer.close()
         self.sink.close()
-        return len(self.carry)
+        return self.fill
 
 
 CHUNK_TOKENS = 1 << 22  # tokens moved at a time while splitting and packing: bounds memory
@@ -629,13 +633,16 @@ def _load_split(block_dir: Path, split: str, meta: dict, args: DataArguments):
         raise DataError(f"The {split} split of {meta['source']} has {tokens} tokens, fewer than one block of "
                         f"{args.block_size}. Use more data, a smaller --block_size"
                         f"{' or a larger --val_split' if split == 'val' else ''}.")
-    files = sorted(block_dir.glob(f"{split}-*.arrow"))  # one per token shard where a block starts, in order
-    parts = [Dataset.from_file(str(f)) for f in files]
-    if len(parts) == 1:
-        return parts[0]
     from datasets import concatenate_datasets
+    from datasets.table import MemoryMappedTable
 
-    return concatenate_datasets(parts)
+    parts = []
+    for f in sorted(block_dir.glob(f"{split}-*.arrow")):  # one per token shard where a block starts, in order
+        # labels: the same mapped column under a second name. Both steps are replayed by name when the dataset is
+        # pickled (a DataLoader worker), so a pickle stays small and the data is never copied.
+        table = MemoryMappedTable.from_file(str(f)).select(["input_ids", "input_ids"])
+        parts.append(Dataset(table.rename_columns(["input_ids", "labels"])))
+    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
 
 
 def dataset_info(dataset) -> dict:

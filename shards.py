@@ -257,20 +257,22 @@ def tokenize_shard(shard: Shard, job: Job, encode: Callable, progress=None) -> d
 
         def flush():
             nonlocal n_tokens, doc_has_text, doc_hash
+            flat: list[int] = []
             for ids, ends, text in zip(encode(batch), ends_list, batch):
                 doc_hash.update(text)
                 if ids and not doc_has_text:
-                    starts.append(n_tokens)
+                    starts.append(n_tokens + len(flat))
                     doc_has_text = True
+                flat += ids
                 if ends:
                     if doc_has_text:
-                        ids = ids + [job.eot]
+                        flat.append(job.eot)
                         hashes.append(doc_hash.value())
                     else:
                         _STATS.empty_docs += 1
                     doc_has_text, doc_hash = False, DocumentHash()
-                out.write(np.asarray(ids, dtype=dtype).tobytes())
-                n_tokens += len(ids)
+            out.write(np.asarray(flat, dtype=dtype).tobytes())
+            n_tokens += len(flat)
             batch.clear()
             ends_list.clear()
 
