@@ -588,6 +588,10 @@ def get_dataset_and_tokenizer(
                         f"{f' ({context} tokens)' if context else ''}.")
     if not 0 <= val_split < 1:
         raise DataError(f"val_split={val_split} must be in [0, 1).")
+    if args.num_proc is not None and args.num_proc < 1:
+        raise DataError(f"num_proc={args.num_proc} must be at least 1 (or None: every core).")
+    if not args.prepare_timeout > 0:
+        raise DataError(f"prepare_timeout={args.prepare_timeout} must be a number of seconds above 0.")
     train_src, val_src = resolve_sources(args)
     cache_root = Path(args.cache_dir) if args.cache_dir else DEFAULT_CACHE_DIR
 

@@ -154,9 +154,10 @@ def _line_start(f, nominal: int, size: int, txt: bool) -> Optional[int]:
     return None if txt else size
 
 
-def fed_shards(documents: Iterable[str], chars: int = FED_SHARD_CHARS) -> Iterator[Shard]:
+def fed_shards(documents: Iterable[str], chars: Optional[int] = None) -> Iterator[Shard]:
     """Shards of documents from a stream, each of about `chars` characters, cut where the text says (not by
     worker count). Its documents are read even for shards that are skipped (finished), to stay in step."""
+    chars = chars or FED_SHARD_CHARS
     texts, n, index = [], 0, 0
     for text in documents:
         texts.append(text)

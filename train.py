@@ -274,10 +274,10 @@ def prepare_output_dir(args: TrainArguments) -> str | None:
 def load_data(model_args: ModelArguments, data_args: DataArguments, args: TrainArguments):
     """(tokenizer, training blocks, validation blocks or None, the data's description for the manifest).
     Without validation blocks there is no evaluation, and no best checkpoint."""
-    # The main process tokenizes (and caches) first; the other ranks then read its cache.
-    with args.main_process_first(desc="tokenizing"):
-        tokenizer, train_ds, val_ds = dataset.get_dataset_and_tokenizer(
-            **dataclasses.asdict(data_args), seed=args.seed, context=None if model_args.init_from else model_args.n_positions)
+    # Every rank asks: the first to come prepares the cache on all its cores, the others wait for it (no barrier,
+    # so a rank that dies while preparing hands the work over instead of leaving the rest waiting), then read it.
+    tokenizer, train_ds, val_ds = dataset.get_dataset_and_tokenizer(
+        **dataclasses.asdict(data_args), seed=args.seed, context=None if model_args.init_from else model_args.n_positions)
     data = dataset.dataset_info(train_ds)
     if args.should_log:
         print(f"Data: {data.get('source', '?')}: {len(train_ds):,} training blocks of {data_args.block_size} tokens, "

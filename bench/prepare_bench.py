@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+REPEATS = 2
+TMPFS = Path("/dev/shm")
 WEBTEXT = ROOT.parent / "shared" / "data" / "gpt2-output" / "webtext.train.head1408.jsonl"
 
 
@@ -105,8 +107,20 @@ def main(cli) -> None:
             mb = make_corpus(corpus, gb)
             if i == 0:  # scaling, 1..cores workers, and kill -9 at 50%, on the smallest corpus
                 for n in range(1, cores + 1):
-                    r = prepare(corpus, work / f"cache-scale-{n}", n)
-                    scaling.append({"workers": n, "mb_s": mb / r["seconds"], "wall": r["wall"], "digest": cache_digest(work / f"cache-scale-{n}")})
+                    runs = []
+                    for r in range(REPEATS):  # the best of REPEATS: this machine is shared
+                        shutil.rmtree(work / f"cache-scale-{n}", ignore_errors=True)
+                        runs.append(prepare(corpus, work / f"cache-scale-{n}", n))
+                    best = min(runs, key=lambda r: r["seconds"])
+                    scaling.append({"workers": n, "mb_s": mb / best["seconds"], "wall": best["wall"],
+                                    "digest": cache_digest(work / f"cache-scale-{n}")})
+                    if TMPFS.is_dir() and shutil.disk_usage(TMPFS).free > 8 * mb * 1e6:  # the same with the cache in memory
+                        cache = Path(tempfile.mkdtemp(dir=TMPFS))
+                        try:
+                            runs = [prepare(corpus, cache / str(r), n) for r in range(REPEATS)]
+                        finally:
+                            shutil.rmtree(cache)
+                        scaling[-1]["tmpfs_mb_s"] = mb / min(r["seconds"] for r in runs)
                     shutil.rmtree(work / f"cache-scale-{n}") if n > 1 else None
                 killed = prepare(corpus, work / "cache-killed", cores, kill_at=0.5)
                 rerun = prepare(corpus, work / "cache-killed", cores)
@@ -127,11 +141,14 @@ def main(cli) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
     print(f"\nCPU: {cores} cores. Block size 1024. Times exclude Python imports.\n")
-    print("| workers | MB/s | MB/s per worker | vs 1 worker | same bytes as 1 worker |")
-    print("|---:|---:|---:|---:|---|")
+    print(f"{rows[0]['mb']:,.0f} MB corpus, best of {REPEATS} runs each; the last two columns with the cache on {TMPFS} "
+          "(memory), which takes this machine's disk out of the measure.\n")
+    print("| workers | MB/s | MB/s per worker | vs 1 worker | same bytes as 1 worker | MB/s, cache in memory | vs 1 worker |")
+    print("|---:|---:|---:|---:|---|---:|---:|")
     for s in scaling:
+        mem = (f"{s['tmpfs_mb_s']:.1f} | {s['tmpfs_mb_s'] / scaling[0]['tmpfs_mb_s']:.2f}x" if "tmpfs_mb_s" in s else "- | -")
         print(f"| {s['workers']} | {s['mb_s']:.1f} | {s['mb_s'] / s['workers']:.1f} | {s['mb_s'] / scaling[0]['mb_s']:.2f}x | "
-              f"{'yes' if s['digest'] == scaling[0]['digest'] else 'NO'} |")
+              f"{'yes' if s['digest'] == scaling[0]['digest'] else 'NO'} | {mem} |")
     print(f"\n| corpus | MB/s ({cores} workers) | peak RSS, preparing process | peak RSS, largest worker | "
           "warm load (new process) | warm load, whole process | warm peak RSS |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
