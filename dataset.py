@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 import download_dataset
 import shards
-from atomic import fsync_tree, install, remove, temp_beside
+from atomic import fsync_tree, install, remove, temp_beside, write_atomic
 from errors import run_main
 from gpt2_tokenizer import load_tokenizer
 from readers import DataError, expand_path, file_digest, file_state, normalise, read_files, shown
@@ -108,12 +108,12 @@ class Source:
     states: dict = field(default_factory=dict)  # path -> file_state when fingerprinted: a later change is an error
     stream_key: Optional[str] = None  # a streamed Hub dataset's content key (it has no fingerprint)
 
-    def fingerprint(self) -> str:
+    def fingerprint(self, known_digests: Optional[dict] = None) -> str:
         h = hashlib.sha256(self.kind.encode())
         if self.kind == "files":
             for path in self.files:
                 self.states[path] = file_state(path)
-                h.update(os.fsencode(os.path.basename(path)) + b"\0" + file_digest(path).encode())
+                h.update(os.fsencode(os.path.basename(path)) + b"\0" + file_digest(path, known_digests).encode())
         elif self.kind == "hub":
             h.update((self.stream_key or self.hub_dataset._fingerprint).encode())
         else:
@@ -473,9 +473,11 @@ def validation_documents(n_docs: int, val_split: float, seed: int, hashes: Optio
 
 
 def copied_documents(hashes: np.ndarray) -> np.ndarray:
-    """Mask of the documents whose text occurs more than once."""
-    _, inverse, counts = np.unique(hashes, return_inverse=True, return_counts=True)
-    return counts[inverse.reshape(-1)] > 1
+    """Mask of the documents whose text occurs more than once (one sorted copy of the hashes at a time)."""
+    ordered = np.sort(hashes)
+    repeated = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
+    del ordered
+    return np.isin(hashes, repeated) if len(repeated) else np.zeros(len(hashes), dtype=bool)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -595,8 +597,10 @@ def get_dataset_and_tokenizer(
     train_src, val_src = resolve_sources(args)
     cache_root = Path(args.cache_dir) if args.cache_dir else DEFAULT_CACHE_DIR
 
-    tok_key = _key("tokens", PIPELINE_VERSION, tokenizer_fingerprint(tokenizer), args.text_field,
-                   args.skip_bad_lines, train_src.fingerprint(), val_src.fingerprint() if val_src else None)
+    known = KnownDigests(cache_root)
+    tok_key = _key("tokens", PIPELINE_VERSION, tokenizer_fingerprint(tokenizer), args.text_field, args.skip_bad_lines,
+                   train_src.fingerprint(known.digests), val_src.fingerprint(known.digests) if val_src else None)
+    known.save()
 
     def tokenize(work: str, heartbeat) -> dict:
         counts = {"train": tokenize_source(train_src, args, tokenizer, work, "train", heartbeat)}
@@ -623,6 +627,25 @@ def get_dataset_and_tokenizer(
     train_ds = _load_split(block_dir, "train", meta, args)
     val_ds = _load_split(block_dir, "val", meta, args) if "val" in meta else None
     return tokenizer, train_ds, val_ds
+
+
+class KnownDigests:
+    """The input files' digests by stamp, kept in the cache folder: a warm call reads no input file whole."""
+
+    def __init__(self, cache_root: Path):
+        self.path = cache_root / "file-digests.json"
+        try:
+            self.digests = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.digests = {}
+        self.before = json.dumps(self.digests, sort_keys=True)
+
+    def save(self) -> None:
+        if json.dumps(self.digests, sort_keys=True) != self.before:
+            try:
+                write_atomic(self.path, json.dumps(self.digests))
+            except OSError:  # a read-only cache still serves; the digests are computed again next time
+                pass
 
 
 def _key(*parts) -> str:

@@ -67,15 +67,26 @@ def file_state(path: str) -> tuple[int, int]:
 _DIGEST_MEMO: dict = {}
 
 
-def file_digest(path: str) -> str:
-    """xxh3-128 of the file's bytes (several GB/s), memoised per (path, size, mtime) for this process."""
-    key = (os.path.abspath(path), *file_state(path))
+def file_digest(path: str, known: Optional[dict] = None) -> str:
+    """xxh3-128 of the file's bytes (several GB/s), memoised per (path, size, mtime) for this process, and in
+    `known` (kept on disk by the caller) per (path, size, mtime, ctime, inode): any write to a file changes its
+    ctime, which no tool sets back, so an unchanged stamp is an unchanged file."""
+    with reading(path):
+        st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
     if key not in _DIGEST_MEMO:
-        h = xxhash.xxh3_128()
-        with reading(path), open(path, "rb") as f:
-            while chunk := f.read(8 << 20):
-                h.update(chunk)
-        _DIGEST_MEMO[key] = h.hexdigest()
+        recorded = (known or {}).get(key[0])
+        if recorded and recorded[:-1] == stamp:
+            _DIGEST_MEMO[key] = recorded[-1]
+        else:
+            h = xxhash.xxh3_128()
+            with reading(path), open(path, "rb") as f:
+                while chunk := f.read(8 << 20):
+                    h.update(chunk)
+            _DIGEST_MEMO[key] = h.hexdigest()
+    if known is not None:
+        known[key[0]] = [*stamp, _DIGEST_MEMO[key]]
     return _DIGEST_MEMO[key]
 
 

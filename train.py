@@ -458,6 +458,10 @@ def _gb(n: int) -> str:
     return f"{n / 2**30:.2f} GB"
 
 
+# How gloo and NCCL say that a peer is gone, when they raise a plain RuntimeError
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted", "Broken pipe")
+
+
 def explain_error(e: BaseException, args: TrainArguments | None) -> str | None:
     """A message that says what to change, for errors the user can fix; None for real bugs."""
     out = args.output_dir if args else "logs"
@@ -482,6 +486,11 @@ def explain_error(e: BaseException, args: TrainArguments | None) -> str | None:
         free = f", although {_gb(usage.free)} are free there" if usage is not None else ""
         return (f"Writing a checkpoint to {out} failed ({text.splitlines()[0] if text else e.__class__.__name__}){free}. "
                 "Check that the disk is writable and within its quota, or choose another --output_dir." + resume_hint)
+    if isinstance(e, getattr(torch.distributed, "DistError", ())) or any(s in text for s in PEER_LOST):
+        return (f"Another process of this distributed job stopped (killed, or its node lost), so this one cannot go on "
+                f"({text.strip().splitlines()[-1][:200] if text.strip() else type(e).__name__}). Find why in that "
+                f"node's log, then rerun the same command on every node: it resumes from "
+                f"{latest or 'the start (no checkpoint was complete yet)'}.")
     if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return (f"Cannot write {e.filename or out}: {e.strerror}. Choose an --output_dir you can write to."
                 + resume_hint)

@@ -267,3 +267,23 @@ def test_the_cli_prepares_with_workers(corpus, tmp_path):
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout[out.stdout.index("{"):])["tokenized"]["train"]["documents"] == 462
     assert dataset.PIPELINE_VERSION >= 3
+
+
+def test_a_warm_call_trusts_recorded_digests_but_not_a_file_rewritten_in_place(tmp_path, monkeypatch):
+    path = tmp_path / "a.jsonl"
+    path.write_text("".join(json.dumps({"text": doc(i)}) + "\n" for i in range(50)))
+    first = prepare(path, tmp_path / "c", 1, monkeypatch)
+    assert json.loads((tmp_path / "c" / "file-digests.json").read_text())[str(path)][-1]
+    import readers
+
+    readers._DIGEST_MEMO.clear()  # a new process
+    hashed = []
+    real = readers.xxhash.xxh3_128
+    monkeypatch.setattr(readers.xxhash, "xxh3_128", lambda: hashed.append(1) or real())
+    assert tokens(prepare(path, tmp_path / "c", 1, monkeypatch)[1]) == tokens(first[1]) and hashed == []
+    st = path.stat()  # the same size and modification time, other bytes (a tool that restores mtime)
+    path.write_text(path.read_text().replace("alpha", "ALPHA"))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    readers._DIGEST_MEMO.clear()
+    again = prepare(path, tmp_path / "c", 1, monkeypatch)
+    assert hashed and tokens(again[1]) != tokens(first[1])

@@ -1116,6 +1116,48 @@ def test_torchrun_two_processes_one_final_model(tmp_path, corpus, cache_dir, opt
     assert weights_hash(final) == rank_hashes["rank0.sha256"]  # the saved model is the trained one
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_nodes(kwargs, hashes, node1_env=None, timeout=300):
+    """A two-"node" job on this machine: two torchrun launches, one process each, rendezvous on localhost."""
+    port = free_port()
+    procs = []
+    for node in (0, 1):
+        launcher = (sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                    "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "rehearsal",
+                    "--max_restarts", "0", *WITH_FAULTS[1:])
+        env = {"GPT2_DEBUG_HASH_DIR": str(hashes), **((node1_env or {}) if node else {})}
+        procs.append(cli(kwargs, env=env, launcher=launcher))
+    return [finish(p, timeout) for p in procs]
+
+
+@pytest.mark.slow
+def test_two_nodes_one_killed_stops_clearly_and_resumes_to_the_same_weights(tmp_path, corpus, cache_dir):
+    kwargs = lambda out: tiny_kwargs(out, corpus, cache_dir, max_steps=8, save_steps=3, eval_steps=3,  # noqa: E731
+                                     ddp_backend="gloo", use_cpu=True)
+    results = two_nodes(kwargs(tmp_path / "whole"), tmp_path / "whole-hashes")
+    assert all(rc == 0 for rc, _ in results), results
+    reference = {p.read_text() for p in (tmp_path / "whole-hashes").iterdir()}
+    assert len(reference) == 1
+
+    out = tmp_path / "run"
+    (rc0, log0), (rc1, _) = two_nodes(kwargs(out), tmp_path / "unused", node1_env={"GPT2_DEBUG_KILL_AT_STEP": "4"})
+    assert rc0 != 0 and rc1 != 0  # the job stops: no node waits forever for the one that is gone
+    assert "error: " in log0 and "rerun the same command on every node" in log0, log0
+    assert (out / "checkpoint-3" / COMPLETE).exists() and not (out / "final_model").exists()
+
+    results = two_nodes(kwargs(out), tmp_path / "resumed-hashes")  # --resume auto is the default
+    assert all(rc == 0 for rc, _ in results), results
+    assert "Resuming from" in results[0][1]
+    assert {p.read_text() for p in (tmp_path / "resumed-hashes").iterdir()} == reference
+
+
 def test_production_code_reads_no_debug_environment_variables():
     # Faults are injected from the test side (tests/run_with_faults.py, monkeypatch), never by the toolkit.
     for name in ("train.py", "checkpoints.py", "tracking.py", "model.py"):
