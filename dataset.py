@@ -16,7 +16,9 @@ document with a fixed seed; a corpus with too few documents for that is split by
 (the last `val_split` of its tokens), as nanoGPT does.
 
 Tokens are cached on disk keyed by the data's content, the tokenizer and the text field; blocks by
-those plus block size, split and seed. A repeated call memory-maps the cache.
+those plus block size, split and seed. A repeated call memory-maps the cache. Preparing runs on every core
+in shards (shards.py) that an interrupted run keeps, and one process prepares while others asking for the
+same data (the ranks of a torchrun job) wait for it.
 """
 
 from __future__ import annotations
@@ -529,8 +531,9 @@ def cached(cache_root: Path, key: str, build, args: DataArguments, resumable: bo
             meta["cache_files"] = {p.name: p.stat().st_size for p in work.iterdir()}  # checked when the entry is reused
             (work / "meta.json").write_text(json.dumps(meta, indent=2))  # written last: marks the entry complete
             install(work, final, replace=final.exists())
-        except DataError:
-            remove(work)  # the input must change before a rerun: nothing here would be reused
+        except DataError as e:
+            if not getattr(e, "resumable", False):
+                remove(work)  # the input must change before a rerun: nothing here would be reused
             raise
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(e):

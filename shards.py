@@ -368,6 +368,9 @@ def run_shards(shards: Iterable[Shard], job: Job, spec: tuple, num_proc: int,
         for shard in itertools.chain(head, pending):
             records[shard.index] = tokenize_shard(shard, job, encode, lambda n: (progress(n), heartbeat()))
             _report(records[shard.index])
+            if shard.texts is not None:  # documents handed over: counted when done (files: by bytes, as read)
+                progress(shard.size)
+                heartbeat()
     else:
         for record in run_tasks(_tokenize_in_worker, ((s, job) for s in itertools.chain(head, pending)), num_proc,
                                 initializer=_init_worker, initargs=(spec,), what=f"tokenizing the {job.split} split"):
@@ -402,9 +405,11 @@ def run_tasks(fn: Callable, tasks: Iterable[tuple], num_proc: int, initializer=N
                     try:
                         result = future.result()
                     except cf.process.BrokenProcessPool:
-                        raise DataError(f"A worker process died while {what} (killed, or out of memory?). The "
-                                        "shards finished so far are kept: rerun to go on from them, with fewer "
-                                        "workers (--num_proc) if memory is short.") from None
+                        error = DataError(f"A worker process died while {what} (killed, or out of memory?). The "
+                                          "shards finished so far are kept: rerun to go on from them, with fewer "
+                                          "workers (--num_proc) if memory is short.")
+                        error.resumable = True  # not the input's fault: the work folder is kept for the rerun
+                        raise error from None
                     yield result
         finally:
             for future in running:

@@ -287,3 +287,23 @@ def test_a_warm_call_trusts_recorded_digests_but_not_a_file_rewritten_in_place(t
     readers._DIGEST_MEMO.clear()
     again = prepare(path, tmp_path / "c", 1, monkeypatch)
     assert hashed and tokens(again[1]) != tokens(first[1])
+
+
+def dies_on_shard_6(shard, job):  # at module level: a worker's task is pickled by name
+    if shard.index == 6:
+        os.kill(os.getpid(), signal.SIGKILL)  # the OOM killer's way
+    return REAL_WORKER_TASK(shard, job)
+
+
+REAL_WORKER_TASK = shards._tokenize_in_worker
+
+
+def test_a_worker_killed_is_an_error_that_keeps_the_finished_shards(corpus, tmp_path, monkeypatch):
+    real = shards._tokenize_in_worker
+    monkeypatch.setattr(shards, "_tokenize_in_worker", dies_on_shard_6)
+    with pytest.raises(DataError, match="A worker process died while tokenizing the train split.*rerun"):
+        prepare(corpus, tmp_path / "c", 2, monkeypatch)
+    partial = next((tmp_path / "c").glob(".tokens-*.partial"))
+    assert list(partial.glob("train-*.json"))  # kept for the rerun
+    monkeypatch.setattr(shards, "_tokenize_in_worker", real)
+    assert tokens(prepare(corpus, tmp_path / "c", 2, monkeypatch)[1]) == tokens(prepare(corpus, tmp_path / "d", 1, monkeypatch)[1])
