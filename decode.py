@@ -6,7 +6,9 @@ For the small models this toolkit trains, a CPU decode step is fixed costs, not 
   - finds the top-k (and greedy) tokens through an int8 screen of the LM head with a proven error
     bound, then computes exact fp32 logits for the few survivors (`FastGPT2.top_logits`),
   - keeps a (hidden, vocab) copy of the tied LM-head weight: in fp32 that layout runs 2-3x faster
-    than nn.Linear's, exactly; on CPUs with native bf16 matmul it uses bf16 instead (`lm_head_dtype`),
+    than nn.Linear's, exactly. The head computes in the model's own dtype: an fp32 model samples
+    exactly what its fp32 forward gives, on every CPU. `lm_head_dtype=torch.bfloat16` is the
+    approximate opt-in (generate.py's `--lm_head_dtype bf16`),
   - runs quantize.py's int8/int4 models through PyTorch's weight-only kernels (`_quantized_projection`).
 
 The LM head has only the tokenizer's rows (`n_tokens`): a vocabulary padded beyond the tokenizer
@@ -15,13 +17,22 @@ The LM head has only the tokenizer's rows (`n_tokens`): a vocabulary padded beyo
 `unsupported(model)` names what this forward does not implement; generate.py then samples with
 `model.generate` instead, so nothing else is ever computed silently. tests/test_decode.py checks the
 per-step logits against the Hugging Face forward on random GPT-2 configs.
+
+`Steps` runs one batch's decode steps. On CUDA each step is one replay of a captured CUDA graph over
+a static KV cache (`static_hidden`: fixed shapes, the cache written at a position held in a tensor,
+attention over the whole cache under a "may attend" mask), because a small model's decode step on a
+GPU is bound by its ~100 kernel launches, not by memory or arithmetic. Elsewhere, or where capture
+fails (said once, with the reason), the steps run eagerly. tests/test_decode.py proves the static
+step equals the eager one on CPU; only the capture itself is CUDA-only.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
@@ -96,6 +107,9 @@ class FastGPT2:
             s = self.head_dim**-0.5 if cfg.scale_attn_weights else 1.0
             self.scales.append(s / (i + 1) if cfg.scale_attn_by_inverse_layer_idx else s)
         self.quantized = bool(getattr(model, "quantization", None))
+        self.cuda_graphs = True  # on CUDA, decode steps replay captured graphs (`Steps`); False runs them eagerly
+        self.graph_problem = None  # why capture failed, once it has
+        self._graphs: OrderedDict = OrderedDict()  # (batch, columns) -> _Graph, the few most recent
         # Direct functional calls over the layers' tensors: a decode step is ~60 tiny ops, and
         # nn.Module dispatch plus HF's 6-op NewGELU cost as much as the arithmetic (measured).
         gelu = _functional_gelu(cfg.activation_function)
@@ -115,7 +129,7 @@ class FastGPT2:
             self.screen, self.exact_rows, self.approx_logits = _quantized_lm_head(model, self.vocab)
             return
         self.weight_key = (w.data_ptr(), w._version)
-        self.lm_head_dtype = lm_head_dtype or lm_head_dtype_for(w)
+        self.lm_head_dtype = lm_head_dtype or w.dtype  # exact unless asked otherwise
         with torch.no_grad():
             w = w[: self.vocab]  # the tokenizer's rows (a view): padding rows are never computed
             weight = w.detach().to(self.lm_head_dtype)
@@ -131,11 +145,14 @@ class FastGPT2:
             return id(w) != self.weight_key
         return (w.data_ptr(), w._version) != self.weight_key  # weights were trained or moved since
 
-    def new_cache(self, batch: int, length: int):
+    def new_cache(self, batch: int, length: int, zeros: bool = False):
+        """(keys, values), each (layers, batch, heads, length, head_dim). `zeros` for a cache read beyond what
+        was written (`static_hidden`): masked columns weigh 0, but 0 x NaN from uninitialised memory is NaN."""
         tr = self.model.transformer
         p = tr.wpe.weight
         shape = (len(tr.h), batch, self.n_head, length, self.head_dim)
-        return torch.empty(shape, dtype=p.dtype, device=p.device), torch.empty(shape, dtype=p.dtype, device=p.device)
+        new = torch.zeros if zeros else torch.empty
+        return new(shape, dtype=p.dtype, device=p.device), new(shape, dtype=p.dtype, device=p.device)
 
     def hidden(self, ids, pos, cache, start: int, mask=None):
         """Final hidden states (after ln_f) of `ids` (B, T) at positions `pos`, written into `cache` at `start`.
@@ -160,6 +177,32 @@ class FastGPT2:
             x = x + layer.attn_out(y.transpose(1, 2).reshape(B * T, C)).view(B, T, C)
             x = x + layer.mlp_out(layer.act(layer.fc(F.layer_norm(x, (C,), *layer.ln_2).view(B * T, C)))).view(B, T, C)
         return tr.ln_f(x)
+
+    def static_hidden(self, ids, pos, cache, at, valid):
+        """`hidden` for one decode step with fixed shapes, as a CUDA graph needs: `ids`, `pos` (B, 1), the
+        position to write `at` a (1,) long tensor, `valid` (B, T) bool "may attend", True up to `at`.
+
+        Attention covers the whole cache (T columns) under the mask, so nothing depends on `at` but
+        tensor values: one captured graph serves every step of a batch.
+        """
+        tr = self.model.transformer
+        B = ids.shape[0]
+        x = tr.wte(ids) + tr.wpe(pos)
+        C = x.shape[-1]
+        k_cache, v_cache = cache
+        mask = valid[:, None, None, :]
+        for i, layer in enumerate(self.layers):
+            qkv = layer.qkv(F.layer_norm(x, (C,), *layer.ln_1).view(B, C)).view(B, 1, 3, self.n_head, self.head_dim)
+            k_cache[i].index_copy_(2, at, qkv[:, :, 1].transpose(1, 2))
+            v_cache[i].index_copy_(2, at, qkv[:, :, 2].transpose(1, 2))
+            y = F.scaled_dot_product_attention(qkv[:, :, 0].transpose(1, 2), k_cache[i], v_cache[i], attn_mask=mask, scale=self.scales[i])
+            x = x + layer.attn_out(y.transpose(1, 2).reshape(B, C)).view(B, 1, C)
+            x = x + layer.mlp_out(layer.act(layer.fc(F.layer_norm(x, (C,), *layer.ln_2).view(B, C)))).view(B, 1, C)
+        return tr.ln_f(x)[:, -1]
+
+    def steps(self, valid, padded: bool, mode: str | None = None) -> "Steps":
+        """The decode steps of one batch (see `Steps`)."""
+        return Steps(self, valid, padded, mode)
 
     def logits(self, h):
         """Float32 logits of hidden states `h` (N, hidden)."""
@@ -217,6 +260,119 @@ class FastGPT2:
         exact = adjust(torch.bmm(self.exact_rows(ids), h[:, :, None])[..., 0], ids)
         vals, pick = torch.topk(exact, k)
         return vals, ids.gather(1, pick)
+
+
+class Steps:
+    """The decode steps of one left-padded batch over `fast`: `prefill` the prompts, then `step` once per new token.
+
+    `valid` (B, T) marks real tokens (T: the prompt width plus the new tokens); `padded` says whether any
+    prompt is padded (else no mask is needed). `mode`: "graph" (the default on CUDA) replays a captured
+    CUDA graph of `FastGPT2.static_hidden` over a static cache, "static" runs that same step eagerly
+    (how tests prove it on CPU), "eager" (elsewhere) runs `FastGPT2.hidden` on a cache sized to the batch.
+    """
+
+    def __init__(self, fast: FastGPT2, valid, padded: bool, mode: str | None = None):
+        self.fast, self.padded, self.graph = fast, padded, None
+        B, T = valid.shape
+        if mode is None:
+            mode = "graph" if valid.device.type == "cuda" and fast.cuda_graphs and not fast.quantized else "eager"
+        if mode == "graph":
+            self.graph = _graph(fast, B, T, valid.device)
+            mode = "graph" if self.graph is not None else "eager"
+        self.mode = mode
+        if self.graph is not None:
+            self.cache, self.valid = self.graph.cache, self.graph.valid
+            self.valid.zero_()
+            self.valid[:, :T] = valid
+        else:
+            self.cache, self.valid = fast.new_cache(B, T, zeros=mode == "static"), valid
+
+    def prefill(self, ids, pos, mask):
+        """Final hidden states (B, hidden) at the prompts' last positions."""
+        return self.fast.hidden(ids, pos, self.cache, 0, mask)[:, -1]
+
+    def step(self, tokens, pos, at: int):
+        """Final hidden states (B, hidden) after `tokens` (B,) at positions `pos` (B,), written to column `at`."""
+        self.valid[:, at] = True
+        if self.graph is not None:
+            return self.graph.run(tokens, pos, at)
+        if self.mode == "static":
+            return self.fast.static_hidden(tokens[:, None], pos[:, None], self.cache, torch.tensor([at], device=tokens.device), self.valid)
+        mask = self.valid[:, None, None, : at + 1] if self.padded else None
+        return self.fast.hidden(tokens[:, None], pos[:, None], self.cache, at, mask)[:, -1]
+
+    @property
+    def can_keep(self) -> bool:
+        return self.graph is None  # a graph's shapes are fixed: its rows stay
+
+    def keep(self, rows):
+        """Drop every batch row but `rows` (a long tensor, in order): finished rows stop costing steps."""
+        self.cache = tuple(c.index_select(1, rows) for c in self.cache)
+        self.valid = self.valid.index_select(0, rows)
+
+    def close(self):
+        if self.graph is not None:
+            self.graph.lock.release()
+            self.graph = None
+
+
+class _Graph:
+    """One captured decode step for `batch` rows over a static cache of `columns` positions."""
+
+    def __init__(self, fast: FastGPT2, batch: int, columns: int, device):
+        import threading
+
+        self.lock = threading.Lock()  # one batch at a time replays it: its buffers are the batch's state
+        self.cache = fast.new_cache(batch, columns, zeros=True)
+        self.valid = torch.zeros(batch, columns, dtype=torch.bool, device=device)
+        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.at = torch.zeros(1, dtype=torch.long, device=device)
+        self.step = lambda: fast.static_hidden(self.tokens, self.pos, self.cache, self.at, self.valid)
+        self._capture(device)
+
+    def _capture(self, device):
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm up (kernel selection, workspaces) outside the capture
+            for _ in range(2):
+                self.step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = self.step()
+
+    def _replay(self):
+        self.graph.replay()
+        return self.out
+
+    def run(self, tokens, pos, at: int):
+        self.tokens.copy_(tokens[:, None])
+        self.pos.copy_(pos[:, None])
+        self.at.fill_(at)
+        return self._replay()
+
+
+def _graph(fast: FastGPT2, batch: int, columns: int, device) -> "_Graph | None":
+    """A free captured step for `batch` rows and at least `columns` positions (taken: release its lock), or None
+    where capture is not possible here (said once) or every fitting graph is in use by another thread."""
+    if fast.graph_problem is not None:
+        return None
+    columns = min(-(-columns // 128) * 128, fast.n_positions)  # a few sizes serve every length
+    key = (batch, columns)
+    graph = fast._graphs.get(key)
+    if graph is None:
+        try:
+            graph = _Graph(fast, batch, columns, device)
+        except Exception as e:  # noqa: BLE001  (any failure to capture means: run eagerly)
+            fast.graph_problem = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            warnings.warn(f"CUDA graph capture failed ({fast.graph_problem}): decoding step by step, which is slower.", stacklevel=4)
+            return None
+        fast._graphs[key] = graph
+        while len(fast._graphs) > 4:  # each holds a KV cache: keep the most recent few
+            fast._graphs.popitem(last=False)
+    fast._graphs.move_to_end(key)
+    return graph if graph.lock.acquire(blocking=False) else None
 
 
 def _int8_screen(weight):
@@ -283,17 +439,6 @@ def _functional_gelu(name: str):
     return None
 
 
-def lm_head_dtype_for(weight) -> torch.dtype:
-    """bf16 for the LM head on CPUs with native bf16 matmul (AVX-512 BF16 / AMX), else the weight's dtype.
-
-    The LM head is most of a small model's decode step and is memory-bound; bf16 halves its
-    traffic. Without native support bf16 is emulated and slower than fp32, so fp32 stays exact.
-    """
-    if weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return torch.bfloat16
-    return weight.dtype
-
-
 _FAST = weakref.WeakKeyDictionary()
 
 
@@ -302,13 +447,14 @@ def forget_fast_forward(model) -> None:
     _FAST.pop(model, None)
 
 
-def fast_forward(model, n_tokens: int | None = None) -> FastGPT2:
+def fast_forward(model, n_tokens: int | None = None, lm_head_dtype: torch.dtype | None = None) -> FastGPT2:
     """The cached fast forward for `model` over its first `n_tokens` vocabulary rows (the tokenizer's; default all),
-    rebuilt when its LM-head weights or n_tokens changed."""
+    with its LM head in `lm_head_dtype` (default: the model's dtype, exact); rebuilt when any of these changed."""
     fast = _FAST.get(model)
     vocab = model.lm_head.weight.shape[0] if n_tokens is None else n_tokens
-    if fast is None or fast.is_stale(model) or fast.vocab != vocab:
-        fast = _FAST[model] = FastGPT2(model, n_tokens=n_tokens)
+    want = lm_head_dtype or model.lm_head.weight.dtype
+    if fast is None or fast.is_stale(model) or fast.vocab != vocab or (not fast.quantized and fast.lm_head_dtype != want):
+        fast = _FAST[model] = FastGPT2(model, lm_head_dtype, n_tokens=n_tokens)
     return fast
 
 

@@ -1,15 +1,18 @@
-"""The model's side of the web API: one worker thread owns the model, requests wait their turn in a bounded
-queue, and each gets its text back as events as it is sampled (generate.generate) or scored (generate.score,
-for OpenAI's `logprobs`). web_api.py validates requests and formats the answers; this module knows nothing of
-HTTP beyond the status of a RequestError.
+"""The model's side of the web API: one worker thread owns the model, requests wait in a bounded queue, and
+the worker decodes every waiting request in one batch (generate.generate_many: each request with its own
+settings, seed, length and stop strings, each row finishing on its own), so that concurrent clients share
+each decode step. Each request gets its text back as events as it is sampled, or scored (generate.score,
+for OpenAI's `logprobs`, one request at a time). web_api.py validates requests and formats the answers;
+this module knows nothing of HTTP beyond the status of a RequestError.
 """
 
 import asyncio
 import collections
 import threading
+import time
 
 from errors import GPT2ToolkitError
-from generate import Completion, generate, score
+from generate import Completion, generate, generate_many, prepare, score
 
 
 class RequestError(GPT2ToolkitError):
@@ -32,6 +35,7 @@ class _Cancelled(Exception):
 class _Job:
     def __init__(self, kwargs: dict, loop: asyncio.AbstractEventLoop):
         self.kwargs, self.loop = kwargs, loop
+        self.rows = len(kwargs.get("prompts") or [""]) * kwargs.get("num_return_sequences", 1)
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = False
 
@@ -43,16 +47,23 @@ class _Job:
 
 
 class Engine:
-    """One worker thread owns the model; requests wait their turn in a bounded queue.
+    """One worker thread owns the model; requests wait in a bounded queue and are decoded in batches.
 
-    Generation is serialized rather than batched: a request's sampling settings apply to its
-    whole batch in `generate`, and one small model already keeps a CPU busy. Every request,
-    from the page or the API, goes through here, so concurrent requests never share the model.
+    The worker takes every waiting request, up to `max_batch` sequences, and decodes them together; a
+    request that arrives meanwhile waits for the next batch. A request with `logprobs` runs alone. Each
+    request's answer is sent as soon as its own rows end; a client that goes away drops its rows at the
+    next step. Every request, from the page or the API, goes through here.
     """
 
-    def __init__(self, tokenizer, model, device, queue_size: int = 32, threads: int | None = None):
+    # After a batch of several requests, the worker waits this long for their clients' next requests
+    # (which arrive a few milliseconds after their answers) so that they share the next batch too.
+    GATHER_S = 0.005
+
+    def __init__(self, tokenizer, model, device, queue_size: int = 32, threads: int | None = None, max_batch: int = 16,
+                 lm_head_dtype: str | None = None):
         self.tokenizer, self.model, self.device, self.threads = tokenizer, model, device, threads
-        self.queue_size = queue_size
+        self.queue_size, self.max_batch, self.lm_head_dtype = queue_size, max_batch, lm_head_dtype
+        self._last_batch = 1
         # A deque rather than a queue.Queue: a job whose client went away leaves it at once, so a
         # crowd of clients that disconnect cannot keep its places full while one long job runs.
         self._waiting: collections.deque = collections.deque()
@@ -67,31 +78,73 @@ class Engine:
             self._closed = True
             self._changed.notify()
 
-    def _next_job(self):
+    def _next_jobs(self) -> list:
+        """The next batch: the oldest waiting job and the plain ones after it, up to max_batch sequences;
+        a job with logprobs alone. None once closed and empty."""
         with self._changed:
             while not self._waiting and not self._closed:
                 self._changed.wait()
-            return self._waiting.popleft() if self._waiting else None
+            if self._last_batch > 1:
+                deadline = time.monotonic() + self.GATHER_S
+                while len(self._waiting) < self._last_batch and not self._closed and (left := deadline - time.monotonic()) > 0:
+                    self._changed.wait(left)
+            jobs, rows = [], 0
+            while self._waiting:
+                job = self._waiting[0]
+                if job.cancelled:
+                    self._waiting.popleft()
+                    continue
+                scored = "logprobs" in job.kwargs
+                if jobs and (scored or rows + job.rows > self.max_batch):
+                    break
+                jobs.append(self._waiting.popleft())
+                rows += job.rows
+                if scored:
+                    break
+            if not jobs and self._closed:
+                return None
+            self._last_batch = len(jobs)
+            return jobs
 
     def _work(self):
-        while (job := self._next_job()) is not None:
-            if job.cancelled:
-                continue
+        while (jobs := self._next_jobs()) is not None:
+            if len(jobs) == 1 and "logprobs" in jobs[0].kwargs:
+                self._run_scored(jobs[0])
+            elif jobs:
+                self._run_batch(jobs)
 
-            def on_text(row, piece, job=job):
-                if job.cancelled:  # the client went away: stop sampling at the next token
-                    raise _Cancelled
-                job.put("text", row, piece)
+    def _run_scored(self, job):
+        def on_text(row, piece):
+            if job.cancelled:  # the client went away: stop sampling at the next token
+                raise _Cancelled
+            job.put("text", row, piece)
 
+        try:  # a /v1/completions request with logprobs or max_tokens 0
+            job.put("done", _generate_scored(self.tokenizer, self.model, self.device, on_text, self.threads, self.lm_head_dtype, **job.kwargs))
+        except _Cancelled:
+            pass
+        except Exception as e:  # handed to the request, which answers with it
+            job.put("error", e)
+
+    def _run_batch(self, jobs):
+        prepared = []
+        for job in jobs:
             try:
-                if "logprobs" in job.kwargs:  # a /v1/completions request with logprobs or max_tokens 0
-                    result = _generate_scored(self.tokenizer, self.model, self.device, on_text, self.threads, **job.kwargs)
-                else:
-                    result = generate(self.tokenizer, self.model, self.device, on_text=on_text, threads=self.threads, **job.kwargs)
-                job.put("done", result)
-            except _Cancelled:
-                pass
-            except Exception as e:  # handed to the request, which answers with it
+                p = prepare(self.tokenizer, self.model, self.device, **job.kwargs)
+            except Exception as e:  # noqa: BLE001  (this request's mistake: the others go on)
+                job.put("error", e)
+                continue
+            r = p.request
+            r.on_text = lambda row, piece, job=job: job.put("text", row, piece)
+            r.cancelled = lambda job=job: job.cancelled
+            r.on_done = lambda out, job=job, p=p: job.put("done", p.completions(out))
+            prepared.append((job, p))
+        if not prepared:
+            return
+        try:
+            generate_many(self.tokenizer, self.model, self.device, [p for _, p in prepared], self.threads, self.lm_head_dtype)
+        except Exception as e:  # the batch failed: every request in it is answered with the error
+            for job, _ in prepared:
                 job.put("error", e)
 
     async def run(self, kwargs: dict):
@@ -123,7 +176,7 @@ class Engine:
                     self._waiting.remove(job)
 
 
-def _generate_scored(tokenizer, model, device, on_text, threads, logprobs: int | None, echo: bool, **kwargs):
+def _generate_scored(tokenizer, model, device, on_text, threads, lm_head_dtype, logprobs: int | None, echo: bool, **kwargs):
     """`generate(**kwargs)` (nothing when max_new_tokens is 0), then OpenAI's `logprobs` object of each
     completion (None when `logprobs` is None), from one scoring pass (generate.score) over prompt + completion.
 
@@ -139,7 +192,7 @@ def _generate_scored(tokenizer, model, device, on_text, threads, logprobs: int |
             return done, None
         scored = [s for s in scored for _ in range(n)]
     else:
-        done = generate(tokenizer, model, device, on_text=on_text, threads=threads, **kwargs)
+        done = generate(tokenizer, model, device, on_text=on_text, threads=threads, lm_head_dtype=lm_head_dtype, **kwargs)
         if logprobs is None:
             return done, None
         eos = tokenizer.eos_token_id

@@ -34,7 +34,7 @@ import decode
 import quantize
 from errors import run_main
 from model import ModelError, check_finite_weights, check_vocab, first_line, folder_tokenizer, load_pretrained
-from sampling import Penalties, RowsOut, check_sampling_args, decode_rows  # noqa: F401  (check_sampling_args: part of the API)
+from sampling import Request, RowsOut, check_sampling_args, decode_rows  # noqa: F401  (check_sampling_args: part of the API)
 
 DEFAULT_MODEL_PATH = "logs/final_model"
 
@@ -163,6 +163,19 @@ def _encode_prompt(tokenizer, prompt: str | list[int], context: int, max_new_tok
     return ids
 
 
+LM_HEAD_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def parse_lm_head_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    """`--lm_head_dtype` as a dtype: None (the model's own: exact), "fp32", or "bf16" (approximate: faster on some
+    CPUs, but greedy text can differ from the fp32 model's after a few tokens)."""
+    if name is None or isinstance(name, torch.dtype) and name in LM_HEAD_DTYPES.values():
+        return name
+    if isinstance(name, str) and name.lower() in LM_HEAD_DTYPES:
+        return LM_HEAD_DTYPES[name.lower()]
+    raise ValueError(f"lm_head_dtype must be one of {', '.join(LM_HEAD_DTYPES)} (or unset: the model's own dtype), got {name!r}")
+
+
 def generate(
     tokenizer,
     model,
@@ -179,6 +192,7 @@ def generate(
     stop: str | list[str] | None = None,
     on_text=None,
     threads: int | None = None,
+    lm_head_dtype: str | torch.dtype | None = None,
 ) -> list[Completion]:
     """Sample `num_return_sequences` completions for each prompt, in one left-padded batch.
 
@@ -188,16 +202,32 @@ def generate(
     `temperature=0` is greedy decoding. `seed` makes sampling reproducible without touching the
     global RNG. `on_text(row, text)` is called with each new printable piece of each row.
     `threads`: CPU intra-op threads while sampling (default 1, see `decode.cpu_threads`; 0 leaves
-    torch's setting alone).
+    torch's setting alone). `lm_head_dtype`: see `parse_lm_head_dtype` (default: exact).
     """
-    with decode.cpu_threads(torch.device(device), threads):
-        return _generate(tokenizer, model, device, prompts, max_new_tokens, top_k, top_p, temperature, repetition_penalty,
-                         no_repeat_ngram_size, num_return_sequences, seed, stop, on_text)
+    job = prepare(tokenizer, model, device, prompts, max_new_tokens, top_k, top_p, temperature, repetition_penalty,
+                  no_repeat_ngram_size, num_return_sequences, seed, stop, on_text)
+    return generate_many(tokenizer, model, device, [job], threads, lm_head_dtype)[0]
 
 
-@torch.inference_mode()
-def _generate(tokenizer, model, device, prompts, max_new_tokens, top_k, top_p, temperature, repetition_penalty,
-              no_repeat_ngram_size, num_return_sequences, seed, stop, on_text) -> list[Completion]:
+@dataclass
+class Prepared:
+    """One `generate` call, checked and tokenized: the rows and settings `sampling.decode_rows` samples, alone
+    or in one batch with other calls' (`generate_many`, engine.py's batches)."""
+
+    prompts: list[str]  # as the Completions show them (a token-id prompt decoded)
+    num_return_sequences: int
+    request: Request  # rows: each prompt's ids, num_return_sequences times
+    seed: int | None
+
+    def completions(self, out: RowsOut) -> list[Completion]:
+        n, rows = self.num_return_sequences, self.request.rows
+        return [Completion(self.prompts[b // n], text, len(rows[b]), len(tokens), finish, tokens, list(rows[b]))
+                for b, (text, tokens, finish) in enumerate(out.results())]
+
+
+def prepare(tokenizer, model, device, prompts, max_new_tokens=50, top_k=50, top_p=0.95, temperature=1.0, repetition_penalty=1.0,
+            no_repeat_ngram_size=0, num_return_sequences=1, seed=None, stop=None, on_text=None) -> Prepared:
+    """Check `generate`'s arguments and tokenize its prompts (ValueError naming what is wrong)."""
     check_sampling_args(max_new_tokens, top_k, top_p, temperature, repetition_penalty, no_repeat_ngram_size, num_return_sequences)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64):
         raise ValueError(f"seed must be an integer from -2**63 to 2**64-1, got {seed!r}")
@@ -211,25 +241,35 @@ def _generate(tokenizer, model, device, prompts, max_new_tokens, top_k, top_p, t
     if max_new_tokens >= context:
         raise ValueError(f"max_new_tokens (--length) must be below the model's context of {context} tokens, got {max_new_tokens}")
     device = torch.device(device)
-    # The ids the tokenizer has: a vocabulary padded beyond it (train.py's) is never sampled, and prompts stay within it.
-    vocab = min(len(tokenizer), model.get_input_embeddings().weight.shape[0])
+    vocab = _n_tokens(tokenizer, model)
     encoded = [_encode_prompt(tokenizer, p, context, max_new_tokens, vocab) for p in prompts]
-    prompts = [p if isinstance(p, str) else tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
-    rows = [ids for ids in encoded for _ in range(num_return_sequences)]
-    if decode.unsupported(model):
-        out = _sample_hf(tokenizer, model, device, encoded, max_new_tokens, top_k, top_p, temperature, repetition_penalty,
-                         no_repeat_ngram_size, num_return_sequences, seed, stop, on_text, vocab)
-        return _completions(prompts, rows, num_return_sequences, out)
-    penalties = Penalties(rows, vocab, device, repetition_penalty, no_repeat_ngram_size)
+    texts = [p if isinstance(p, str) else tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    out = decode_rows(tokenizer, decode.fast_forward(model, vocab), device, rows, max_new_tokens, top_k, top_p, temperature, penalties,
-                      generator, stop, on_text)
-    return _completions(prompts, rows, num_return_sequences, out)
+    request = Request([ids for ids in encoded for _ in range(num_return_sequences)], max_new_tokens, top_k, top_p, temperature,
+                      repetition_penalty, no_repeat_ngram_size, generator, stop, on_text)
+    return Prepared(texts, num_return_sequences, request, seed)
 
 
-def _completions(prompts: list[str], rows: list[list[int]], num_return_sequences: int, out: RowsOut) -> list[Completion]:
-    return [Completion(prompts[b // num_return_sequences], text, len(rows[b]), len(tokens), finish, tokens, list(rows[b]))
-            for b, (text, tokens, finish) in enumerate(out.results())]
+def generate_many(tokenizer, model, device, jobs: list[Prepared], threads: int | None = None,
+                  lm_head_dtype: str | torch.dtype | None = None) -> list[list[Completion]]:
+    """The Completions of each prepared call, all sampled in one batch (each with its own settings and seed)."""
+    dtype = parse_lm_head_dtype(lm_head_dtype)
+    device = torch.device(device)
+    with decode.cpu_threads(device, threads), torch.inference_mode():
+        if decode.unsupported(model):
+            outs = [_sample_hf(tokenizer, model, device, job, _n_tokens(tokenizer, model)) for job in jobs]
+            for job, out in zip(jobs, outs):
+                if job.request.on_done is not None:
+                    job.request.on_done(out)
+        else:
+            fast = decode.fast_forward(model, _n_tokens(tokenizer, model), dtype)
+            outs = decode_rows(tokenizer, fast, device, [job.request for job in jobs])
+    return [job.completions(out) for job, out in zip(jobs, outs)]
+
+
+def _n_tokens(tokenizer, model) -> int:
+    # The ids the tokenizer has: a vocabulary padded beyond it (train.py's) is never sampled, and prompts stay within it.
+    return min(len(tokenizer), model.get_input_embeddings().weight.shape[0])
 
 
 def _context(model) -> int:
@@ -237,29 +277,30 @@ def _context(model) -> int:
     return getattr(cfg, "n_positions", None) or cfg.max_position_embeddings
 
 
-def _sample_hf(tokenizer, model, device, encoded, max_new_tokens, top_k, top_p, temperature, repetition_penalty,
-               no_repeat_ngram_size, num_return_sequences, seed, stop, on_text, n_tokens) -> RowsOut:
-    """The rows of `_generate` sampled by `model.generate`, for a model decode.py's forward does not implement
+def _sample_hf(tokenizer, model, device, job: Prepared, n_tokens: int) -> RowsOut:
+    """A prepared call sampled by `model.generate`, for a model decode.py's forward does not implement
     (`decode.unsupported`): the same settings, stop strings and seeds, one prompt at a time, without the speed.
     Ids from n_tokens (the tokenizer's length) up, a padded vocabulary's rows, are suppressed before any warper."""
     warnings.warn(f"the fast decode path cannot run this model ({decode.unsupported(model)}): sampling with model.generate.",
                   stacklevel=4)
+    r, num_return_sequences = job.request, job.num_return_sequences
     eos = tokenizer.eos_token_id
-    out = RowsOut(tokenizer, len(encoded) * num_return_sequences, stop, on_text)
-    sampling = dict(do_sample=True, top_k=top_k, top_p=top_p, temperature=temperature) if temperature > 0 else dict(do_sample=False)
-    n = num_return_sequences if temperature > 0 else 1  # greedy sequences are all the same, and HF refuses n > 1 there
+    out = RowsOut(tokenizer, len(r.rows), r.stop, r.on_text, r.max_new_tokens)
+    sampling = dict(do_sample=True, top_k=r.top_k, top_p=r.top_p, temperature=r.temperature) if r.temperature > 0 else dict(do_sample=False)
+    n = num_return_sequences if r.temperature > 0 else 1  # greedy sequences are all the same, and HF refuses n > 1 there
     vocab = model.get_input_embeddings().weight.shape[0]
     if vocab > n_tokens:
         sampling["suppress_tokens"] = list(range(n_tokens, vocab))
+    seed = job.seed
     rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else []) if seed is not None else contextlib.nullcontext()
     with rng:
         if seed is not None:
             torch.manual_seed(seed)
-        for i, ids in enumerate(encoded):
+        for i, ids in enumerate(r.rows[::num_return_sequences]):
             inputs = torch.tensor([ids], device=device)
-            seqs = model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=max_new_tokens, pad_token_id=eos,
-                                  eos_token_id=eos, repetition_penalty=repetition_penalty,
-                                  no_repeat_ngram_size=no_repeat_ngram_size, num_return_sequences=n, **sampling)
+            seqs = model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=r.max_new_tokens, pad_token_id=eos,
+                                  eos_token_id=eos, repetition_penalty=r.repetition_penalty,
+                                  no_repeat_ngram_size=r.no_repeat_ngram_size, num_return_sequences=n, **sampling)
             for j, seq in enumerate(seqs[:, len(ids):].repeat(num_return_sequences // n, 1).tolist()):
                 for token in seq:
                     if not out.add(i * num_return_sequences + j, token):
@@ -299,7 +340,7 @@ def score(tokenizer, model, device, prompts: str | list[str] | list[list[int]], 
     if any(isinstance(p, int) for p in prompts):
         raise ValueError("prompts are a str, or a list of prompts each a str or a list of token ids; got a list of ints: wrap it in a list")
     context = _context(model)
-    vocab = min(len(tokenizer), model.get_input_embeddings().weight.shape[0])
+    vocab = _n_tokens(tokenizer, model)
     rows = []
     for i, p in enumerate(prompts):
         ids = _encode_prompt(tokenizer, p, 10**9, 0, vocab)  # checked against the context below, never cut
@@ -432,6 +473,11 @@ class GenerateArguments:
     json: bool = field(default=False, metadata={"help": "Write JSON lines: prompt, completion, prompt_tokens, completion_tokens, finish_reason."})
     device: str | None = field(default=None, metadata={"help": "cuda, mps or cpu; when unset, the best available."})
     threads: int | None = field(default=None, metadata={"help": "CPU threads while sampling; when unset, 1 (fastest for small models); 0 keeps torch's setting."})
+    lm_head_dtype: str | None = field(
+        default=None,
+        metadata={"choices": list(LM_HEAD_DTYPES), "help": "Precision of the LM head; when unset, the model's own (exact: an fp32 model "
+                  "samples what its fp32 forward gives). bf16 is approximate: faster on some CPUs, but greedy text can differ."},
+    )
 
 
 def read_prompts(args: GenerateArguments, stdin=None) -> list[str]:
@@ -511,8 +557,9 @@ def _run(args: GenerateArguments) -> None:
         seed=args.seed,
         stop=args.stop,
         threads=args.threads,
+        lm_head_dtype=args.lm_head_dtype,
     )
-    check_sampling_args(**{k: v for k, v in kwargs.items() if k not in ("seed", "stop", "threads")})
+    check_sampling_args(**{k: v for k, v in kwargs.items() if k not in ("seed", "stop", "threads", "lm_head_dtype")})
     do_stream = args.stream if args.stream is not None else (sys.stdout.isatty() and not args.json)
     if do_stream and args.json:
         raise ValueError("--stream and --json do not mix: JSON lines are written once a completion is done")

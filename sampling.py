@@ -2,14 +2,18 @@
 
 HF's semantics and order: repetition penalty and n-gram bans (`Penalties`), then temperature, top-k,
 top-p (`sample`, `sample_top`); stop strings matched in O(new text) per token (`StopMatcher`,
-`RowText`); and `decode_rows`, the loop that runs decode.py's fast forward over one left-padded batch.
-generate.py's `generate` is the API over these.
+`RowText`); and `decode_rows`, the loop that runs decode.py's fast forward over one left-padded batch
+of `Request`s, each with its own settings, random generator, length and stop strings, each row
+finishing on its own. generate.py's `generate` is the API over these; engine.py batches a server's
+requests through the same loop.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -231,11 +235,12 @@ class Penalties:
 
 
 class RowsOut:
-    """What each row of a batch has produced: its new tokens, its text as it grows (when stop strings or
-    `on_text` need it) and why it ended. Fed token by token, by `decode_rows` or from model.generate's output."""
+    """What each row of a request has produced: its new tokens, its text as it grows (when stop strings or
+    `on_text` need it) and why it ended. Fed token by token, by `decode_rows` or from model.generate's output.
+    A row ends at EOS, at a stop string, or with `limit` tokens."""
 
-    def __init__(self, tokenizer, n_rows: int, stop: list[str], on_text):
-        self.tokenizer, self.eos, self.on_text = tokenizer, tokenizer.eos_token_id, on_text
+    def __init__(self, tokenizer, n_rows: int, stop: list[str], on_text, limit: int | None = None):
+        self.tokenizer, self.eos, self.on_text, self.limit = tokenizer, tokenizer.eos_token_id, on_text, limit
         self.texts = [RowText(tokenizer, stop) for _ in range(n_rows)] if stop or on_text is not None else None
         self.finish, self.tokens = [None] * n_rows, [[] for _ in range(n_rows)]
 
@@ -253,6 +258,8 @@ class RowsOut:
                 self.on_text(row, piece)
             if self.texts[row].stopped:
                 self.finish[row] = "stop"
+        if self.finish[row] is None and len(self.tokens[row]) == self.limit:
+            self.finish[row] = "length"
         return True
 
     def done(self) -> bool:
@@ -273,33 +280,106 @@ class RowsOut:
         return out
 
 
-def decode_rows(tokenizer, fast, device, rows, max_new_tokens, top_k, top_p, temperature, penalties, generator, stop,
-                on_text) -> RowsOut:
-    """The decode loop over one left-padded batch of prompt token ids `rows`."""
-    ids, valid, pos, mask = left_padded(rows, tokenizer.eos_token_id, max_new_tokens, device)
-    P = ids.shape[1]
-    out = RowsOut(tokenizer, len(rows), stop, on_text)
-    cache = fast.new_cache(len(rows), P + max_new_tokens)
-    h = fast.hidden(ids, pos, cache, 0, mask)[:, -1]
-    next_pos = pos[:, -1] + 1
-    k = 1 if temperature == 0 else top_k
-    for step in range(max_new_tokens):
-        penalties.start_step()
+@dataclass
+class Request:
+    """Rows that share sampling settings and a random generator (one `generate` call, one server request),
+    for `decode_rows`: their prompts' token ids, one row each, and how to sample their continuations."""
+
+    rows: list[list[int]]
+    max_new_tokens: int
+    top_k: int = 50
+    top_p: float = 1.0
+    temperature: float = 1.0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    generator: torch.Generator | None = None
+    stop: list[str] = field(default_factory=list)
+    on_text: Callable | None = None  # on_text(row of this request, new printable text)
+    cancelled: Callable[[], bool] | None = None  # polled each step: True drops the request's rows
+    on_done: Callable | None = None  # on_done(RowsOut) once every row has ended (not when cancelled)
+
+
+class _Running:
+    """A request's state inside `decode_rows`: its output, penalties and which of its rows are still in the batch."""
+
+    def __init__(self, request: Request, tokenizer, vocab: int, device):
+        self.request = request
+        self.out = RowsOut(tokenizer, len(request.rows), request.stop, request.on_text, request.max_new_tokens)
+        self.penalties = Penalties(request.rows, vocab, device, request.repetition_penalty, request.no_repeat_ngram_size)
+        self.rows = list(range(len(request.rows)))  # its rows in the batch, in order (all until the batch is compacted)
+        self.reported = False
+
+    def pick(self, fast, h):
+        """The next token of each of this request's rows in the batch, from their hidden states `h`."""
+        r, pen = self.request, self.penalties
+        pen.start_step()
+        k = 1 if r.temperature == 0 else r.top_k
         if 0 < k < fast.vocab:  # the top-k warper only ever looks at the k largest logits
-            token = sample_top(*fast.top_logits(h, k, penalties), top_p, temperature, generator)
-        else:
-            token = sample(penalties(fast.logits(h), None), top_k, top_p, temperature, generator)
-        for b, t in enumerate(token.tolist()):
-            if out.add(b, t):
-                penalties.add(b, t)
-        if out.done() or step == max_new_tokens - 1:
-            break
-        penalties.end_step(token)
-        at = P + step
-        step_mask = None
-        if mask is not None:
-            valid[:, at] = True
-            step_mask = valid[:, None, None, : at + 1]
-        h = fast.hidden(token[:, None], next_pos[:, None], cache, at, step_mask)[:, -1]
-        next_pos = next_pos + 1
-    return out
+            return sample_top(*fast.top_logits(h, k, pen), r.top_p, r.temperature, r.generator)
+        return sample(pen(fast.logits(h), None), r.top_k, r.top_p, r.temperature, r.generator)
+
+    def finish(self) -> bool:
+        """Whether the request has ended; calls on_done once when it has (cancellation ends it silently)."""
+        if self.request.cancelled is not None and self.request.cancelled():
+            self.out.finish = ["cancelled" if f is None else f for f in self.out.finish]
+            self.reported = True
+        if self.out.done() and not self.reported:
+            self.reported = True
+            if self.request.on_done is not None:
+                self.request.on_done(self.out)
+        return self.out.done()
+
+
+def decode_rows(tokenizer, fast, device, requests: list[Request], mode: str | None = None) -> list[RowsOut]:
+    """The decode loop over one left-padded batch of every row of `requests`; a RowsOut per request.
+
+    Each request samples with its own settings and generator, and each row ends on its own (EOS, a stop
+    string, its request's max_new_tokens). On CPU, once half the batch has ended, the ended rows leave
+    it so that they cost no more steps. `mode` is decode.Steps' (default: CUDA graphs on CUDA).
+    """
+    running = [_Running(r, tokenizer, fast.vocab, device) for r in requests]
+    rows = [row for r in requests for row in r.rows]
+    width = max(r.max_new_tokens for r in requests)
+    ids, valid, pos, mask = left_padded(rows, tokenizer.eos_token_id, width, device)
+    P = ids.shape[1]
+    steps = fast.steps(valid, padded=mask is not None, mode=mode)
+    try:
+        h = steps.prefill(ids, pos, mask)
+        next_pos = pos[:, -1] + 1
+        spans = _spans(running)
+        for step in range(width):
+            tokens = torch.cat([run.pick(fast, h[a:b]) for run, (a, b) in zip(running, spans) if b > a])
+            picked = tokens.tolist()
+            for run, (a, b) in zip(running, spans):
+                if b > a:
+                    for row, t in zip(run.rows, picked[a:b]):
+                        if run.out.add(row, t):
+                            run.penalties.add(row, t)
+                    run.penalties.end_step(tokens[a:b])
+            ended = [run.finish() for run in running]
+            if all(ended) or step == width - 1:
+                break
+            if steps.can_keep and 2 * sum(len(run.rows) for run, e in zip(running, ended) if not e) <= len(picked) > 1:
+                keep = torch.tensor([i for (a, b), e in zip(spans, ended) if not e for i in range(a, b)], device=device)
+                steps.keep(keep)
+                tokens, next_pos = tokens[keep], next_pos[keep]
+                for run, e in zip(running, ended):
+                    if e:
+                        run.rows = []  # an ended request leaves whole: its penalties keep their rows
+                spans = _spans(running)
+            h = steps.step(tokens, next_pos, P + step)
+            next_pos = next_pos + 1
+    finally:
+        steps.close()
+    for run in running:
+        run.finish()
+    return [run.out for run in running]
+
+
+def _spans(running: list[_Running]) -> list[tuple[int, int]]:
+    """Where each request's rows sit in the batch: consecutive (start, end) ranges, in request order."""
+    spans, start = [], 0
+    for run in running:
+        spans.append((start, start + len(run.rows)))
+        start += len(run.rows)
+    return spans

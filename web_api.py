@@ -56,6 +56,11 @@ class WebDemoArguments:
     )
     device: str | None = field(default=None, metadata={"help": "cuda, mps or cpu; when unset, the best available."})
     threads: int | None = field(default=None, metadata={"help": "CPU threads while sampling; when unset, 1 (fastest for small models), as in generate.py."})
+    max_batch: int = field(default=16, metadata={"help": "Most sequences decoded together: waiting requests share each decode step, up to this many rows."})
+    lm_head_dtype: str | None = field(
+        default=None,
+        metadata={"choices": ["fp32", "bf16"], "help": "Precision of the LM head, as in generate.py; when unset, the model's own (exact)."},
+    )
 
 
 def resolve_api_key(args: WebDemoArguments) -> str | None:
@@ -342,7 +347,7 @@ def build_api(tokenizer, model, device, args: WebDemoArguments | None = None):
     api_key = resolve_api_key(args)
     model_name = args.model_name or Path(str(args.model_path).rstrip("/")).name or "gpt2"
     limits = Limits(args, tokenizer, model.config.n_positions, min(len(tokenizer), model.get_input_embeddings().weight.shape[0]))
-    engine = Engine(tokenizer, model, device, args.queue_size, args.threads)
+    engine = Engine(tokenizer, model, device, args.queue_size, args.threads, args.max_batch, args.lm_head_dtype)
 
     @contextlib.asynccontextmanager
     async def lifespan(_):

@@ -127,7 +127,7 @@ def _is_loopback(host: str) -> bool:
 
 def check_args(args: WebDemoArguments):
     for name in ("max_prompt_tokens", "max_tokens_cap", "max_sequences", "max_stop_chars", "max_body_bytes", "queue_size",
-                 "max_connections"):
+                 "max_connections", "max_batch"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}")
     if not 0 < args.read_timeout < math.inf:

@@ -177,16 +177,31 @@ def main():
     def batch(fn, **kw):
         return lambda: new_tokens(tokenizer, PROMPT, fn(tokenizer, model, device, PROMPT, max_length=100, num_return_sequences=3, **kw))
 
-    rows = []
-    r1 = race({"orig": once(original_generate_once), "ours": once(G.generate_once)}, args.reps)
-    rows.append((f"generate_once, 1 sequence x {L} new tokens", r1["orig"], r1["ours"]))
-    r3 = race({"orig": batch(original_generate_batch), "ours": batch(G.generate_batch)}, args.reps)
-    rows.append(("generate_batch, 3 sequences, max_length=100", r3["orig"], r3["ours"]))
+    def eager(fn):  # ours with each decode step launched op by op: the CUDA graphs' baseline
+        def run():
+            fast = decode.fast_forward(model, G._n_tokens(tokenizer, model))
+            fast.cuda_graphs = False
+            try:
+                return fn()
+            finally:
+                fast.cuda_graphs = True
+        return run
 
-    print(f"\n| {'case':<46} | original tok/s | ours tok/s | speedup |")
-    print(f"|{'-' * 48}|---------------:|-----------:|--------:|")
-    for name, o, n in rows:
-        print(f"| {name:<46} | {o:14.0f} | {n:10.0f} | {n / o:6.1f}x |")
+    cuda = device.type == "cuda"
+    print(f"device: {torch.cuda.get_device_name(device) if cuda else f'CPU ({torch.backends.cpu.get_cpu_capability()})'}, "
+          f"model {path} ({n_params / 1e6:.1f}M params)")
+    rows = []
+    for name, make in ((f"generate_once, 1 sequence x {L} new tokens", once), ("generate_batch, 3 sequences, max_length=100", batch)):
+        orig, ours = (original_generate_once, G.generate_once) if make is once else (original_generate_batch, G.generate_batch)
+        cases = {"orig": make(orig), "ours": make(ours), **({"eager": eager(make(ours))} if cuda else {})}
+        r = race(cases, args.reps)
+        rows.append((name, r["orig"], r["ours"], r.get("eager")))
+
+    graphs = " ours without CUDA graphs tok/s |" if cuda else ""
+    print(f"\n| {'case':<46} | original tok/s |{graphs} ours tok/s | speedup |")
+    print(f"|{'-' * 48}|---------------:|{'---:|' if cuda else ''}-----------:|--------:|")
+    for name, o, n, e in rows:
+        print(f"| {name:<46} | {o:14.0f} |{f' {e:.0f} |' if cuda else ''} {n:10.0f} | {n / o:6.1f}x |")
 
     if not args.explore:
         return

@@ -1,6 +1,8 @@
 """decode.py: the fast KV-cache forward is proved against the Hugging Face forward, step by step, on random
 GPT-2 configs; what it does not implement is sampled with model.generate instead (tested in test_generate)."""
 
+import warnings
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -125,3 +127,84 @@ def test_lm_head_keeps_only_the_tokenizers_rows():
     first = decode.fast_forward(model, VOCAB)
     assert decode.fast_forward(model, VOCAB) is first and first.vocab == VOCAB
     assert decode.fast_forward(model).vocab == 256  # another tokenizer length: rebuilt
+
+
+def _padded_batch(prompts, new):
+    from sampling import left_padded
+
+    class Eos:
+        eos_token_id = 0
+
+    return left_padded(prompts, Eos.eos_token_id, new, "cpu")
+
+
+class _Replayed(decode._Graph):
+    """A CUDA graph without the capture: each replay runs the step it would have captured (on CPU)."""
+
+    made = []
+
+    def _capture(self, device):
+        _Replayed.made.append(self.valid.shape)
+
+    def _replay(self):
+        return self.step()
+
+
+def _decode(fast, prompts, tokens, mode):
+    """Logits (steps, B, vocab) of feeding the prompts, then `tokens` (steps, B) one step at a time."""
+    ids, valid, pos, mask = _padded_batch(prompts, len(tokens))
+    steps = fast.steps(valid, padded=mask is not None, mode=mode)
+    try:
+        out = [fast.logits(steps.prefill(ids, pos, mask))]
+        next_pos = pos[:, -1] + 1
+        for i, t in enumerate(tokens[:-1]):
+            out.append(fast.logits(steps.step(t, next_pos + i, ids.shape[1] + i)))
+    finally:
+        steps.close()
+    return torch.stack(out), steps.mode
+
+
+@pytest.mark.parametrize("mode", ["static", "graph"])
+def test_the_static_step_a_cuda_graph_replays_equals_the_eager_step(mode, monkeypatch):
+    # The graph path's logic on CPU: fixed shapes, the cache written at a position held in a tensor,
+    # attention over the whole (stale or zero) cache under the mask; "graph" also reuses one static
+    # cache, with 128-column buckets, from one batch to the next. Only the capture itself is CUDA-only.
+    model = tiny(seed=2, n_positions=300)
+    fast = decode.FastGPT2(model, lm_head_dtype=torch.float32, screen=False)
+    monkeypatch.setattr(decode, "_Graph", _Replayed)
+    _Replayed.made.clear()
+    torch.manual_seed(0)
+    for prompts in ([[5, 6, 7], list(range(10, 17))], [list(range(40, 49)), [3]]):  # the second batch finds the first's cache
+        tokens = torch.randint(1, VOCAB, (12, 2))
+        with torch.inference_mode():
+            want, eager = _decode(fast, prompts, tokens, "eager")
+            got, used = _decode(fast, prompts, tokens, mode)
+            alone = [model(torch.tensor([p + tokens[:-1, b].tolist()])).logits[0, len(p) - 1 :] for b, p in enumerate(prompts)]
+        assert eager == "eager" and used == mode
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.transpose(0, 1), torch.stack(alone), rtol=1e-4, atol=1e-4)
+    assert _Replayed.made == ([(2, 128)] if mode == "graph" else [])  # one graph served both batches
+
+
+def test_graph_mode_falls_back_to_eager_steps_and_says_so_once():
+    # Where capture is not possible (here: no CUDA), decoding goes on step by step, with one warning.
+    fast = decode.FastGPT2(tiny(), lm_head_dtype=torch.float32, screen=False)
+    with pytest.warns(UserWarning, match="CUDA graph capture failed"):
+        assert fast.steps(torch.ones(1, 5, dtype=torch.bool), padded=False, mode="graph").mode == "eager"
+    assert fast.graph_problem
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fast.steps(torch.ones(1, 5, dtype=torch.bool), padded=False, mode="graph").mode == "eager"
+    assert fast.steps(torch.ones(1, 5, dtype=torch.bool), padded=False).mode == "eager"  # the default off CUDA
+
+
+def test_a_graph_in_use_is_not_shared(monkeypatch):
+    # Two batches at once (two threads) never replay the same graph: its buffers are one batch's state.
+    fast = decode.FastGPT2(tiny(), lm_head_dtype=torch.float32, screen=False)
+    monkeypatch.setattr(decode, "_Graph", _Replayed)
+    valid = torch.ones(1, 5, dtype=torch.bool)
+    first = fast.steps(valid, padded=False, mode="graph")
+    second = fast.steps(valid, padded=False, mode="graph")
+    assert (first.mode, second.mode) == ("graph", "eager")
+    first.close()
+    assert fast.steps(valid, padded=False, mode="graph").mode == "graph"

@@ -368,14 +368,95 @@ def _hidden(fast, tok, text):
     return fast.hidden(ids, torch.arange(ids.shape[1])[None], fast.new_cache(1, ids.shape[1]), 0)[0]
 
 
-def test_lm_head_path_follows_the_cpu(loaded):
-    # On CPUs with native bf16 matmul (AVX-512 BF16, AMX) the LM head runs in bf16 without the int8
-    # screen; elsewhere in fp32 with it (where the int8 kernel passed its self-test).
+def test_lm_head_is_exact_unless_bf16_is_asked_for(loaded):
+    # fp32 on every CPU, native bf16 or not (with the int8 screen where the int8 kernel passed its
+    # self-test); bf16 only when asked for, and asking again for the default rebuilds the exact head.
     tok, model, dev = loaded
     fast = decode.FastGPT2(model)
-    native_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    assert fast.lm_head_dtype == (torch.bfloat16 if native_bf16 else torch.float32)
-    assert (fast.screen is not None) == (fast.lm_head_dtype == torch.float32 and decode.quantize.kernel_ok("int8"))
+    assert fast.lm_head_dtype == torch.float32
+    assert (fast.screen is not None) == decode.quantize.kernel_ok("int8")
+    assert decode.fast_forward(model, len(tok), torch.bfloat16).lm_head_dtype == torch.bfloat16
+    assert decode.fast_forward(model, len(tok)).lm_head_dtype == torch.float32
+    with pytest.raises(ValueError, match="lm_head_dtype must be one of fp32, bf16"):
+        G.generate(tok, model, dev, "Hi", 2, lm_head_dtype="int3")
+
+
+EXACT_PROMPTS = ["The quick brown fox", "In 1905, Einstein", "import numpy as np\n", "She said that the"]
+
+
+def test_greedy_and_seeded_top_k_equal_transformers_fp32(loaded):
+    # An fp32 model samples what its fp32 forward gives, on this CPU's own kernels: greedy equals
+    # transformers' greedy token for token, and seeded top-k equals the same generator replayed over
+    # transformers' full fp32 logits. (With the bf16 LM head, the default on native-bf16 CPUs before,
+    # greedy differed within a few tokens here.)
+    from sampling import sample_top
+
+    tok, model, dev = loaded
+    eos = tok.eos_token_id
+    with torch.inference_mode():
+        for seed, prompt in enumerate(EXACT_PROMPTS):
+            ids = tok.encode(prompt)
+            x = torch.tensor([ids])
+            ref = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=30, do_sample=False, pad_token_id=eos)[0, len(ids):].tolist()
+            ref = ref[: ref.index(eos)] if eos in ref else ref
+            assert greedy(loaded, prompt, 30)[0].completion_ids == ref, prompt
+            generator, seq = torch.Generator().manual_seed(seed), list(ids)
+            for _ in range(30):
+                vals, idx = torch.topk(model(torch.tensor([seq])).logits[0, -1].float(), 40)
+                token = int(sample_top(vals[None], idx[None], 1.0, 1.0, generator))
+                if token == eos:
+                    break
+                seq.append(token)
+            ours = G.generate(tok, model, dev, prompt, 30, top_k=40, top_p=1.0, seed=seed)[0].completion_ids
+            assert ours == seq[len(ids):], prompt
+
+
+def test_exact_on_the_avx2_kernels_too():
+    # The same test on torch's AVX2 kernels (what AVX2-only CPUs run), in a process started with them.
+    if torch.backends.cpu.get_cpu_capability() == "AVX2":
+        pytest.skip("this CPU runs the AVX2 kernels already: the test above covered them")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2")
+    test = f"{Path(__file__)}::test_greedy_and_seeded_top_k_equal_transformers_fp32"
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test], env=env, capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=600)
+    assert done.returncode == 0 and "1 passed" in done.stdout, done.stdout[-3000:] + done.stderr[-2000:]
+
+
+BATCHED = [
+    dict(prompts=["The cat", "A"], max_new_tokens=3, num_return_sequences=2, top_k=40, seed=0, stop="e"),
+    dict(prompts="Once upon a time", max_new_tokens=15, temperature=0),
+    dict(prompts=[[464, 3290], "x"], max_new_tokens=10, top_k=0, top_p=0.8, temperature=1.3, seed=2, repetition_penalty=1.3,
+         no_repeat_ngram_size=2),
+]
+
+
+def test_calls_decoded_together_equal_each_alone(loaded, monkeypatch):
+    # engine.py's batches: calls with their own settings, seeds, lengths and stop strings share one
+    # batch, each answered as if alone; once half the rows have ended they leave the batch (CPU).
+    tok, model, dev = loaded
+    alone = [G.generate(tok, model, dev, **c) for c in BATCHED]
+    kept, real_keep = [], decode.Steps.keep
+    monkeypatch.setattr(decode.Steps, "keep", lambda self, rows: (kept.append(rows.tolist()), real_keep(self, rows))[1])
+    done = []
+    jobs = [G.prepare(tok, model, dev, **c) for c in BATCHED]
+    for i, job in enumerate(jobs):
+        job.request.on_done = lambda out, i=i: done.append(i)
+    assert G.generate_many(tok, model, dev, jobs) == alone
+    # the first call's 4 rows leave after 3 steps, the third's 2 after 10; each call is answered when it ends
+    assert kept == [[4, 5, 6], [0]] and done == [0, 2, 1]
+
+
+def test_a_cancelled_call_leaves_the_batch_and_the_others_go_on(loaded):
+    tok, model, dev = loaded
+    alone = G.generate(tok, model, dev, **BATCHED[1])
+    jobs = [G.prepare(tok, model, dev, **BATCHED[1]), G.prepare(tok, model, dev, "Gone", 15, temperature=0)]
+    pieces, done = [], []
+    jobs[1].request.on_text = lambda row, piece: pieces.append(piece)
+    jobs[1].request.cancelled = lambda: len(pieces) >= 3
+    jobs[1].request.on_done = done.append
+    first, second = G.generate_many(tok, model, dev, jobs)
+    assert first == alone and not done
+    assert {c.finish_reason for c in second} == {"cancelled"} and len(second[0].completion_ids) == 3
 
 
 def test_bf16_lm_head_is_fp32_within_bf16_rounding(loaded):

@@ -390,6 +390,40 @@ def test_twenty_concurrent_requests(server):
     assert time.time() - start < 60
 
 
+def test_concurrent_requests_share_a_batch_and_answer_as_alone(server, monkeypatch):
+    # Eight requests with their own settings (greedy, top-k, top-p, temperature, penalties, stop strings,
+    # lengths, n, seeds) sent together are decoded in shared batches, and each gets the answer it gets alone.
+    bodies = [{"prompt": f"Request {i} says", "max_tokens": 5 + 4 * i, "seed": i, "temperature": [0, 0.7, 1.0, 1.3][i % 4],
+               "top_k": [0, 5, 40, 0][i % 4], "top_p": [1.0, 1.0, 0.9, 0.8][i % 4], "n": 1 + (i == 5),
+               "repetition_penalty": 1.3 if i % 3 == 1 else 1.0, "no_repeat_ngram_size": 2 if i == 6 else 0,
+               "stop": ["e"] if i % 3 == 0 else None, "stream": i % 2 == 1} for i in range(8)]
+
+    def texts(answer, body):
+        if body["stream"]:
+            choices = {}
+            for event in sse_events(answer):
+                for c in event["choices"]:
+                    choices[c["index"]] = choices.get(c["index"], "") + c["text"]
+            return [choices[i] for i in sorted(choices)]
+        return [c["text"] for c in answer["choices"]]
+
+    alone = [texts(call(server, "/v1/completions", b)[1], b) for b in bodies]
+    sizes, real = [], E.generate_many
+
+    def recording(tokenizer, model, device, jobs, *args, **kwargs):
+        sizes.append(len(jobs))
+        if len(sizes) == 1:
+            time.sleep(0.5)  # the first batch holds the worker while the other requests arrive
+        return real(tokenizer, model, device, jobs, *args, **kwargs)
+
+    monkeypatch.setattr(E, "generate_many", recording)
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda b: call(server, "/v1/completions", b), bodies))
+    assert [status for status, _ in together] == [200] * 8
+    assert [texts(answer, b) for (_, answer), b in zip(together, bodies)] == alone
+    assert sum(sizes) == 8 and max(sizes) >= 4, sizes
+
+
 # ----------------------------------------------------------------------------- JSON API
 
 
@@ -611,30 +645,37 @@ def test_openai_client(server, keyed):
 
 
 def paced(monkeypatch, delay=0.02, pieces=None):
-    """Slow the tiny model down to a real one's pace; returns how each generate() call ended.
+    """Slow the tiny model down to a real one's pace; returns how each request the worker decoded ended
+    ("done", or "cancelled" when its client went away), in order.
 
     `pieces`, when given, collects every piece handed on to the server, as it is sampled.
     """
-    real_generate, ended = E.generate, []
+    real_generate_many, ended = E.generate_many, []
 
-    def paced_generate(*args, on_text, **kwargs):
-        # The tiny model samples a token in about a millisecond: pace the pieces so that a
-        # client visibly receives them one by one, and has time to go away mid-generation.
-        def slow(row, piece):
-            time.sleep(delay)
-            on_text(row, piece)
-            if pieces is not None:
-                pieces.append(piece)
+    def paced_generate_many(tokenizer, model, device, jobs, *args, **kwargs):
+        done = set()
+        for i, job in enumerate(jobs):
+            r = job.request
 
-        try:
-            result = real_generate(*args, on_text=slow, **kwargs)
-        except BaseException as e:
-            ended.append(type(e).__name__)
-            raise
-        ended.append("done")
+            # The tiny model samples a token in about a millisecond: pace the pieces so that a
+            # client visibly receives them one by one, and has time to go away mid-generation.
+            def slow(row, piece, on_text=r.on_text):
+                time.sleep(delay)
+                on_text(row, piece)
+                if pieces is not None:
+                    pieces.append(piece)
+
+            def finished(out, on_done=r.on_done, i=i):
+                done.add(i)
+                ended.append("done")
+                on_done(out)
+
+            r.on_text, r.on_done = slow, finished
+        result = real_generate_many(tokenizer, model, device, jobs, *args, **kwargs)
+        ended.extend("cancelled" for i in range(len(jobs)) if i not in done)
         return result
 
-    monkeypatch.setattr(E, "generate", paced_generate)  # where the Engine looks it up
+    monkeypatch.setattr(E, "generate_many", paced_generate_many)  # where the Engine looks it up
     return ended
 
 
@@ -649,7 +690,7 @@ def test_disconnect_stops_generation(server, monkeypatch):
     deadline = time.time() + 10
     while not ended and time.time() < deadline:
         time.sleep(0.05)
-    assert ended == ["_Cancelled"]
+    assert ended == ["cancelled"]
     assert call(server, "/v1/completions", {"prompt": "x", "max_tokens": 3})[0] == 200  # the worker serves on
 
 
@@ -674,7 +715,7 @@ def test_non_streaming_disconnect_stops_generation(server, monkeypatch, path, bo
     assert wait_for(lambda: pieces), "generation did not start"
     conn.close()
     assert wait_for(lambda: ended)
-    assert ended == ["_Cancelled"] and len(pieces) < 20, (ended, len(pieces))
+    assert ended == ["cancelled"] and len(pieces) < 20, (ended, len(pieces))
     assert call(server, path, {**body, "seed": 1})[0] == 200  # the worker serves on
 
 
