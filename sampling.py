@@ -211,6 +211,11 @@ class Penalties:
                 self.seen[b, r] = True
         self.histories = [list(r) for r in rows] if no_repeat_ngram_size else None
 
+    @property
+    def active(self) -> bool:
+        """Whether this changes any logit."""
+        return self.seen is not None or self.histories is not None
+
     def start_step(self) -> None:
         if self.histories is not None:
             self.banned = torch.zeros(len(self.histories), self.vocab, dtype=torch.bool, device=self.device)
@@ -309,14 +314,10 @@ class _Running:
         self.rows = list(range(len(request.rows)))  # its rows in the batch, in order (all until the batch is compacted)
         self.reported = False
 
-    def pick(self, fast, h):
-        """The next token of each of this request's rows in the batch, from their hidden states `h`."""
-        r, pen = self.request, self.penalties
-        pen.start_step()
-        k = 1 if r.temperature == 0 else r.top_k
-        if 0 < k < fast.vocab:  # the top-k warper only ever looks at the k largest logits
-            return sample_top(*fast.top_logits(h, k, pen), r.top_p, r.temperature, r.generator)
-        return sample(pen(fast.logits(h), None), r.top_k, r.top_p, r.temperature, r.generator)
+    @property
+    def k(self) -> int:
+        """How many of the largest logits sampling looks at (1 when greedy; 0: all of them)."""
+        return 1 if self.request.temperature == 0 else self.request.top_k
 
     def finish(self) -> bool:
         """Whether the request has ended; calls on_done once when it has (cancellation ends it silently)."""
@@ -348,7 +349,7 @@ def decode_rows(tokenizer, fast, device, requests: list[Request], mode: str | No
         next_pos = pos[:, -1] + 1
         spans = _spans(running)
         for step in range(width):
-            tokens = torch.cat([run.pick(fast, h[a:b]) for run, (a, b) in zip(running, spans) if b > a])
+            tokens = _pick(fast, h, running, spans)
             picked = tokens.tolist()
             for run, (a, b) in zip(running, spans):
                 if b > a:
@@ -374,6 +375,46 @@ def decode_rows(tokenizer, fast, device, requests: list[Request], mode: str | No
     for run in running:
         run.finish()
     return [run.out for run in running]
+
+
+def _pick(fast, h, running: list[_Running], spans: list[tuple[int, int]]):
+    """The next token of every row in the batch, each request sampled with its own settings and generator.
+
+    The LM head runs once for the rows of every top-k request (the largest k of them, each request's
+    penalties applied to its rows): on CPU that is one int8 screen for the batch rather than one per
+    request, most of a small model's step. Requests that need every logit (top_k 0) compute their own.
+    """
+    live = [(run, a, b) for run, (a, b) in zip(running, spans) if b > a]
+    for run, _, _ in live:
+        run.penalties.start_step()
+    picked = {}
+    top = [(run, a, b) for run, a, b in live if 0 < run.k < fast.vocab]  # the top-k warper only looks at the k largest
+    if top:
+        whole = len(top) == len(live)
+        rows = h if whole else torch.cat([h[a:b] for _, a, b in top])
+        local = []
+        for run, a, b in top:
+            start = local[-1][1] if local else 0
+            local.append((start, start + b - a))
+        penalized = [(run.penalties, s, e) for (run, _, _), (s, e) in zip(top, local) if run.penalties.active]
+
+        def adjust(z, ids):
+            z = z.clone()
+            for pen, s, e in penalized:
+                z[s:e] = pen(z[s:e], None if ids is None else ids[s:e])
+            return z
+
+        if len(penalized) == 1 and len(top) == 1:
+            adjust = penalized[0][0]  # one request: its penalties as they are
+        vals, idx = fast.top_logits(rows, max(run.k for run, _, _ in top), adjust if penalized else None)
+        for (run, _, _), (s, e) in zip(top, local):
+            r = run.request
+            picked[id(run)] = sample_top(vals[s:e, : run.k], idx[s:e, : run.k], r.top_p, r.temperature, r.generator)
+    for run, a, b in live:
+        if id(run) not in picked:
+            r = run.request
+            picked[id(run)] = sample(run.penalties(fast.logits(h[a:b]), None), r.top_k, r.top_p, r.temperature, r.generator)
+    return torch.cat([picked[id(run)] for run, _, _ in live])
 
 
 def _spans(running: list[_Running]) -> list[tuple[int, int]]:

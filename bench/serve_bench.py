@@ -5,7 +5,7 @@
 
 Two servers run the same model, one after the other, as `python web_demo.py` processes: ours (the engine
 batches waiting requests, `--max_batch 16`) and the baseline, the same server decoding one sequence at a
-time (`--max_batch 1`: a serial queue). For each number of clients, every client sends `--requests`
+time (`--max_batch 1`: a serial queue), or with `--baseline_tree DIR` the server of another checkout. For each number of clients, every client sends `--requests`
 /v1/completions requests one after another (closed loop: the next when the answer is in; `--max_tokens`
 tokens, top-k 40, a seed per request so both servers sample the same text). Printed per server and client
 count: completion tokens/s over the wall time, requests/s, and latency percentiles of the requests.
@@ -39,15 +39,17 @@ def free_port() -> int:
 class Server:
     """`python web_demo.py` in a child process, ready when /v1/models answers."""
 
-    def __init__(self, model_path: str, max_batch: int, device: str | None, log: Path):
+    def __init__(self, model_path: str, max_batch: int | None, device: str | None, log: Path, tree: Path = ROOT):
         self.port = free_port()
-        cmd = [sys.executable, str(ROOT / "web_demo.py"), "--model_path", model_path, "--port", str(self.port),
-               "--max_batch", str(max_batch), "--queue_size", "256", "--max_tokens_cap", "1000", "--max_sequences", "16"]
+        cmd = [sys.executable, str(tree / "web_demo.py"), "--model_path", str(Path(model_path).resolve()), "--port", str(self.port),
+               "--queue_size", "256", "--max_tokens_cap", "1000", "--max_sequences", "16"]
+        if max_batch is not None:
+            cmd += ["--max_batch", str(max_batch)]
         if device:
             cmd += ["--device", device]
         self.log = open(log, "w")
         env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")
-        self.process = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        self.process = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=tree)
         deadline = time.time() + 180
         while True:
             try:
@@ -102,6 +104,9 @@ def main():
     parser.add_argument("--requests", type=int, default=6, help="Requests per client.")
     parser.add_argument("--max_tokens", type=int, default=64, help="New tokens per request.")
     parser.add_argument("--device", default=None, help="The servers' --device (default: the best available).")
+    parser.add_argument("--baseline_tree", default=None,
+                        help="Run the baseline server from this checkout (e.g. a git worktree of an older commit) with its "
+                             "own defaults, instead of this tree with --max_batch 1.")
     args = parser.parse_args()
     if not Path(args.model_path).exists():
         sys.exit(f"error: {args.model_path} does not exist: train a model first (python train.py) or pass --model_path")
@@ -111,8 +116,10 @@ def main():
     name = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU ({os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()})"
     print(f"device: {name}; model {args.model_path}; {args.requests} requests per client, {args.max_tokens} tokens each\n")
     table = {}
-    for label, max_batch in (("ours (batched)", 16), ("baseline (serial, --max_batch 1)", 1)):
-        server = Server(args.model_path, max_batch, args.device, Path(f"/tmp/serve_bench_{max_batch}.log"))
+    baseline = (f"baseline ({args.baseline_tree})", None, Path(args.baseline_tree).resolve()) if args.baseline_tree else \
+        ("baseline (serial, --max_batch 1)", 1, ROOT)
+    for label, max_batch, tree in (("ours (batched)", 16, ROOT), baseline):
+        server = Server(args.model_path, max_batch, args.device, Path(f"/tmp/serve_bench_{max_batch}.log"), tree)
         try:
             for clients in args.clients:
                 table[label, clients] = run_clients(server, clients, args.requests, args.max_tokens)
