@@ -14,8 +14,10 @@ As a library:
 train.py's samples use it), with HF's semantics: repetition penalty, then temperature, top-k, top-p.
 The rules live in sampling.py; it runs decode.py's fast KV-cache forward over the model's own
 weights, which is compared with the Hugging Face forward in tests/test_decode.py; a model that
-forward does not implement (`decode.unsupported`) is sampled with `model.generate` instead. bench/generate_bench.py measures it
-against the original model.generate / pipeline code. Folders written by quantize.py (int8/int4) load
+forward does not implement (`decode.unsupported`) is sampled with `model.generate` instead. An fp32 model samples exactly
+what its fp32 forward gives (`--lm_head_dtype bf16` is the approximate opt-in; bench/exact_bench.py checks it);
+`prepare` + `generate_many` sample several calls in one batch, each with its own settings (engine.py's batches).
+bench/generate_bench.py measures it against the original model.generate / pipeline code. Folders written by quantize.py (int8/int4) load
 and sample the same way, on the CPU.
 """
 
