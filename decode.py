@@ -293,7 +293,8 @@ class Steps:
 
     def step(self, tokens, pos, at: int):
         """Final hidden states (B, hidden) after `tokens` (B,) at positions `pos` (B,), written to column `at`."""
-        self.valid[:, at] = True
+        if self.padded or self.mode != "eager":  # an unpadded eager batch needs no mask
+            self.valid[:, at] = True
         if self.graph is not None:
             return self.graph.run(tokens, pos, at)
         if self.mode == "static":

@@ -356,7 +356,7 @@ def decode_rows(tokenizer, fast, device, requests: list[Request], mode: str | No
                     for row, t in zip(run.rows, picked[a:b]):
                         if run.out.add(row, t):
                             run.penalties.add(row, t)
-                    run.penalties.end_step(tokens[a:b])
+                    run.penalties.end_step(tokens if b - a == len(picked) else tokens[a:b])
             ended = [run.finish() for run in running]
             if all(ended) or step == width - 1:
                 break
@@ -414,7 +414,7 @@ def _pick(fast, h, running: list[_Running], spans: list[tuple[int, int]]):
         if id(run) not in picked:
             r = run.request
             picked[id(run)] = sample(run.penalties(fast.logits(h[a:b]), None), r.top_k, r.top_p, r.temperature, r.generator)
-    return torch.cat([picked[id(run)] for run, _, _ in live])
+    return torch.cat([picked[id(run)] for run, _, _ in live]) if len(live) > 1 else picked[id(live[0][0])]
 
 
 def _spans(running: list[_Running]) -> list[tuple[int, int]]:

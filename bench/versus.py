@@ -73,11 +73,11 @@ def main(argv=None) -> int:
     p.add_argument("--model_path", help="Model folder both trees generate from (e.g. logs/final_model); without it, training only.")
     p.add_argument("--length", type=int, default=100, help="New tokens per generate_once call.")
     p.add_argument("--train_steps", type=int, default=13, help="Training steps per run (train_bench.py times those after its warm-up).")
-    p.add_argument("--train_batches", default="16", help="Comma-separated training batch sizes (default 16).")
+    p.add_argument("--train_batches", default="16", help="Comma-separated training batch sizes (default 16; \"\" for none).")
     p.add_argument("--repeats", type=int, default=3, help="Runs per tree, interleaved; the table shows medians.")
     args = p.parse_args(argv)
     model_path = str(Path(args.model_path).resolve()) if args.model_path else None
-    batches = [int(b) for b in args.train_batches.split(",")]
+    batches = [int(b) for b in args.train_batches.split(",") if b.strip()]  # "" measures generation only
     with tempfile.TemporaryDirectory(prefix="versus-") as base:
         archive = subprocess.run(["git", "archive", args.base], cwd=ROOT, capture_output=True, check=False)
         if archive.returncode:
