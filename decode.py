@@ -304,12 +304,41 @@ class Steps:
 
     @property
     def can_keep(self) -> bool:
-        return self.graph is None  # a graph's shapes are fixed: its rows stay
+        return self.graph is None  # a graph's shapes are fixed: its rows stay, and no row joins
 
-    def keep(self, rows):
-        """Drop every batch row but `rows` (a long tensor, in order): finished rows stop costing steps."""
-        self.cache = tuple(c.index_select(1, rows) for c in self.cache)
-        self.valid = self.valid.index_select(0, rows)
+    def keep(self, rows) -> int:
+        """Drop every batch row but `rows` (a long tensor, in order), so that ended rows cost no more steps, and the
+        leading columns none of them uses; returns how many columns were dropped (column c is now c - that)."""
+        valid = self.valid.index_select(0, rows)
+        used = valid.any(0)
+        first = int(used.int().argmax()) if bool(used.any()) else 0
+        self.valid = valid[:, first:]
+        self.cache = tuple(c.index_select(1, rows)[:, :, :, first:] for c in self.cache)
+        return first
+
+    def join(self, ids, pos, mask, valid, end: int, columns: int):
+        """New rows at the end of the batch: prompts `ids` (B2, P2), with the `pos`, `mask` and `valid` of
+        `sampling.left_padded`, prefilled into columns [end - P2, end) (P2 <= end), the cache grown to at least
+        `columns` columns. Returns their final hidden states (B2, hidden)."""
+        B2, P2 = ids.shape
+        part = self.fast.new_cache(B2, P2)
+        h = self.fast.hidden(ids, pos, part, 0, mask)[:, -1]
+        if not self.padded:  # unpadded eager steps keep no mask: every column so far is a real token
+            self.valid[:, :end] = True
+        B, T = self.valid.shape
+        width = max(T, columns)
+        grown = []
+        for old, new in zip(self.cache, part):
+            # zeros: the new rows' columns before their prompt are masked, and 0 x NaN from fresh memory is NaN
+            c = old.new_zeros(old.shape[0], B + B2, old.shape[2], width, old.shape[4])
+            c[:, :B, :, :T] = old
+            c[:, B:, :, end - P2 : end] = new
+            grown.append(c)
+        v = self.valid.new_zeros(B + B2, width)
+        v[:B, :T] = self.valid
+        v[B:, end - P2 : end] = valid[:, :P2]
+        self.cache, self.valid, self.padded = tuple(grown), v, True
+        return h
 
     def close(self):
         if self.graph is not None:

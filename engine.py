@@ -36,6 +36,7 @@ class _Job:
     def __init__(self, kwargs: dict, loop: asyncio.AbstractEventLoop):
         self.kwargs, self.loop = kwargs, loop
         self.rows = len(kwargs.get("prompts") or [""]) * kwargs.get("num_return_sequences", 1)
+        self.prepared = None  # generate.Prepared, once the worker has checked and tokenized it
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = False
 
@@ -50,9 +51,10 @@ class Engine:
     """One worker thread owns the model; requests wait in a bounded queue and are decoded in batches.
 
     The worker takes every waiting request, up to `max_batch` sequences, and decodes them together; a
-    request that arrives meanwhile waits for the next batch. A request with `logprobs` runs alone. Each
-    request's answer is sent as soon as its own rows end; a client that goes away drops its rows at the
-    next step. Every request, from the page or the API, goes through here.
+    request that arrives meanwhile joins the running batch at the next step where its prompt fits (on
+    CUDA, where each step is a captured graph of fixed shape, it waits for the next batch). A request
+    with `logprobs` runs alone. Each request's answer is sent as soon as its own rows end; a client that
+    goes away drops its rows at the next step. Every request, from the page or the API, goes through here.
     """
 
     # After a batch of several requests, the worker waits this long for their clients' next requests
@@ -127,25 +129,54 @@ class Engine:
             job.put("error", e)
 
     def _run_batch(self, jobs):
-        prepared = []
-        for job in jobs:
-            try:
-                p = prepare(self.tokenizer, self.model, self.device, **job.kwargs)
-            except Exception as e:  # noqa: BLE001  (this request's mistake: the others go on)
-                job.put("error", e)
-                continue
-            r = p.request
-            r.on_text = lambda row, piece, job=job: job.put("text", row, piece)
-            r.cancelled = lambda job=job: job.cancelled
-            r.on_done = lambda out, job=job, p=p: job.put("done", p.completions(out))
-            prepared.append((job, p))
-        if not prepared:
+        self._batch = [job for job in jobs if self._prepared(job) is not None]
+        if not self._batch:
             return
         try:
-            generate_many(self.tokenizer, self.model, self.device, [p for _, p in prepared], self.threads, self.lm_head_dtype)
+            generate_many(self.tokenizer, self.model, self.device, [job.prepared for job in self._batch], self.threads,
+                          self.lm_head_dtype, admit=self._admit)
         except Exception as e:  # the batch failed: every request in it is answered with the error
-            for job, _ in prepared:
+            for job in self._batch:
                 job.put("error", e)
+
+    def _prepared(self, job):
+        """The job checked and tokenized (generate.prepare) with its hooks, once; None when it cannot be (its
+        client is answered with the error)."""
+        if job.prepared is None:
+            try:
+                job.prepared = prepare(self.tokenizer, self.model, self.device, **job.kwargs)
+            except Exception as e:  # noqa: BLE001  (this request's mistake: the others go on)
+                job.put("error", e)
+                return None
+            r, p = job.prepared.request, job.prepared
+            r.on_text = lambda row, piece: job.put("text", row, piece)
+            r.cancelled = lambda: job.cancelled
+            r.on_done = lambda out: job.put("done", p.completions(out))
+        return job.prepared
+
+    def _admit(self, columns: int, rows: int, room: int) -> list:
+        """Waiting requests that join the running batch (sampling.decode_rows' `admit`), oldest first: prompts of at
+        most `columns` tokens, at most `room` new tokens, up to max_batch rows with the batch's `rows`. The first
+        waiting request that does not fit stops the scan, so requests start in the order they came."""
+        new = []
+        with self._changed:
+            while self._waiting:
+                job = self._waiting[0]
+                if job.cancelled:
+                    self._waiting.popleft()
+                    continue
+                if "logprobs" in job.kwargs or rows + job.rows > self.max_batch:
+                    break
+                p = self._prepared(job)
+                if p is None:
+                    self._waiting.popleft()
+                    continue
+                if max(len(ids) for ids in p.request.rows) > columns or p.request.max_new_tokens > room:
+                    break
+                new.append(self._waiting.popleft())
+                rows += job.rows
+        self._batch += new
+        return [job.prepared.request for job in new]
 
     async def run(self, kwargs: dict):
         """Queue one `generate(**kwargs)`; yield ("text", row, piece) events, then ("done", completions).

@@ -253,8 +253,12 @@ def prepare(tokenizer, model, device, prompts, max_new_tokens=50, top_k=50, top_
 
 
 def generate_many(tokenizer, model, device, jobs: list[Prepared], threads: int | None = None,
-                  lm_head_dtype: str | torch.dtype | None = None) -> list[list[Completion]]:
-    """The Completions of each prepared call, all sampled in one batch (each with its own settings and seed)."""
+                  lm_head_dtype: str | torch.dtype | None = None, admit=None) -> list[list[Completion]]:
+    """The Completions of each prepared call, all sampled in one batch (each with its own settings and seed).
+
+    `admit(columns, rows, room)` -> more `sampling.Request`s to join the running batch (see `sampling.decode_rows`;
+    engine.py's waiting requests); their answers go to their own `on_done`.
+    """
     dtype = parse_lm_head_dtype(lm_head_dtype)
     device = torch.device(device)
     with decode.cpu_threads(device, threads), torch.inference_mode():
@@ -265,7 +269,7 @@ def generate_many(tokenizer, model, device, jobs: list[Prepared], threads: int |
                     job.request.on_done(out)
         else:
             fast = decode.fast_forward(model, _n_tokens(tokenizer, model), dtype)
-            outs = decode_rows(tokenizer, fast, device, [job.request for job in jobs])
+            outs = decode_rows(tokenizer, fast, device, [job.request for job in jobs], admit=admit)
     return [job.completions(out) for job, out in zip(jobs, outs)]
 
 

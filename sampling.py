@@ -305,13 +305,12 @@ class Request:
 
 
 class _Running:
-    """A request's state inside `decode_rows`: its output, penalties and which of its rows are still in the batch."""
+    """A request's state inside `decode_rows`: its output and penalties. Its rows sit together in the batch."""
 
     def __init__(self, request: Request, tokenizer, vocab: int, device):
-        self.request = request
-        self.out = RowsOut(tokenizer, len(request.rows), request.stop, request.on_text, request.max_new_tokens)
+        self.request, self.n = request, len(request.rows)
+        self.out = RowsOut(tokenizer, self.n, request.stop, request.on_text, request.max_new_tokens)
         self.penalties = Penalties(request.rows, vocab, device, request.repetition_penalty, request.no_repeat_ngram_size)
-        self.rows = list(range(len(request.rows)))  # its rows in the batch, in order (all until the batch is compacted)
         self.reported = False
 
     @property
@@ -331,50 +330,59 @@ class _Running:
         return self.out.done()
 
 
-def decode_rows(tokenizer, fast, device, requests: list[Request], mode: str | None = None) -> list[RowsOut]:
+def decode_rows(tokenizer, fast, device, requests: list[Request], mode: str | None = None, admit=None) -> list[RowsOut]:
     """The decode loop over one left-padded batch of every row of `requests`; a RowsOut per request.
 
     Each request samples with its own settings and generator, and each row ends on its own (EOS, a stop
-    string, its request's max_new_tokens). On CPU, once half the batch has ended, the ended rows leave
+    string, its request's max_new_tokens). On CPU, once half the batch has ended, the ended requests leave
     it so that they cost no more steps. `mode` is decode.Steps' (default: CUDA graphs on CUDA).
+
+    `admit(columns, rows, room)`, when given, is asked after each step for more requests to join the batch
+    (not with CUDA graphs, whose shapes are fixed): each with prompts of at most `columns` tokens and at most
+    `room` new tokens, at most `rows` rows in all. Their RowsOut come to their own `on_done`, not in the result.
     """
     running = [_Running(r, tokenizer, fast.vocab, device) for r in requests]
+    everyone = list(running)
     rows = [row for r in requests for row in r.rows]
-    width = max(r.max_new_tokens for r in requests)
-    ids, valid, pos, mask = left_padded(rows, tokenizer.eos_token_id, width, device)
-    P = ids.shape[1]
+    ids, valid, pos, mask = left_padded(rows, tokenizer.eos_token_id, max(r.max_new_tokens for r in requests), device)
+    at = ids.shape[1]  # the column the next step writes
+    room = max(valid.shape[1], fast.n_positions)  # a batch that rows join grows to the context's width, no more
     steps = fast.steps(valid, padded=mask is not None, mode=mode)
     try:
         h = steps.prefill(ids, pos, mask)
         next_pos = pos[:, -1] + 1
         spans = _spans(running)
-        for step in range(width):
+        while True:
             tokens = _pick(fast, h, running, spans)
             picked = tokens.tolist()
             for run, (a, b) in zip(running, spans):
-                if b > a:
-                    for row, t in zip(run.rows, picked[a:b]):
-                        if run.out.add(row, t):
-                            run.penalties.add(row, t)
-                    run.penalties.end_step(tokens if b - a == len(picked) else tokens[a:b])
+                for row, t in enumerate(picked[a:b]):
+                    if run.out.add(row, t):
+                        run.penalties.add(row, t)
+                run.penalties.end_step(tokens if b - a == len(picked) else tokens[a:b])
             ended = [run.finish() for run in running]
-            if all(ended) or step == width - 1:
+            if all(ended):
                 break
-            if steps.can_keep and 2 * sum(len(run.rows) for run, e in zip(running, ended) if not e) <= len(picked) > 1:
+            if steps.can_keep and 2 * sum(run.n for run, e in zip(running, ended) if not e) <= len(picked) > 1:
                 keep = torch.tensor([i for (a, b), e in zip(spans, ended) if not e for i in range(a, b)], device=device)
-                steps.keep(keep)
+                at -= steps.keep(keep)
                 tokens, next_pos = tokens[keep], next_pos[keep]
-                for run, e in zip(running, ended):
-                    if e:
-                        run.rows = []  # an ended request leaves whole: its penalties keep their rows
+                running = [run for run, e in zip(running, ended) if not e]
                 spans = _spans(running)
-            h = steps.step(tokens, next_pos, P + step)
-            next_pos = next_pos + 1
+            h = steps.step(tokens, next_pos, at)
+            at, next_pos = at + 1, next_pos + 1
+            if admit is not None and steps.can_keep and (new := admit(at, len(next_pos), room - at)):
+                joined = [_Running(r, tokenizer, fast.vocab, device) for r in new]
+                ids, valid, pos, mask = left_padded([row for r in new for row in r.rows], tokenizer.eos_token_id, 0, device)
+                h = torch.cat([h, steps.join(ids, pos, mask, valid, at, at + max(r.max_new_tokens for r in new))])
+                next_pos = torch.cat([next_pos, pos[:, -1] + 1])
+                running, everyone = running + joined, everyone + joined
+                spans = _spans(running)
     finally:
         steps.close()
-    for run in running:
+    for run in everyone:
         run.finish()
-    return [run.out for run in running]
+    return [run.out for run in everyone[: len(requests)]]
 
 
 def _pick(fast, h, running: list[_Running], spans: list[tuple[int, int]]):
@@ -384,7 +392,7 @@ def _pick(fast, h, running: list[_Running], spans: list[tuple[int, int]]):
     penalties applied to its rows): on CPU that is one int8 screen for the batch rather than one per
     request, most of a small model's step. Requests that need every logit (top_k 0) compute their own.
     """
-    live = [(run, a, b) for run, (a, b) in zip(running, spans) if b > a]
+    live = [(run, a, b) for run, (a, b) in zip(running, spans)]
     for run, _, _ in live:
         run.penalties.start_step()
     picked = {}
@@ -421,6 +429,6 @@ def _spans(running: list[_Running]) -> list[tuple[int, int]]:
     """Where each request's rows sit in the batch: consecutive (start, end) ranges, in request order."""
     spans, start = [], 0
     for run in running:
-        spans.append((start, start + len(run.rows)))
-        start += len(run.rows)
+        spans.append((start, start + run.n))
+        start += run.n
     return spans

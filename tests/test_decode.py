@@ -208,3 +208,37 @@ def test_a_graph_in_use_is_not_shared(monkeypatch):
     assert (first.mode, second.mode) == ("graph", "eager")
     first.close()
     assert fast.steps(valid, padded=False, mode="graph").mode == "graph"
+
+
+def test_rows_that_join_and_columns_that_leave_keep_each_rows_logits():
+    # engine.py's running batch: a row joins mid-way (its prompt in the columns just before the next
+    # step's), both step together, then the first leaves and the columns only it used are dropped.
+    model = tiny(seed=3, n_positions=64)
+    fast = decode.FastGPT2(model, lm_head_dtype=torch.float32, screen=False)
+    a, b = [5, 6, 7, 8], [9, 10]
+    torch.manual_seed(1)
+    ta, tb = torch.randint(1, VOCAB, (6,)), torch.randint(1, VOCAB, (5,))
+    with torch.inference_mode():
+        ids, valid, pos, mask = _padded_batch([a], 8)
+        steps = fast.steps(valid, padded=False, mode="eager")
+        got_a, at = [fast.logits(steps.prefill(ids, pos, mask))], len(a)
+        for i in range(3):
+            got_a.append(fast.logits(steps.step(ta[i : i + 1], torch.tensor([len(a) + i]), at)))
+            at += 1
+        ids, valid, pos, mask = _padded_batch([b], 0)
+        got_b = [fast.logits(steps.join(ids, pos, mask, valid, at, at + 5))]
+        for i in range(2):
+            h = steps.step(torch.stack([ta[3 + i], tb[i]]), torch.tensor([len(a) + 3 + i, len(b) + i]), at)
+            at += 1
+            got_a.append(fast.logits(h[:1]))
+            got_b.append(fast.logits(h[1:]))
+        dropped = steps.keep(torch.tensor([1]))
+        assert dropped == len(a) + 3 - len(b)  # b's prompt starts there
+        at -= dropped
+        for i in range(2, 4):
+            got_b.append(fast.logits(steps.step(tb[i : i + 1], torch.tensor([len(b) + i]), at)))
+            at += 1
+        want_a = model(torch.tensor([a + ta[:5].tolist()])).logits[0, len(a) - 1 :]
+        want_b = model(torch.tensor([b + tb[:4].tolist()])).logits[0, len(b) - 1 :]
+    torch.testing.assert_close(torch.cat(got_a), want_a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat(got_b), want_b, rtol=1e-5, atol=1e-5)

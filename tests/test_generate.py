@@ -446,6 +446,25 @@ def test_calls_decoded_together_equal_each_alone(loaded, monkeypatch):
     assert kept == [[4, 5, 6], [0]] and done == [0, 2, 1]
 
 
+def test_calls_that_join_a_running_batch_equal_each_alone(loaded):
+    # engine.py's waiting requests join a running batch between steps, where their prompts fit.
+    tok, model, dev = loaded
+    alone = [G.generate(tok, model, dev, **c) for c in BATCHED]
+    waiting = [G.prepare(tok, model, dev, **c) for c in (BATCHED[0], BATCHED[2])]
+    answers, asked = {}, []
+    for i, job in zip((0, 2), waiting):
+        job.request.on_done = lambda out, i=i, job=job: answers.__setitem__(i, job.completions(out))
+
+    def admit(columns, rows, room):
+        asked.append((columns, rows, room))
+        return [waiting.pop(0).request] if len(asked) in (2, 6) else []
+
+    (first,) = G.generate_many(tok, model, dev, [G.prepare(tok, model, dev, **BATCHED[1])], admit=admit)
+    assert first == alone[1] and answers == {0: alone[0], 2: alone[2]}
+    P = len(tok.encode(BATCHED[1]["prompts"]))
+    assert asked[0] == (P + 1, 1, model.config.n_positions - P - 1) and asked[2][1] == 5  # 1 row, then 1 + 4
+
+
 def test_a_cancelled_call_leaves_the_batch_and_the_others_go_on(loaded):
     tok, model, dev = loaded
     alone = G.generate(tok, model, dev, **BATCHED[1])
