@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 import warnings
 import weakref
 from collections import OrderedDict
@@ -350,8 +351,6 @@ class _Graph:
     """One captured decode step for `batch` rows over a static cache of `columns` positions."""
 
     def __init__(self, fast: FastGPT2, batch: int, columns: int, device):
-        import threading
-
         self.lock = threading.Lock()  # one batch at a time replays it: its buffers are the batch's state
         self.cache = fast.new_cache(batch, columns, zeros=True)
         self.valid = torch.zeros(batch, columns, dtype=torch.bool, device=device)

@@ -9,7 +9,6 @@ this module knows nothing of HTTP beyond the status of a RequestError.
 import asyncio
 import collections
 import threading
-import time
 
 from errors import GPT2ToolkitError
 from generate import Completion, generate, generate_many, prepare, score
@@ -57,15 +56,11 @@ class Engine:
     goes away drops its rows at the next step. Every request, from the page or the API, goes through here.
     """
 
-    # After a batch of several requests, the worker waits this long for their clients' next requests
-    # (which arrive a few milliseconds after their answers) so that they share the next batch too.
-    GATHER_S = 0.005
-
     def __init__(self, tokenizer, model, device, queue_size: int = 32, threads: int | None = None, max_batch: int = 16,
                  lm_head_dtype: str | None = None):
         self.tokenizer, self.model, self.device, self.threads = tokenizer, model, device, threads
         self.queue_size, self.max_batch, self.lm_head_dtype = queue_size, max_batch, lm_head_dtype
-        self._last_batch = 1
+        self._batch: list = []  # the jobs in the running batch, those that joined it included
         # A deque rather than a queue.Queue: a job whose client went away leaves it at once, so a
         # crowd of clients that disconnect cannot keep its places full while one long job runs.
         self._waiting: collections.deque = collections.deque()
@@ -86,10 +81,6 @@ class Engine:
         with self._changed:
             while not self._waiting and not self._closed:
                 self._changed.wait()
-            if self._last_batch > 1:
-                deadline = time.monotonic() + self.GATHER_S
-                while len(self._waiting) < self._last_batch and not self._closed and (left := deadline - time.monotonic()) > 0:
-                    self._changed.wait(left)
             jobs, rows = [], 0
             while self._waiting:
                 job = self._waiting[0]
@@ -105,7 +96,6 @@ class Engine:
                     break
             if not jobs and self._closed:
                 return None
-            self._last_batch = len(jobs)
             return jobs
 
     def _work(self):
