@@ -109,6 +109,18 @@ def model_or_standin(model_path: str) -> Path:
 # ----------------------------------------------------------------------------- measuring
 
 
+def without_cuda_graphs(tokenizer, model, fn):
+    """`fn` with generate.py's decode steps launched op by op: the CUDA graphs' baseline."""
+    def run():
+        fast = decode.fast_forward(model, G._n_tokens(tokenizer, model))
+        fast.cuda_graphs = False
+        try:
+            return fn()
+        finally:
+            fast.cuda_graphs = True
+    return run
+
+
 def new_tokens(tokenizer, prompt, outputs):
     """New tokens in `outputs`: texts, or the pipeline's {"generated_text": ...} dicts (generate_batch's too)."""
     n_prompt = len(tokenizer.encode(prompt))
@@ -177,23 +189,13 @@ def main():
     def batch(fn, **kw):
         return lambda: new_tokens(tokenizer, PROMPT, fn(tokenizer, model, device, PROMPT, max_length=100, num_return_sequences=3, **kw))
 
-    def eager(fn):  # ours with each decode step launched op by op: the CUDA graphs' baseline
-        def run():
-            fast = decode.fast_forward(model, G._n_tokens(tokenizer, model))
-            fast.cuda_graphs = False
-            try:
-                return fn()
-            finally:
-                fast.cuda_graphs = True
-        return run
-
     cuda = device.type == "cuda"
     print(f"device: {torch.cuda.get_device_name(device) if cuda else f'CPU ({torch.backends.cpu.get_cpu_capability()})'}, "
           f"model {path} ({n_params / 1e6:.1f}M params)")
     rows = []
     for name, make in ((f"generate_once, 1 sequence x {L} new tokens", once), ("generate_batch, 3 sequences, max_length=100", batch)):
         orig, ours = (original_generate_once, G.generate_once) if make is once else (original_generate_batch, G.generate_batch)
-        cases = {"orig": make(orig), "ours": make(ours), **({"eager": eager(make(ours))} if cuda else {})}
+        cases = {"orig": make(orig), "ours": make(ours), **({"eager": without_cuda_graphs(tokenizer, model, make(ours))} if cuda else {})}
         r = race(cases, args.reps)
         rows.append((name, r["orig"], r["ours"], r.get("eager")))
 

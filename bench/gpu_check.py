@@ -544,18 +544,8 @@ def run_serve(spec: dict) -> dict:
             return GB.new_tokens(tokenizer, GB.PROMPT, [text])
         return run
 
-    def eager(fn):  # generate.py with its decode steps launched op by op (no CUDA graphs)
-        def run():
-            fast = G.decode.fast_forward(model, G._n_tokens(tokenizer, model))
-            fast.cuda_graphs = False
-            try:
-                return fn()
-            finally:
-                fast.cuda_graphs = True
-        return run
-
     rates = GB.race({"model.generate": counted(GB.original_generate_once), "generate.py": counted(G.generate_once),
-                     "generate.py eager": eager(counted(G.generate_once))}, size["gen_reps"])
+                     "generate.py eager": GB.without_cuda_graphs(tokenizer, model, counted(G.generate_once))}, size["gen_reps"])
     fast = G.decode.fast_forward(model, G._n_tokens(tokenizer, model))
     out = {"generate": {"device": str(dev), "dtype": str(next(model.parameters()).dtype), "new_tokens": length,
                         "model_generate_tokens_per_s": rates["model.generate"], "ours_tokens_per_s": rates["generate.py"],
